@@ -1,0 +1,55 @@
+"""Causal depthwise conv1d: the PyTorch reference and the single dispatch point."""
+import torch
+import torch.nn.functional as F
+
+from causal_conv1d import cuda_ops
+
+ACTIVATIONS = (None, "silu", "swish")
+BACKENDS = ("auto", "cuda", "reference")
+
+
+def _check_inputs(x, weight, bias, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, seqlen), got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"weight must be (dim, width) with dim = x.shape[1] = {x.shape[1]}, got shape {tuple(weight.shape)}; "
+            "a Conv1d weight of shape (dim, 1, width) needs .squeeze(1)"
+        )
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"bias must be ({x.shape[1]},), got shape {tuple(bias.shape)}")
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None):
+    """out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k], then the activation.
+
+    x: (batch, dim, seqlen); weight: (dim, width); positions before 0 count as zeros.
+    Computed in the weight's dtype, returned in x's dtype.
+    """
+    _check_inputs(x, weight, bias, activation)
+    width = weight.shape[1]
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])
+    out = out[..., : x.shape[-1]]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto"):
+    """Causal depthwise conv1d on the compiled kernel for CUDA tensors, else on the reference.
+
+    backend: "auto" (kernel when the input is on a GPU and the extension is built), "cuda" (the kernel,
+    or an error saying how to build it), or "reference".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_inputs(x, weight, bias, activation)
+    use_kernel = backend == "cuda" or (backend == "auto" and x.is_cuda and cuda_ops.available())
+    if not use_kernel:
+        return causal_conv1d_ref(x, weight, bias, activation)
+    cuda_ops.require()
+    if not x.is_cuda:
+        raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
+    return cuda_ops.causal_conv1d(x, weight, bias, activation is not None)

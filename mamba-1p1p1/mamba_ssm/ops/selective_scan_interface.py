@@ -1,0 +1,201 @@
+"""Selective scan and the Mamba inner op: PyTorch references and the single dispatch point per op."""
+import torch
+import torch.nn.functional as F
+
+from causal_conv1d import causal_conv1d_fn
+from mamba_ssm.ops import cuda_ops
+
+BACKENDS = ("auto", "cuda", "reference")
+# Elements of one (batch, dim, chunk, dstate) block the reference materialises at a time:
+# large enough to amortise Python overhead, small enough to keep memory flat in seqlen.
+_REFERENCE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(
+            f"u and delta must both be (batch, dim, seqlen), got {tuple(u.shape)} and {tuple(delta.shape)}"
+        )
+    batch, dim, seqlen = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim, dstate) with dim = {dim}, got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported: Vim uses real A = -exp(A_log)")
+    dstate = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() == 2:
+            ok = tuple(M.shape) == (dim, dstate)
+        elif M.dim() == 3:
+            ok = tuple(M.shape) == (batch, dstate, seqlen)
+        elif M.dim() == 4:
+            ok = M.shape[0] == batch and M.shape[2:] == (dstate, seqlen) and dim % M.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} must be (dim, dstate) = {(dim, dstate)}, (batch, dstate, seqlen) = {(batch, dstate, seqlen)} "
+                f"or (batch, groups, dstate, seqlen) with groups dividing dim; got {tuple(M.shape)}"
+            )
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (dim,):
+            raise ValueError(f"{name} must be ({dim},), got {tuple(v.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _time_major(M, batch, groups, per_group, dstate):
+    """B or C as (seqlen, batch, groups, 1, dstate), or (1, 1, groups, per_group, dstate) when per channel."""
+    if M.dim() == 2:
+        return M.view(1, 1, groups, per_group, dstate)
+    return M.reshape(batch, groups, dstate, -1).permute(3, 0, 1, 2).unsqueeze(3)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The selective scan in PyTorch, computed in float32 (float64 for float64 inputs).
+
+    Per channel d and state n, with delta' = softplus(delta + delta_bias) when delta_softplus:
+        h[t] = exp(delta'[t] * A[d, n]) * h[t-1] + delta'[t] * B[t, n] * u[t]
+        y[t] = sum_n C[t, n] * h[t] + D[d] * u[t],   out = y * silu(z)
+    u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (dim, dstate), (batch, dstate, seqlen)
+    or (batch, groups, dstate, seqlen). Returns out in u's dtype (and the last state when asked).
+
+    Vectorised over batch, channels and states; the recurrence runs position by position inside
+    chunks so that only one chunk's (dstate x seqlen) factors exist at a time.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = u.dtype
+    compute_dtype = torch.promote_types(u.dtype, torch.float32)
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    groups = B.shape[1] if B.dim() == 4 else 1
+    per_group = dim // groups
+
+    u = u.to(compute_dtype)
+    delta = delta.to(compute_dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute_dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    # Time-major layout (seqlen, batch, groups, per_group, ...): every step of the recurrence reads and
+    # writes contiguous memory, and per-step B and C broadcast over a group's channels without copies.
+    delta_t = delta.permute(2, 0, 1).reshape(seqlen, batch, groups, per_group, 1)
+    u_t = u.permute(2, 0, 1).reshape(seqlen, batch, groups, per_group, 1)
+    A_g = A.to(compute_dtype).view(1, 1, groups, per_group, dstate)
+    B_t = _time_major(B.to(compute_dtype), batch, groups, per_group, dstate)
+    C_t = _time_major(C.to(compute_dtype), batch, groups, per_group, dstate)
+
+    track_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    chunk = max(1, min(seqlen, _REFERENCE_CHUNK_ELEMENTS // max(1, batch * dim * dstate)))
+    h = u.new_zeros(batch, groups, per_group, dstate)
+    ys = []
+    for start in range(0, seqlen, chunk):
+        stop = min(seqlen, start + chunk)
+        decay = torch.exp(delta_t[start:stop] * A_g)
+        step_B = B_t if B.dim() == 2 else B_t[start:stop]
+        step_C = C_t if C.dim() == 2 else C_t[start:stop]
+        inflow = (delta_t[start:stop] * u_t[start:stop]) * step_B
+        if track_grad:
+            states = []
+            for t in range(stop - start):
+                h = torch.addcmul(inflow[t], decay[t], h)
+                states.append(h)
+            states = torch.stack(states)
+        else:
+            # Without autograd the states overwrite the inflow buffer in place: no per-step allocation.
+            states = inflow
+            states[0].addcmul_(decay[0], h)
+            for t in range(1, stop - start):
+                states[t].addcmul_(decay[t], states[t - 1])
+            h = states[-1]
+        ys.append((states * step_C).sum(-1))
+    y = torch.cat(ys).view(seqlen, batch, dim).permute(1, 2, 0)
+    if D is not None:
+        y = y + u * D.to(compute_dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute_dtype))
+    out = y.to(out_dtype)
+    if return_last_state:
+        return out, h.reshape(batch, dim, dstate)
+    return out
+
+
+def _use_kernel(backend, u):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return u.is_cuda and cuda_ops.available()
+    cuda_ops.require()
+    if not u.is_cuda:
+        raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
+    return True
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, backend="auto"):
+    """The selective scan (see selective_scan_ref) on the compiled kernel for CUDA tensors with per-step
+    B and C, else on the reference. backend: "auto", "cuda" (the kernel or an error saying how to build
+    it) or "reference"."""
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    use_kernel = _use_kernel(backend, u)
+    if use_kernel and (B.dim() == 2 or C.dim() == 2):
+        if backend == "cuda":
+            raise ValueError("the CUDA scan takes per-step B and C only; use backend='reference' for (dim, dstate)")
+        use_kernel = False
+    if not use_kernel:
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    B = B.unsqueeze(1) if B.dim() == 3 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    return cuda_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
+                               B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                               delta_softplus=True, backend="auto"):
+    """One direction of a Mamba mixer before its output projection.
+
+    xz: (batch, 2 * d_inner, seqlen) holding x then the gate z. x goes through the causal conv (SiLU),
+    x_proj gives [dt | B | C] per position (B, C only where not given), delta = delta_proj_weight @ dt,
+    then the selective scan with softplus(delta + delta_bias), skip D and gate silu(z).
+    Returns (batch, d_inner, seqlen).
+    """
+    dstate = A.shape[1]
+    delta_rank = delta_proj_weight.shape[1]
+    x, z = xz.chunk(2, dim=1)
+    conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
+    x = causal_conv1d_fn(x, conv_weight, conv1d_bias, activation="silu", backend=backend)
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
+    delta = F.linear(x_dbl[..., :delta_rank], delta_proj_weight).transpose(1, 2)
+    if B is None:
+        B = x_dbl[..., delta_rank:delta_rank + dstate]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias
+        B = B.transpose(1, 2)
+    if C is None:
+        C = x_dbl[..., -dstate:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias
+        C = C.transpose(1, 2)
+    return selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             backend=backend)
+
+
+def mamba_inner_ref(*args, **kwargs):
+    """mamba_inner_fn_no_out_proj computed on the reference ops only."""
+    return mamba_inner_fn_no_out_proj(*args, backend="reference", **kwargs)
+
+
+def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="auto"):
+    """Both directions of a bidirectional ("v2") Mamba mixer before its output projection.
+
+    forward_params / backward_params: dicts of mamba_inner_fn_no_out_proj's keyword arguments
+    (conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias) of each direction.
+    The backward direction reads the sequence from its end. Returns y_forward + y_backward, both in
+    natural position order, (batch, d_inner, seqlen).
+    """
+    y_forward = mamba_inner_fn_no_out_proj(xz, backend=backend, **forward_params)
+    y_backward = mamba_inner_fn_no_out_proj(xz.flip(-1), backend=backend, **backward_params)
+    return y_forward + y_backward.flip(-1)
