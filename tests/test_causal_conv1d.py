@@ -1,0 +1,152 @@
+"""CPU tests of causal_conv1d: the reference against explicit loops, gradients, dispatch and errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+
+
+def conv_oracle(x, weight, bias=None, activation=None):
+    """out[b, d, t] = bias[d] + sum_k w[d, k] * x[b, d, t - (W - 1) + k], explicit loops in float64 numpy."""
+    x = x.detach().double().numpy()
+    w = weight.detach().double().numpy()
+    bsz, dim, seqlen = x.shape
+    width = w.shape[1]
+    out = np.zeros((bsz, dim, seqlen))
+    for b in range(bsz):
+        for d in range(dim):
+            for t in range(seqlen):
+                acc = 0.0 if bias is None else float(bias[d])
+                for k in range(width):
+                    src = t - (width - 1) + k
+                    if src >= 0:
+                        acc += w[d, k] * x[b, d, src]
+                if activation in ("silu", "swish"):
+                    acc = acc / (1.0 + math.exp(-acc))
+                out[b, d, t] = acc
+    return torch.from_numpy(out)
+
+
+def _inputs(bsz, dim, seqlen, width, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, dim, seqlen, generator=g, dtype=dtype)
+    w = torch.randn(dim, width, generator=g, dtype=dtype)
+    b = torch.randn(dim, generator=g, dtype=dtype)
+    for t in (x, w, b):
+        t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+@pytest.mark.parametrize("fn", [causal_conv1d_ref, causal_conv1d_fn])
+@pytest.mark.parametrize("activation", [None, "silu", "swish"])
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("seqlen", [1, 7])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_matches_explicit_loops(fn, activation, width, seqlen, use_bias):
+    x, w, b = _inputs(2, 3, seqlen, width, seed=width * 100 + seqlen)
+    bias = b if use_bias else None
+    out = fn(x, w, bias, activation)
+    assert out.shape == x.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, conv_oracle(x, w, bias, activation), rtol=1e-12, atol=1e-12)
+
+
+def test_hand_checked_values():
+    # width 2: out[t] = w0 * x[t-1] + w1 * x[t] + bias
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64)
+    w = torch.tensor([[10.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([0.5], dtype=torch.float64)
+    out = causal_conv1d_ref(x, w, b)
+    expected = torch.tensor([[[1.5, 12.5, 23.5, 34.5]]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # width 3, no bias: out[t] = w0 x[t-2] + w1 x[t-1] + w2 x[t]
+    w3 = torch.tensor([[100.0, 10.0, 1.0]], dtype=torch.float64)
+    out3 = causal_conv1d_fn(x, w3)
+    torch.testing.assert_close(out3, torch.tensor([[[1.0, 12.0, 123.0, 234.0]]], dtype=torch.float64), rtol=0, atol=0)
+    # silu on top
+    out_silu = causal_conv1d_fn(x, w, b, activation="silu")
+    torch.testing.assert_close(out_silu, expected * torch.sigmoid(expected))
+
+
+def test_causality_future_does_not_leak():
+    x, w, b = _inputs(1, 2, 9, 4, seed=3)
+    out = causal_conv1d_fn(x, w, b, "silu")
+    x2 = x.clone()
+    x2[..., 5:] = torch.randn(1, 2, 4, dtype=torch.float64)
+    out2 = causal_conv1d_fn(x2, w, b, "silu")
+    torch.testing.assert_close(out[..., :5], out2[..., :5], rtol=0, atol=0)
+    assert not torch.allclose(out[..., 5:], out2[..., 5:])
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("seqlen", [1, 7, 197])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_gradcheck(width, seqlen, activation):
+    long = seqlen == 197
+    x, w, b = _inputs(1 if long else 2, 2, seqlen, width, seed=seqlen + width, requires_grad=True)
+    # For 197 positions the full Jacobian is large: fast mode checks random projections of it instead.
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_: causal_conv1d_fn(x_, w_, b_, activation), (x, w, b), eps=1e-6, atol=1e-7,
+        fast_mode=long)
+
+
+def test_gradcheck_without_bias():
+    x, w, _ = _inputs(2, 3, 7, 3, seed=11, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, w_: causal_conv1d_ref(x_, w_, None, "silu"), (x, w))
+
+
+def test_low_precision_output_dtype_follows_x():
+    x, w, b = _inputs(2, 4, 7, 4, dtype=torch.float32, seed=5)
+    for dtype in (torch.bfloat16, torch.float16):
+        xl = x.to(dtype)
+        out = causal_conv1d_fn(xl, w, b, "silu")
+        assert out.dtype == dtype
+        ref = conv_oracle(xl.double(), w, b, "silu")
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_backend_reference_equals_auto_on_cpu():
+    x, w, b = _inputs(2, 3, 7, 4, seed=9)
+    torch.testing.assert_close(causal_conv1d_fn(x, w, b, "silu", backend="reference"),
+                               causal_conv1d_fn(x, w, b, "silu", backend="auto"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(x=torch.randn(3, 7), weight=torch.randn(3, 4)), r"x must be \(batch, dim, seqlen\)"),
+    (dict(x=torch.randn(2, 3, 7), weight=torch.randn(5, 4)), r"weight must be \(dim, width\)"),
+    (dict(x=torch.randn(2, 3, 7), weight=torch.randn(3, 1, 4)), r"squeeze"),
+    (dict(x=torch.randn(2, 3, 7), weight=torch.randn(3, 4), bias=torch.randn(4)), r"bias must be \(3,\)"),
+    (dict(x=torch.randn(2, 3, 7), weight=torch.randn(3, 4), activation="relu"), r"activation must be one of.*relu"),
+])
+@pytest.mark.parametrize("fn", [causal_conv1d_ref, causal_conv1d_fn])
+def test_bad_inputs_raise_value_error(fn, args, match):
+    with pytest.raises(ValueError, match=match):
+        fn(**args)
+
+
+def test_unknown_backend_raises_value_error():
+    with pytest.raises(ValueError, match=r"backend must be one of.*'triton'"):
+        causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="triton")
+
+
+def _extension_importable():
+    try:
+        import causal_conv1d_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_extension_importable(), reason="the CUDA extension is built here")
+def test_cuda_backend_without_extension_says_how_to_build():
+    with pytest.raises(RuntimeError, match=r"not built") as info:
+        causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="cuda")
+    message = str(info.value)
+    assert "pip install" in message and "causal-conv1d" in message
+
+
+@pytest.mark.skipif(not _extension_importable(), reason="the CUDA extension is not built here")
+def test_cuda_backend_with_cpu_tensors_raises_value_error():
+    with pytest.raises(ValueError, match=r"needs CUDA tensors"):
+        causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="cuda")
