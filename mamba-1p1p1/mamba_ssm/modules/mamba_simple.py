@@ -5,7 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba_ssm.ops.selective_scan_interface import bimamba_inner_fn_no_out_proj, mamba_inner_fn_no_out_proj
+from mamba_ssm.ops.selective_scan_interface import (
+    bimamba_inner_fn_no_out_proj,
+    bimamba_v1_inner_fn_no_out_proj,
+    mamba_inner_fn_no_out_proj,
+)
 
 BIMAMBA_TYPES = ("none", "v1", "v2")
 
@@ -27,9 +31,10 @@ def _ssm_skip(d_inner, device):
 class Mamba(nn.Module):
     """Selective state-space mixer: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
-    bimamba_type: "none" (causal, one direction), "v1" (a second scan over the flipped sequence with its
-    own A_b_log, sharing conv and projections) or "v2" (Vim: the flipped direction has its own conv1d_b,
-    x_proj_b, dt_proj_b, A_b_log and D_b). if_divide_out averages the two directions instead of summing.
+    bimamba_type: "none" (causal, one direction), "v1" (a second scan, with its own A_b_log, runs from the
+    end over the forward direction's conv and projections; the directions are summed) or "v2" (Vim: the
+    flipped direction has its own conv1d_b, x_proj_b, dt_proj_b, A_b_log and D_b). if_divide_out
+    averages the two v2 directions instead of summing them.
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -98,13 +103,10 @@ class Mamba(nn.Module):
         forward_params = self._direction_params("")
         if self.bimamba_type == "none":
             y = mamba_inner_fn_no_out_proj(xz, **forward_params)
+        elif self.bimamba_type == "v1":
+            y = bimamba_v1_inner_fn_no_out_proj(xz, A_b=-torch.exp(self.A_b_log.float()), **forward_params)
         else:
-            if self.bimamba_type == "v1":
-                backward_params = dict(forward_params, A=-torch.exp(self.A_b_log.float()))
-            else:
-                backward_params = self._direction_params("_b")
-            y = bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params)
-        out = self.out_proj(y.transpose(1, 2))
-        if self.bimamba_type != "none" and self.if_divide_out:
-            out = out / 2
-        return out
+            y = bimamba_inner_fn_no_out_proj(xz, forward_params, self._direction_params("_b"))
+            if self.if_divide_out:
+                y = y / 2
+        return self.out_proj(y.transpose(1, 2))
