@@ -1,0 +1,470 @@
+"""Train, fine-tune and evaluate Vision Mamba (and other timm classifiers) the DeiT way.
+
+Exit codes: 0 done, 2 user error (one line on stderr), 3 training diverged (non-finite steps),
+75 stopped by SIGTERM/SIGUSR1 after saving a resumable checkpoint (rerun the same command).
+"""
+import argparse
+import ast
+import copy
+import datetime
+import difflib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import random
+import torch
+import torch.distributed as dist
+import timm
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+import vim  # noqa: F401  (registers the Vim models with timm)
+from datasets import DATA_SETS, build_dataset
+from engine import TrainingDiverged, evaluate, train_one_epoch
+from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
+                            model_state_dict, restore_rng_state, save_atomic)
+from vim.losses import DistillationLoss
+from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest
+from vim.samplers import ResumableSampler, SeededDataset
+from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process
+
+DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
+SSM_PARAMETERS = ('*.A_log', '*.A_b_log', '*.D', '*.D_b')
+
+
+def model_kwargs(text):
+    """Parse `key=value` (value a Python literal, else a string), e.g. `depth=2`."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Vision Mamba training and evaluation', add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=__doc__)
+    p.add_argument('--batch-size', default=64, type=int, help='images per process and step (global batch = this x processes)')
+    p.add_argument('--eval-batch-size', default=None, type=int, help='images per process in evaluation (default: 2 x --batch-size)')
+    p.add_argument('--epochs', default=300, type=int, help='number of training epochs')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default=DEFAULT_MODEL, type=str, help='timm model name (the Vim names and their short aliases are registered by `import vim`)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], type=model_kwargs, metavar='KEY=VALUE', help='extra model constructor arguments, e.g. depth=2 embed_dim=64')
+    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in the backward pass to save memory')
+    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
+    p.set_defaults(model_ema=True)
+    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
+    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--opt', default='adamw', type=str, help='optimizer name (timm create_optimizer_v2)')
+    g.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value (off when unset)')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (not applied to biases, 1-D parameters, pos_embed, cls_token)')
+    g.add_argument('--ssm-no-weight-decay', action='store_true', help='also exempt the SSM parameters A_log, A_b_log, D, D_b from weight decay (the original recipe decayed the 2-D A_log/A_b_log)')
+
+    g = p.add_argument_group('learning-rate schedule (stepped every iteration)')
+    g.add_argument('--sched', default='cosine', type=str, help='schedule (timm create_scheduler_v2): cosine, step, tanh, poly, ...')
+    g.add_argument('--lr', type=float, default=5e-4, help='learning rate for a global batch of 512; scaled by global batch / 512 unless --unscale-lr')
+    g.add_argument('--unscale-lr', action='store_true', help='use --lr as given, without linear scaling')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='lower bound of the cosine schedule')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='epochs of linear warm-up')
+    g.add_argument('--cooldown-epochs', type=int, default=10, help='epochs at --min-lr after the schedule (passed to timm; as in DeiT, training stops after --epochs, so these only run if --epochs exceeds the schedule)')
+    g.add_argument('--decay-epochs', type=float, default=30, help='epochs between decays of the step schedule')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='learning-rate factor per decay of the step schedule')
+
+    g = p.add_argument_group('augmentation and regularisation')
+    g.add_argument('--color-jitter', type=float, default=0.3, help='colour jitter strength (not applied together with --aa)')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='AutoAugment/RandAugment policy; "none" to disable')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', type=str, default='bicubic', help='training interpolation: random, bilinear, bicubic')
+    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation: each image 3 times per epoch with different augmentations')
+    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
+    p.set_defaults(repeated_aug=True)
+    g.add_argument('--reprob', type=float, default=0.25, help='random-erasing probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random-erasing fill mode: const, rand, pixel')
+    g.add_argument('--recount', type=int, default=1, help='random-erasing count')
+    g.add_argument('--resplit', action='store_true', default=False, help='accepted for DeiT compatibility; only matters with augmentation splits, which this trainer does not use')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max area ratio (overrides alpha)')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of applying mixup or cutmix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup when both are on')
+    g.add_argument('--mixup-mode', type=str, default='batch', help='mixup parameters per "batch", "pair" or "elem"')
+
+    g = p.add_argument_group('distillation')
+    g.add_argument('--teacher-model', default='regnety_160', type=str, help='timm name of the teacher')
+    g.add_argument('--teacher-path', type=str, default='', help='teacher weights (file or URL)')
+    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str, help='distillation loss')
+    g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
+    g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default='data', type=str, help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist folder; unused by DIGITS')
+    g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str, help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, upsampled (built in, no download)')
+    g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
+    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='evaluation: resize to input-size / ratio, then centre crop')
+    g.add_argument('--num_workers', default=10, type=int, help='data-loader worker processes per training process')
+    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory for faster host-to-GPU copies')
+    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='', help='where checkpoint.pth, best_checkpoint.pth, log.txt and tensorboard/ go; an existing checkpoint.pth there is resumed automatically')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    g.add_argument('--seed', default=0, type=int, help='random seed')
+    g.add_argument('--resume', default='', help='checkpoint to resume from (all state) or, with --eval, to evaluate')
+    g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    g.add_argument('--finetune', default='', help='initialise from these weights: position embeddings resampled, a head of another shape dropped')
+    g.add_argument('--eval', action='store_true', help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
+    g.add_argument('--dist-eval', action='store_true', help='split evaluation over the processes (default: every process evaluates everything)')
+    g.add_argument('--print-freq', default=10, type=int, help='iterations between progress lines')
+    g.add_argument('--save-every-steps', default=0, type=int, help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on (mixed) targets > 0 instead of cross-entropy')
+
+    g = p.add_argument_group('precision and non-finite steps')
+    g.add_argument('--if_amp', action='store_true', default=None, help='autocast mixed precision (default: on for CUDA, off for CPU)')
+    g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
+    g.add_argument('--if_nan2num', action='store_true', help='replace a NaN/inf loss by a finite number (torch.nan_to_num) before backward')
+    g.add_argument('--if_continue_inf', action='store_true', help='never stop on non-finite steps (they are still skipped and counted)')
+    g.add_argument('--max-nonfinite-steps', default=20, type=int, help='stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, weights untouched)')
+
+    g = p.add_argument_group('distributed (set by torchrun or SLURM)')
+    g.add_argument('--world_size', default=1, type=int, help='number of processes (read from torchrun\'s WORLD_SIZE or SLURM_NTASKS)')
+    g.add_argument('--dist_url', default='env://', help='process-group rendezvous URL')
+    g.add_argument('--local-rank', '--local_rank', default=0, type=int, help='ignored: LOCAL_RANK / SLURM_LOCALID are read instead')
+    return p
+
+
+def resolve_model_name(name):
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f'close names: {", ".join(close)}' if close else 'list them with: python -c "import timm, vim; print(timm.list_models(\'vim*\'))"'
+    raise UserError(f'unknown --model {name}; {hint}')
+
+
+def create_model(name, **kwargs):
+    resolve_model_name(name)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise UserError(f'--model {name} rejects its arguments ({err}): check --model-kwargs') from None
+
+
+def check_input_size(model, name, size):
+    """A patch embedding of kernel k and stride s covers a side exactly when size = k + a multiple of s."""
+    proj = getattr(getattr(model, 'patch_embed', None), 'proj', None)
+    if not isinstance(proj, torch.nn.Conv2d):
+        return
+    k, s = proj.kernel_size[0], proj.stride[0]
+    if size < k or (size - k) % s:
+        fit = k + max(round((size - k) / s), 0) * s
+        raise UserError(f'--input-size {size} does not fit --model {name} (patch {k}, stride {s}): use {k} plus a '
+                        f'multiple of {s}, e.g. --input-size {fit}')
+
+
+def check_args(args):
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} but no CUDA device is available: use --device cpu')
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size {args.batch_size}: must be at least 1')
+    if not args.eval and mixup_active(args) and args.batch_size % 2:
+        raise UserError(f'--batch-size {args.batch_size} is odd, but mixup/cutmix pair up the images of a batch: '
+                        f'use an even --batch-size or --mixup 0 --cutmix 0')
+    if args.distillation_type != 'none' and not args.teacher_path:
+        raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path with the teacher\'s weights')
+    if args.finetune and args.eval:
+        raise UserError('--finetune with --eval: evaluate a checkpoint with --eval --resume CHECKPOINT')
+
+
+def mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def build_criterion(args, num_classes, device):
+    if args.bce_loss:
+        base = torch.nn.BCEWithLogitsLoss()
+    elif mixup_active(args):
+        base = SoftTargetCrossEntropy()  # mixup already folds label smoothing into the targets
+    elif args.smoothing:
+        base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    teacher = None
+    if args.distillation_type != 'none':
+        teacher = create_model(args.teacher_model, num_classes=num_classes)
+        weights = model_state_dict(load_checkpoint(args.teacher_path))
+        check_compatible(weights, teacher, args.teacher_model, f'teacher {args.teacher_path}')
+        teacher.load_state_dict(weights)
+        teacher.to(device).eval()
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+
+
+def build_optimizer(model, args, lr):
+    no_decay = set(getattr(model, 'no_weight_decay', lambda: ())())
+    if args.ssm_no_weight_decay:
+        no_decay |= set(SSM_PARAMETERS)
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
+    extra = {'eps': args.opt_eps}
+    if args.opt_betas:
+        extra['betas'] = tuple(args.opt_betas)
+    return create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               **extra)
+
+
+def train_loader(dataset, args, seed):
+    sampler = ResumableSampler(len(dataset), get_world_size(), get_rank(), shuffle=True,
+                               repeats=3 if args.repeated_aug else 1, seed=seed)
+    steps = sampler.num_samples // args.batch_size
+    if steps == 0:
+        raise UserError(f'the training set has {len(dataset)} images, {sampler.num_samples} per process: too few for '
+                        f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); lower --batch-size')
+    # The loader's own generator keeps iterator creation from consuming the global random stream.
+    loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                        num_workers=args.num_workers, pin_memory=args.pin_mem, persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler, steps
+
+
+def eval_loader(dataset, args):
+    # Without padding, so that accuracy counts each test image exactly once.
+    indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
+    return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
+                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def report_accuracy(stats, label='network'):
+    print(f'Accuracy of the {label} on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%', flush=True)
+
+
+def main(args):
+    check_args(args)
+    init_distributed_mode(args)
+    device = torch.device(f'cuda:{args.gpu}' if args.device.startswith('cuda') and args.distributed else args.device)
+    seed_everything(args.seed + get_rank())
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    use_amp = args.if_amp if args.if_amp is not None else device.type == 'cuda'
+    amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
+    print(f'{args.model} on {device} x {get_world_size()}, {"autocast " + args.amp_dtype if use_amp else "fp32"}',
+          flush=True)
+
+    dataset_val, num_classes = build_dataset(False, args)
+    data_loader_val = eval_loader(dataset_val, args)
+    model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                         img_size=args.input_size, **dict(args.model_kwargs))
+    check_input_size(model, args.model, args.input_size)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'number of params: {n_parameters}', flush=True)
+
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+    resume = args.resume or (checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else '')
+    checkpoint = load_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        weights = model_state_dict(checkpoint)
+        check_compatible(weights, model, args.model, resume)
+        model.load_state_dict(weights)
+        print(f'loaded {resume}', flush=True)
+    elif args.finetune:
+        dropped = load_finetune_weights(model, load_checkpoint(args.finetune), args.finetune)
+        print(f'fine-tuning from {args.finetune}' + (f'; re-initialised {", ".join(dropped)}' if dropped else ''),
+              flush=True)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+
+    if args.eval:
+        report_accuracy(evaluate(data_loader_val, model, device, amp_dtype))
+        if checkpoint is not None and checkpoint.get('model_ema') is not None:
+            ema_model = copy.deepcopy(model)
+            check_compatible(checkpoint['model_ema'], ema_model, args.model, f'{resume} (model_ema)')
+            ema_model.load_state_dict(checkpoint['model_ema'])
+            report_accuracy(evaluate(data_loader_val, ema_model, device, amp_dtype), 'EMA network')
+        return
+
+    dataset_train, _ = build_dataset(True, args)
+    data_loader_train, sampler_train, steps_per_epoch = train_loader(dataset_train, args, args.seed)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                           device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    global_batch = args.batch_size * get_world_size()
+    lr = args.lr if args.unscale_lr else args.lr * global_batch / 512.0
+    optimizer = build_optimizer(model_without_ddp, args, lr)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if use_amp and amp_dtype == torch.float16 else None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
+    criterion = build_criterion(args, num_classes, device)
+
+    start_epoch, start_step, max_accuracy = args.start_epoch, 0, 0.0
+    if checkpoint is not None and 'optimizer' in checkpoint and 'epoch' in checkpoint:
+        start_epoch, start_step, max_accuracy = restore_training_state(
+            checkpoint, resume, optimizer=optimizer, lr_scheduler=lr_scheduler, model_ema=model_ema, scaler=scaler,
+            global_batch=global_batch, steps_per_epoch=steps_per_epoch)
+
+    def save_checkpoint(epoch, steps_done, path=checkpoint_path):
+        """Collective: every process contributes its random state; the main process writes."""
+        rng_states = [None] * get_world_size()
+        if args.distributed:
+            dist.all_gather_object(rng_states, capture_rng_state())
+        else:
+            rng_states[0] = capture_rng_state()
+        if path and is_main_process():
+            state = {
+                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                'lr_scheduler': lr_scheduler.state_dict(),
+                # `epoch` is the last completed epoch (the DeiT convention); a mid-epoch save adds the steps
+                # done in the next one.
+                'epoch': epoch if steps_done == steps_per_epoch else epoch - 1,
+                'step_in_epoch': steps_done % steps_per_epoch, 'global_batch': global_batch,
+                'scaler': scaler.state_dict() if scaler is not None else None,
+                'args': vars(args), 'rng_state': rng_states, 'max_accuracy': max_accuracy,
+            }
+            if model_ema is not None:
+                state['model_ema'] = model_ema.module.state_dict()
+            save_atomic(state, path)
+            if path == checkpoint_path:
+                print(f'saved {path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)', flush=True)
+        if args.distributed:
+            dist.barrier()  # nobody exits (and gets the others killed by torchrun) before the file is complete
+
+    writer = tensorboard_writer(args.output_dir) if args.output_dir and is_main_process() else None
+    print(f'training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}; '
+          f'{steps_per_epoch} steps of {global_batch} images per epoch; lr {lr:.3g}', flush=True)
+    start_time = time.time()
+    with StopRequest() as stop_request:
+        for epoch in range(start_epoch, args.epochs):
+            sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
+            train_stats = train_one_epoch(
+                model, criterion, data_loader_train, optimizer, device, epoch, args, lr_scheduler=lr_scheduler,
+                steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
+                model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
+            start_step = 0
+            test_stats = evaluate(data_loader_val, model, device, amp_dtype)
+            report_accuracy(test_stats)
+            improved = test_stats['acc1'] > max_accuracy
+            max_accuracy = max(max_accuracy, test_stats['acc1'])
+            print(f'Max accuracy: {max_accuracy:.2f}%', flush=True)
+            save_checkpoint(epoch, steps_per_epoch)
+            if improved and checkpoint_path:
+                save_checkpoint(epoch, steps_per_epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
+            log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
+            if stop_request.requested:
+                raise Preempted(f'stopped after epoch {epoch}')
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}', flush=True)
+
+
+def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model_ema, scaler, global_batch,
+                           steps_per_epoch):
+    """Load optimizer, schedule, EMA, scaler and random states; return (start epoch, start step, best acc)."""
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if model_ema is not None:
+        if checkpoint.get('model_ema') is not None:
+            model_ema.module.load_state_dict(checkpoint['model_ema'])
+        else:
+            print(f'{source} has no model_ema: the EMA restarts from the loaded weights', flush=True)
+    if scaler is not None and checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    start_step = 0
+    if checkpoint.get('step_in_epoch'):
+        samples_done = checkpoint['step_in_epoch'] * checkpoint.get('global_batch', global_batch)
+        start_step = min(samples_done // global_batch, steps_per_epoch)
+        if samples_done % global_batch:
+            print(f'global batch changed from {checkpoint["global_batch"]} to {global_batch}: resuming at step '
+                  f'{start_step}, a few images of this epoch are seen twice', flush=True)
+    rng_states = checkpoint.get('rng_state') or []
+    if len(rng_states) == get_world_size():
+        restore_rng_state(rng_states[get_rank()])
+    else:
+        print(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
+              f'restart from --seed', flush=True)
+    print(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}', flush=True)
+    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', 0.0)
+
+
+def tensorboard_writer(output_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+
+
+def log_epoch(output_dir, writer, epoch, n_parameters, train_stats, test_stats):
+    if not output_dir or not is_main_process():
+        return
+    record = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
+              'epoch': epoch, 'n_parameters': n_parameters}
+    with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ('epoch', 'n_parameters'):
+                writer.add_scalar(key.replace('_', '/', 1), value, epoch)
+        writer.flush()
+
+
+def first_line_of(err):
+    # Errors raised in a data-loader worker come back with the worker's traceback prepended.
+    line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return line.split(f'{type(err).__name__}: ', 1)[-1]
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        main(args)
+        code = 0
+    except UserError as err:
+        print(f'error: {first_line_of(err)}', file=sys.stderr, flush=True)
+        code = 2
+    except TrainingDiverged as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        code = 3
+    except Preempted as err:
+        saved = 'checkpoint saved, rerun the same command to continue' if args.output_dir else 'nothing saved (no --output_dir)'
+        print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr, flush=True)
+        code = PREEMPTED_EXIT_CODE
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,121 @@
+"""Checkpoint files: atomic writes, safe loads (original-format files included) and weight loading."""
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from vim.utils import UserError
+
+
+def save_atomic(obj, path):
+    """torch.save `obj` to `path` so that `path` always holds a complete file.
+
+    The data goes to a temporary file in the same directory, is flushed to disk, then renamed over
+    `path` (an atomic replace on POSIX); until then the previous file stays untouched. A kill at any
+    moment leaves either the old or the new checkpoint, plus at most a stale temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
+    with open(tmp_path, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint with `weights_only=True`.
+
+    Files written by the original trainer store `args` as an argparse.Namespace; that one class is
+    allow-listed. Nothing is ever unpickled with `weights_only=False`: arbitrary objects in a file
+    could run code.
+    """
+    if path.startswith(('https://', 'http://')):
+        return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=False, weights_only=True)
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune/--teacher-path')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises several types for unreadable files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f'cannot load checkpoint {path} ({first_line}): it is truncated, not a PyTorch '
+                        f'checkpoint, or holds objects other than tensors and plain data') from None
+
+
+def model_state_dict(checkpoint):
+    """The model weights of a checkpoint dict (`{'model': sd, ...}`) or of a bare state dict."""
+    state_dict = checkpoint.get('model', checkpoint)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError('checkpoint holds no state dict under "model" nor is it one')
+    return state_dict
+
+
+def check_compatible(state_dict, model, model_name, source):
+    """Raise a UserError naming every missing, unexpected or differently shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}'
+              for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    problems = []
+    for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                         ('shape mismatches (checkpoint vs model)', shapes)):
+        if items:
+            shown = ', '.join(items[:5]) + (f' and {len(items) - 5} more' if len(items) > 5 else '')
+            problems.append(f'{label}: {shown}')
+    raise UserError(f'{source} does not fit --model {model_name} ({"; ".join(problems)}): pass the --model it was '
+                    f'trained with (and the same --input-size/--nb-classes), or use --finetune to adapt it')
+
+
+def load_finetune_weights(model, checkpoint, source):
+    """Load pre-trained weights into a model of another resolution, stride or class count.
+
+    The model's own `checkpoint_filter_fn` (from its timm module) resamples position embeddings; head
+    weights whose shape differs are dropped and re-initialised. Returns the dropped keys.
+    """
+    state_dict = model_state_dict(checkpoint)
+    filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    expected = model.state_dict()
+    head_keys = {k for k in expected if k.split('.')[0] in ('head', 'head_dist')}
+    dropped = sorted(k for k in head_keys if k in state_dict and state_dict[k].shape != expected[k].shape)
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+    check_compatible({**state_dict, **{k: expected[k] for k in dropped}}, model, type(model).__name__, source)
+    result = model.load_state_dict(state_dict, strict=False)
+    assert sorted(result.missing_keys) == dropped and not result.unexpected_keys, result
+    return dropped
+
+
+def capture_rng_state():
+    """Random states of this process as tensors and plain lists (loadable with weights_only=True)."""
+    numpy_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': [numpy_state[0], numpy_state[1].tolist(), numpy_state[2], numpy_state[3], numpy_state[4]],
+        'python': random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
