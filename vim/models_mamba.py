@@ -357,6 +357,9 @@ default_cfgs = generate_default_cfgs({
 
 def _create_vim(variant, pretrained=False, **kwargs):
     arch = _ARCHS[ALIASES.get(variant, variant)][0]
+    # timm resets custom_load when an overlay names a weight file; keep our loader, which reads the
+    # trainer's 'model' entry (not 'model_ema') and adapts the head and position embedding.
+    kwargs["pretrained_cfg_overlay"] = {"custom_load": "hf", **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_model_with_cfg(
         VisionMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
