@@ -177,9 +177,10 @@ def check_input_size(model, name, size):
         return
     k, s = proj.kernel_size[0], proj.stride[0]
     if size < k or (size - k) % s:
-        fit = k + max(round((size - k) / s), 0) * s
+        below = k + max(size - k, 0) // s * s
+        fits = f'{below} or {below + s}' if size > k else str(k)
         raise UserError(f'--input-size {size} does not fit --model {name} (patch {k}, stride {s}): use {k} plus a '
-                        f'multiple of {s}, e.g. --input-size {fit}')
+                        f'multiple of {s}, e.g. --input-size {fits}')
 
 
 def check_args(args):
@@ -237,7 +238,7 @@ def build_optimizer(model, args, lr):
                                **extra)
 
 
-def train_loader(dataset, args, seed):
+def train_loader(dataset, args, seed, pin_memory):
     sampler = ResumableSampler(len(dataset), get_world_size(), get_rank(), shuffle=True,
                                repeats=3 if args.repeated_aug else 1, seed=seed)
     steps = sampler.num_samples // args.batch_size
@@ -246,16 +247,16 @@ def train_loader(dataset, args, seed):
                         f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); lower --batch-size')
     # The loader's own generator keeps iterator creation from consuming the global random stream.
     loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=args.pin_mem, persistent_workers=args.num_workers > 0,
+                        num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps
 
 
-def eval_loader(dataset, args):
+def eval_loader(dataset, args, pin_memory):
     # Without padding, so that accuracy counts each test image exactly once.
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
-                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
                       generator=torch.Generator().manual_seed(0))
 
 
@@ -276,7 +277,8 @@ def main(args):
           flush=True)
 
     dataset_val, num_classes = build_dataset(False, args)
-    data_loader_val = eval_loader(dataset_val, args)
+    pin_memory = args.pin_mem and device.type == 'cuda'
+    data_loader_val = eval_loader(dataset_val, args, pin_memory)
     model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                          img_size=args.input_size, **dict(args.model_kwargs))
     check_input_size(model, args.model, args.input_size)
@@ -309,7 +311,7 @@ def main(args):
         return
 
     dataset_train, _ = build_dataset(True, args)
-    data_loader_train, sampler_train, steps_per_epoch = train_loader(dataset_train, args, args.seed)
+    data_loader_train, sampler_train, steps_per_epoch = train_loader(dataset_train, args, args.seed, pin_memory)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                            device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None
     model_without_ddp = model
@@ -374,12 +376,13 @@ def main(args):
             start_step = 0
             test_stats = evaluate(data_loader_val, model, device, amp_dtype)
             report_accuracy(test_stats)
-            improved = test_stats['acc1'] > max_accuracy
+            best_path = os.path.join(args.output_dir, 'best_checkpoint.pth')
+            improved = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             print(f'Max accuracy: {max_accuracy:.2f}%', flush=True)
             save_checkpoint(epoch, steps_per_epoch)
             if improved and checkpoint_path:
-                save_checkpoint(epoch, steps_per_epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
+                save_checkpoint(epoch, steps_per_epoch, best_path)
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
             if stop_request.requested:
                 raise Preempted(f'stopped after epoch {epoch}')

@@ -1,0 +1,186 @@
+"""The trainer end to end on CPU: checkpoints, exact resume, evaluation of original-format files,
+fine-tuning at stride 8, and two gloo processes against one."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main as trainer
+from vim.checkpoint import load_finetune_weights
+from vim.models_mamba import checkpoint_filter_fn  # noqa: F401  (fails early if the model package is missing)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ['--model', 'vim_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=32', '--input-size', '32']
+CLASSES = ('circle', 'square', 'stripes')
+
+
+def make_image_folder(root, per_class=8, val_per_class=2, seed=0):
+    """train/ and val/ folders of 32x32 PNGs: one distinct colour pattern per class, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', per_class), ('val', val_per_class)):
+        for c, name in enumerate(CLASSES):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                base = np.zeros((32, 32, 3), dtype=np.float64)
+                base[..., c] = 200
+                pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f'{i}.png'))
+    return str(root)
+
+
+def tiny_args(data, output_dir, *extra):
+    return [*TINY_MODEL, '--data-set', 'folder', '--data-path', data, '--output_dir', str(output_dir),
+            '--batch-size', '4', '--num_workers', '0', '--device', 'cpu', '--print-freq', '1000', *extra]
+
+
+def tiny_model(**overrides):
+    kwargs = dict(num_classes=3, img_size=32, depth=2, embed_dim=32)
+    return trainer.create_model('vim_tiny_patch16_224', **{**kwargs, **overrides})
+
+
+def run_trainer(argv):
+    return trainer.cli([str(a) for a in argv])
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.allclose(a[key].double(), b[key].double(), rtol=0, atol=atol), key
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('images'))
+
+
+def test_one_epoch_writes_weights_only_checkpoint_and_log(image_folder, tmp_path):
+    assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1')) == 0
+    checkpoint = load(tmp_path / 'checkpoint.pth')  # would raise on any pickled object
+    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'} <= checkpoint.keys()
+    assert checkpoint['epoch'] == 0 and checkpoint['step_in_epoch'] == 0
+    assert type(checkpoint['args']) is dict and checkpoint['args']['model'] == 'vim_tiny_patch16_224'
+    model = tiny_model()
+    model.load_state_dict(checkpoint['model'])  # strict: the weights of exactly this model
+    assert (tmp_path / 'best_checkpoint.pth').is_file()
+    records = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert len(records) == 1
+    record = records[0]
+    assert record['epoch'] == 0 and record['n_parameters'] == sum(p.numel() for p in model.parameters())
+    # 24 images, batch 4, one process: 6 steps; the lr and loss meters must exist and be finite
+    assert record['train_skipped_steps'] == 0 and np.isfinite(record['train_loss'])
+    assert record['test_num_images'] == 6 and 0 <= record['test_acc1'] <= 100
+
+
+def test_two_epochs_equal_one_then_resume(image_folder, tmp_path):
+    # A step schedule decays every epoch independently of --epochs, so both runs share one schedule;
+    # mixup, repeated augmentation, drop-path and EMA all draw on the random streams that must resume.
+    common = ['--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5', '--warmup-epochs', '0',
+              '--drop-path', '0.1', '--model-ema-decay', '0.9']
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    assert run_trainer(tiny_args(image_folder, straight, '--epochs', '2', *common)) == 0
+    assert run_trainer(tiny_args(image_folder, split, '--epochs', '1', *common)) == 0
+    after_one = load(split / 'checkpoint.pth')
+    assert after_one['epoch'] == 0
+    assert run_trainer(tiny_args(image_folder, split, '--epochs', '2', *common)) == 0  # resumes automatically
+    a, b = load(straight / 'checkpoint.pth'), load(split / 'checkpoint.pth')
+    assert a['epoch'] == b['epoch'] == 1
+    assert_same_tensors(a['model'], b['model'])
+    assert_same_tensors(a['model_ema'], b['model_ema'])
+    assert a['optimizer']['param_groups'][0]['lr'] == b['optimizer']['param_groups'][0]['lr']
+    assert a['optimizer']['param_groups'][0]['lr'] == pytest.approx(after_one['optimizer']['param_groups'][0]['lr'] / 2)
+    assert any(not torch.equal(after_one['model'][k], b['model'][k]) for k in b['model'])  # epoch 2 did train
+
+
+def test_eval_of_original_format_checkpoint(image_folder, tmp_path, capsys):
+    # Head weights 0 and a bias favouring class 1: every image is predicted as class 1, so exactly the
+    # 2 of 6 validation images of that class are right (33.3%). The EMA copy favours class 2 instead.
+    model = tiny_model()
+    state = model.state_dict()
+    state['head.weight'].zero_()
+    state['head.bias'].copy_(torch.tensor([0.0, 10.0, 0.0]))
+    ema = {k: v.clone() for k, v in state.items()}
+    ema['head.bias'] = torch.tensor([0.0, 0.0, 10.0])
+    path = tmp_path / 'original.pth'
+    torch.save({'model': state, 'args': argparse.Namespace(model='vim_tiny', lr=5e-4)}, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # the reason the Namespace must be allow-listed
+    assert run_trainer(tiny_args(image_folder, tmp_path / 'out', '--eval', '--resume', path)) == 0
+    out = capsys.readouterr().out
+    assert 'Accuracy of the network on the 6 test images: 33.3%' in out
+    assert 'EMA' not in out
+
+    torch.save({'model': state, 'model_ema': ema, 'args': argparse.Namespace(model='vim_tiny')}, path)
+    assert run_trainer(tiny_args(image_folder, tmp_path / 'out', '--eval', '--resume', path)) == 0
+    out = capsys.readouterr().out
+    assert 'Accuracy of the network on the 6 test images: 33.3%' in out
+    assert 'Accuracy of the EMA network on the 6 test images: 33.3%' in out
+
+
+def test_finetune_stride16_into_stride8(image_folder, tmp_path, capsys):
+    source = trainer.create_model('vim_tiny_patch16_224', num_classes=7, img_size=32, depth=2, embed_dim=32)
+    path = tmp_path / 'pretrained.pth'
+    torch.save({'model': source.state_dict(), 'args': argparse.Namespace(model='vim_tiny')}, path)
+
+    target = trainer.create_model('vim_tiny_patch16_stride8_224', num_classes=3, img_size=32, depth=2, embed_dim=32)
+    dropped = load_finetune_weights(target, torch.load(path, weights_only=False), str(path))
+    assert dropped == ['head.bias', 'head.weight']
+    old, new = source.state_dict(), target.state_dict()
+    # 32 px: a 2x2 grid at stride 16 (5 tokens), a 3x3 grid at stride 8 (10 tokens), class token in the middle
+    assert old['pos_embed'].shape == (1, 5, 32) and new['pos_embed'].shape == (1, 10, 32)
+    assert torch.equal(new['pos_embed'][0, 9 // 2], old['pos_embed'][0, 4 // 2])
+    for key in old:
+        if key not in ('pos_embed', 'head.weight', 'head.bias'):
+            assert torch.equal(old[key], new[key]), key
+    assert new['head.weight'].shape == (3, 32)
+
+    argv = ['--model', 'vim_tiny_patch16_stride8_224', *TINY_MODEL[2:]]
+    argv += tiny_args(image_folder, tmp_path / 'ft', '--epochs', '1', '--finetune', path)[len(TINY_MODEL):]
+    assert run_trainer(argv) == 0
+    assert 'fine-tuning from' in capsys.readouterr().out
+    assert load(tmp_path / 'ft' / 'checkpoint.pth')['model']['pos_embed'].shape == (1, 10, 32)
+
+
+def run_subprocess(argv, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_two_gloo_processes_match_one_process(image_folder, tmp_path):
+    # Same global batch (2 x 4 = 8). Without mixup and drop-path nothing differs per process, so the
+    # losses and the weights must agree up to the float rounding of DDP's gradient all-reduce.
+    common = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema',
+              '--warmup-epochs', '0']
+    one = run_subprocess([sys.executable, 'main.py', *tiny_args(image_folder, tmp_path / 'one', *common),
+                          '--batch-size', '8'])
+    assert one.returncode == 0, one.stderr
+    two = run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                          '--master_port', str(29500 + os.getpid() % 1000), 'main.py',
+                          *tiny_args(image_folder, tmp_path / 'two', *common)])
+    assert two.returncode == 0, two.stderr
+    log_one = json.loads((tmp_path / 'one' / 'log.txt').read_text())
+    log_two = json.loads((tmp_path / 'two' / 'log.txt').read_text())
+    assert 'x 2' in two.stdout and 'x 1' in one.stdout
+    assert log_two['train_loss'] == pytest.approx(log_one['train_loss'], rel=1e-5)
+    assert log_two['test_loss'] == pytest.approx(log_one['test_loss'], rel=1e-5)
+    assert_same_tensors(load(tmp_path / 'one' / 'checkpoint.pth')['model'],
+                        load(tmp_path / 'two' / 'checkpoint.pth')['model'], atol=1e-5)
+
+
+def test_metric_logger_prints_progress_with_eta(image_folder, tmp_path, capsys):
+    assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1', '--print-freq', '2')) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch: [0]  [')]
+    # 6 steps, printed at 0, 2, 4 and the last one
+    assert [re.search(r'\[\s*(\d+)/6\]', line).group(1) for line in lines] == ['0', '2', '4', '5']
+    assert all(re.search(r'eta: \d+:\d\d:\d\d', line) and 'loss:' in line and 'lr:' in line for line in lines)
