@@ -1,0 +1,135 @@
+// Host side of the causal depthwise conv1d extension: argument checks, allocation and the
+// launch on the current stream. The ops are registered in the `causal_conv1d_cuda` library
+// (torch.ops.causal_conv1d_cuda.fwd / .bwd); the Python package wraps them in differentiable
+// torch.library custom ops (causal_conv1d::*). The module itself holds no Python functions.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "conv_common.h"
+
+namespace causal_conv1d {
+namespace {
+
+DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "causal_conv1d: x must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "causal_conv1d: ", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+struct Prepared {
+  at::Tensor x, weight, bias;  // weight / bias as contiguous fp32
+  ConvParams p{};
+};
+
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 bool silu, bool reverse) {
+  TORCH_CHECK(x_in.is_cuda(), "causal_conv1d: x must be a CUDA tensor");
+  TORCH_CHECK(x_in.dim() == 3, "causal_conv1d: x must be (batch, dim, seqlen), got ", x_in.sizes());
+  TORCH_CHECK(weight.dim() == 2, "causal_conv1d: weight must be (dim, width), got ", weight.sizes());
+  const int64_t batch = x_in.size(0), dim = x_in.size(1), seqlen = x_in.size(2), width = weight.size(1);
+  TORCH_CHECK(weight.size(0) == dim, "causal_conv1d: weight has ", weight.size(0), " channels, x has ", dim);
+  TORCH_CHECK(width >= 2 && width <= 4, "causal_conv1d: width must be 2, 3 or 4, got ", width);
+  TORCH_CHECK(weight.device() == x_in.device(), "causal_conv1d: weight must be on x's device");
+  Prepared r;
+  r.x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  r.weight = weight.to(at::kFloat).contiguous();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == dim, "causal_conv1d: bias must be (dim,)");
+    TORCH_CHECK(bias->device() == x_in.device(), "causal_conv1d: bias must be on x's device");
+    r.bias = bias->to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK(seqlen < (int64_t(1) << 30) && batch * dim < (int64_t(1) << 30), "causal_conv1d: x too large");
+  ConvParams& p = r.p;
+  p.x = r.x.data_ptr();
+  p.weight = r.weight.data_ptr<float>();
+  p.bias = r.bias.defined() ? r.bias.data_ptr<float>() : nullptr;
+  p.x_batch_stride = r.x.stride(0);
+  p.x_dim_stride = r.x.stride(1);
+  p.batch = int(batch);
+  p.dim = int(dim);
+  p.seqlen = int(seqlen);
+  p.width = int(width);
+  p.silu = silu;
+  p.reverse = reverse;
+  return r;
+}
+
+// One block per (channel, batch split): split the batch until there are ~1024 blocks.
+int num_splits(const ConvParams& p) {
+  const int want = (1024 + std::max(p.dim, 1) - 1) / std::max(p.dim, 1);
+  return std::max(1, std::min(p.batch, want));
+}
+
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    bool silu, bool reverse) {
+  c10::cuda::CUDAGuard guard(x.device());
+  Prepared r = prepare(x, weight, bias, silu, reverse);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  r.p.out = out.data_ptr();
+  r.p.splits = num_splits(r.p);
+  check_launch(conv_fwd_cuda(to_dtype(x), r.p, c10::cuda::getCurrentCUDAStream()), "forward");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& dout, bool silu, bool reverse) {
+  c10::cuda::CUDAGuard guard(x.device());
+  Prepared r = prepare(x, weight, bias, silu, reverse);
+  TORCH_CHECK(dout.sizes() == x.sizes(), "causal_conv1d: dout must have x's shape");
+  at::Tensor dout_c = dout.to(x.scalar_type()).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int splits = num_splits(r.p);
+  at::Tensor partial = at::empty({splits, r.p.dim, r.p.width + 1}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {
+    partial.zero_();
+  } else {
+    r.p.dout = dout_c.data_ptr();
+    r.p.dx = dx.data_ptr();
+    r.p.dw_partial = partial.data_ptr<float>();
+    r.p.splits = splits;
+    check_launch(conv_bwd_cuda(to_dtype(x), r.p, c10::cuda::getCurrentCUDAStream()), "backward");
+  }
+  at::Tensor sums = partial.sum(0);  // (dim, width + 1), fp32, deterministic
+  at::Tensor dweight = sums.narrow(1, 0, r.p.width).contiguous();
+  at::Tensor dbias = bias.has_value() ? sums.select(1, r.p.width).contiguous() : at::empty({0}, partial.options());
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace causal_conv1d
+
+TORCH_LIBRARY(causal_conv1d_cuda, m) {
+  m.def("fwd(Tensor x, Tensor weight, Tensor? bias, bool silu, bool reverse) -> Tensor");
+  m.def("bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, bool silu, bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(causal_conv1d_cuda, CUDA, m) {
+  m.impl("fwd", &causal_conv1d::conv_fwd);
+  m.impl("bwd", &causal_conv1d::conv_bwd);
+}
+
+// Importing the module (import causal_conv1d_cuda) loads the library and so registers the ops.
+static struct PyModuleDef causal_conv1d_module = {PyModuleDef_HEAD_INIT, "causal_conv1d_cuda",
+                                                  "CUDA kernels of causal_conv1d (ops in torch.ops.causal_conv1d_cuda)",
+                                                  -1, nullptr};
+PyMODINIT_FUNC PyInit_causal_conv1d_cuda(void) { return PyModule_Create(&causal_conv1d_module); }

@@ -1,0 +1,217 @@
+// Causal (or anti-causal) depthwise conv1d, forward and backward.
+//
+// Semantics, in "logical" time s (s = position for the causal mode, s = L-1-position for the
+// anti-causal mode, so the anti-causal conv is the causal conv of the flipped sequence,
+// flipped back):   out[s] = act(bias + sum_k w[k] * x[s - (W-1) + k]),  x[<0] = 0.
+//
+// Mapping: one block per (channel d, batch split). Its warps take (batch, segment of 64
+// positions) tasks; lane l holds positions seg + l and seg + 32 + l (coalesced loads, one per
+// element), and the W-1 neighbours each output needs come from other lanes through shuffles,
+// so every input element is read from memory about once. The weights of the channel stay in
+// registers; the backward keeps the weight/bias gradient partial sums in registers, reduces
+// them over the block once and writes one partial per (split, channel): the final sum over
+// splits (done by the caller) is deterministic.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "conv_common.h"
+
+namespace causal_conv1d {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kE = 2;              // positions per lane in a warp's segment
+constexpr int kSeg = 32 * kE;      // positions per warp task (lane-strided: s = seg + 32 e + lane)
+
+__device__ __forceinline__ int phys_pos(int s, int L, bool reverse) { return reverse ? L - 1 - s : s; }
+
+__device__ __forceinline__ void batch_range(const ConvParams& p, int split, int& b0, int& b1) {
+  const int per = (p.batch + p.splits - 1) / p.splits;
+  b0 = split * per;
+  b1 = min(p.batch, b0 + per);
+}
+
+template <typename T>
+__device__ __forceinline__ float load_x(const T* row, int s, int L, bool reverse) {
+  return (s >= 0 && s < L) ? to_float(row[phys_pos(s, L, reverse)]) : 0.f;
+}
+
+// xm[e][k] = x at logical position s_e - k (k = 0..W-1) for this lane's positions s_e = seg + 32 e + lane.
+// Neighbours come from other lanes through shuffles; the W-1 positions before the segment are
+// loaded by the last lanes ("prev", position seg - 32 + lane).
+template <typename T, int W>
+__device__ __forceinline__ void gather_left(const T* row, int seg, int L, bool reverse, int lane,
+                                            const float (&xv)[kE], float (&xm)[kE][W]) {
+  const float prev = (lane >= 32 - (W - 1)) ? load_x(row, seg - 32 + lane, L, reverse) : 0.f;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    xm[e][0] = xv[e];
+#pragma unroll
+    for (int k = 1; k < W; ++k) {
+      // Lanes >= 32-k are asked (by lanes < k) for the position 32 earlier: their previous element.
+      const float before = e == 0 ? prev : xv[e - 1];
+      const float send = lane >= 32 - k ? before : xv[e];
+      xm[e][k] = __shfl_sync(0xffffffffu, send, (lane - k) & 31);
+    }
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) {
+  const int d = blockIdx.x;
+  int b0, b1;
+  batch_range(p, blockIdx.y, b0, b1);
+  const int L = p.seqlen;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.weight[d * W + k];
+  const float bias = p.bias != nullptr ? p.bias[d] : 0.f;
+  const int nseg = (L + kSeg - 1) / kSeg;
+  const int tasks = (b1 - b0) * nseg;
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+  T* __restrict__ out = reinterpret_cast<T*>(p.out);
+  for (int task = warp; task < tasks; task += kWarps) {  // warp-uniform loop
+    const int b = b0 + task / nseg;
+    const int seg = (task % nseg) * kSeg;
+    const T* xr = x + b * p.x_batch_stride + d * p.x_dim_stride;
+    T* outr = out + (int64_t(b) * p.dim + d) * L;
+    float xv[kE], xm[kE][W];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xv[e] = load_x(xr, seg + 32 * e + lane, L, p.reverse);
+    gather_left<T, W>(xr, seg, L, p.reverse, lane, xv, xm);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int s = seg + 32 * e + lane;
+      float acc = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc = fmaf(w[W - 1 - k], xm[e][k], acc);
+      if (p.silu) acc = acc / (1.f + __expf(-acc));
+      if (s < L) outr[phys_pos(s, L, p.reverse)] = from_float<T>(acc);
+    }
+  }
+}
+
+template <int W>
+__device__ __forceinline__ float grad_pre(float go, const float* xk, const float (&w)[W], float bias, bool silu) {
+  // go * act'(pre), pre = bias + sum_k w[W-1-k] * x[s-k] with xk[k] = x[s-k].
+  if (!silu) return go;
+  float pre = bias;
+#pragma unroll
+  for (int k = 0; k < W; ++k) pre = fmaf(w[W - 1 - k], xk[k], pre);
+  const float sg = 1.f / (1.f + __expf(-pre));
+  return go * sg * (1.f + pre * (1.f - sg));
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) {
+  const int d = blockIdx.x;
+  int b0, b1;
+  batch_range(p, blockIdx.y, b0, b1);
+  const int L = p.seqlen;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.weight[d * W + k];
+  const float bias = p.bias != nullptr ? p.bias[d] : 0.f;
+  const int nseg = (L + kSeg - 1) / kSeg;
+  const int tasks = (b1 - b0) * nseg;
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+  const T* __restrict__ dout = reinterpret_cast<const T*>(p.dout);
+  T* __restrict__ dx = reinterpret_cast<T*>(p.dx);
+  float dw[W], db = 0.f;
+#pragma unroll
+  for (int k = 0; k < W; ++k) dw[k] = 0.f;
+  for (int task = warp; task < tasks; task += kWarps) {
+    const int b = b0 + task / nseg;
+    const int seg = (task % nseg) * kSeg;
+    const T* xr = x + b * p.x_batch_stride + d * p.x_dim_stride;
+    const int64_t row = (int64_t(b) * p.dim + d) * L;
+    const T* dr = dout + row;
+    float xv[kE], xm[kE][W], g[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xv[e] = load_x(xr, seg + 32 * e + lane, L, p.reverse);
+    gather_left<T, W>(xr, seg, L, p.reverse, lane, xv, xm);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) g[e] = grad_pre<W>(load_x(dr, seg + 32 * e + lane, L, p.reverse), xm[e], w, bias, p.silu);
+    // g at the W-1 positions after the segment, computed directly by lanes 0..W-2.
+    float gnext = 0.f;
+    if (lane < W - 1) {
+      const int s = seg + kSeg + lane;
+      float xk[W];
+#pragma unroll
+      for (int k = 0; k < W; ++k) xk[k] = load_x(xr, s - k, L, p.reverse);
+      gnext = grad_pre<W>(load_x(dr, s, L, p.reverse), xk, w, bias, p.silu);
+    }
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int s = seg + 32 * e + lane;
+      // dx[s] = sum_k w[W-1-k] g[s+k]; g[s+k] lives in lane (lane+k)&31, element e or e+1.
+      float acc = w[W - 1] * g[e];
+#pragma unroll
+      for (int k = 1; k < W; ++k) {
+        const float after = e + 1 < kE ? g[e + 1 < kE ? e + 1 : e] : gnext;
+        const float send = lane < k ? after : g[e];
+        acc = fmaf(w[W - 1 - k], __shfl_sync(0xffffffffu, send, (lane + k) & 31), acc);
+      }
+      if (s < L) dx[row + phys_pos(s, L, p.reverse)] = from_float<T>(acc);
+      // g is 0 past the end, so these need no bound check.
+      db += g[e];
+#pragma unroll
+      for (int k = 0; k < W; ++k) dw[W - 1 - k] = fmaf(g[e], xm[e][k], dw[W - 1 - k]);
+    }
+  }
+  // Block reduction of the W + 1 partial sums.
+  __shared__ float red[kWarps][W + 1];
+#pragma unroll
+  for (int k = 0; k <= W; ++k) {
+    float v = k < W ? dw[k] : db;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) red[warp][k] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x <= W) {
+    float v = 0.f;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) v += red[i][threadIdx.x];
+    p.dw_partial[(int64_t(blockIdx.y) * p.dim + d) * (W + 1) + threadIdx.x] = v;
+  }
+}
+
+template <typename T>
+cudaError_t conv_fwd_launch_impl(const ConvParams& p, cudaStream_t stream) {
+  dim3 grid(p.dim, p.splits);
+  switch (p.width) {
+    case 2: conv_fwd_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: conv_fwd_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: conv_fwd_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t conv_bwd_launch_impl(const ConvParams& p, cudaStream_t stream) {
+  dim3 grid(p.dim, p.splits);
+  switch (p.width) {
+    case 2: conv_bwd_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: conv_bwd_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: conv_bwd_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace causal_conv1d

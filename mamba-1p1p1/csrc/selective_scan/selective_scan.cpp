@@ -1,0 +1,343 @@
+// Host side of the selective-scan extension: argument checks, allocation and the launches on
+// the current stream. Ops live in the `selective_scan_cuda` library (torch.ops.selective_scan_cuda.*);
+// the Python package wraps them in differentiable torch.library custom ops (mamba_ssm::*).
+// The module itself holds no Python functions: importing it registers the ops.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "ss_common.h"
+
+namespace ssm {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "selective_scan: ", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+cudaError_t launch_fwd(at::ScalarType t, const ScanParams& p, cudaStream_t s) {
+  switch (t) {
+    case at::kFloat: return ss_fwd_cuda<DType::kFloat32>(p, s);
+    case at::kHalf: return ss_fwd_cuda<DType::kFloat16>(p, s);
+    case at::kBFloat16: return ss_fwd_cuda<DType::kBFloat16>(p, s);
+    default: TORCH_CHECK(false, "selective_scan: u must be float32, float16 or bfloat16, got ", t);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_bwd(at::ScalarType t, const ScanParams& p, cudaStream_t s) {
+  switch (t) {
+    case at::kFloat: return ss_bwd_cuda<DType::kFloat32>(p, s);
+    case at::kHalf: return ss_bwd_cuda<DType::kFloat16>(p, s);
+    case at::kBFloat16: return ss_bwd_cuda<DType::kBFloat16>(p, s);
+    default: TORCH_CHECK(false, "selective_scan: u must be float32, float16 or bfloat16, got ", t);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// (batch, dim, seqlen) operand: u's dtype, last-dim stride 1 (copies otherwise).
+at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {
+  TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan: ", name, " must have u's shape ", u.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == u.device(), "selective_scan: ", name, " must be on u's device");
+  at::Tensor r = t.scalar_type() == u.scalar_type() ? t : t.to(u.scalar_type());
+  return r.stride(2) == 1 ? r : r.contiguous();
+}
+
+at::Tensor f32_param(const at::Tensor& t, const at::Tensor& u, const char* name) {
+  TORCH_CHECK(t.device() == u.device(), "selective_scan: ", name, " must be on u's device");
+  return t.to(at::kFloat).contiguous();
+}
+
+// Holds the tensors that the raw pointers in `p` point into.
+struct Prepared {
+  at::Tensor u, delta, z, A, B, C, D, delta_bias;
+  ScanParams p{};
+};
+
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+                 bool delta_softplus, bool reverse) {
+  TORCH_CHECK(u.is_cuda(), "selective_scan: u must be a CUDA tensor");
+  TORCH_CHECK(u.dim() == 3, "selective_scan: u must be (batch, dim, seqlen), got ", u.sizes());
+  const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "selective_scan: A must be (dim, dstate) with dim = ", dim,
+              ", got ", A.sizes());
+  TORCH_CHECK(!A.is_complex(), "selective_scan: complex A is not supported");
+  const int64_t dstate = A.size(1);
+  TORCH_CHECK(dstate >= 1 && dstate <= kMaxState, "selective_scan: dstate must be between 1 and ", kMaxState,
+              " (the kernels hold at most ", kMaxState, " states per channel), got ", dstate);
+  TORCH_CHECK(B.dim() == 4 && C.dim() == 4,
+              "selective_scan: B and C must be (batch, groups, dstate, seqlen), got ", B.sizes(), " and ", C.sizes());
+  const int64_t groups = B.size(1);
+  TORCH_CHECK(B.size(0) == batch && B.size(2) == dstate && B.size(3) == seqlen && C.sizes() == B.sizes(),
+              "selective_scan: B and C must be (", batch, ", groups, ", dstate, ", ", seqlen, "), got ", B.sizes(),
+              " and ", C.sizes());
+  TORCH_CHECK(groups >= 1 && dim % groups == 0, "selective_scan: dim ", dim, " is not divisible by groups ", groups);
+  TORCH_CHECK(batch <= 65535, "selective_scan: batch must be at most 65535");
+  TORCH_CHECK(seqlen < (int64_t(1) << 30) && dim < (int64_t(1) << 24), "selective_scan: input too large");
+
+  Prepared r;
+  r.u = u.stride(2) == 1 ? u : u.contiguous();
+  r.delta = seq_operand(delta, u, "delta");
+  if (z.has_value()) r.z = seq_operand(*z, u, "z");
+  r.A = f32_param(A, u, "A");
+  TORCH_CHECK(B.device() == u.device() && C.device() == u.device(), "selective_scan: B, C must be on u's device");
+  r.B = B.to(u.scalar_type()).contiguous();
+  r.C = C.to(u.scalar_type()).contiguous();
+  if (D.has_value()) {
+    TORCH_CHECK(D->numel() == dim, "selective_scan: D must be (dim,)");
+    r.D = f32_param(*D, u, "D").view({dim});
+  }
+  if (delta_bias.has_value()) {
+    TORCH_CHECK(delta_bias->numel() == dim, "selective_scan: delta_bias must be (dim,)");
+    r.delta_bias = f32_param(*delta_bias, u, "delta_bias").view({dim});
+  }
+  ScanParams& p = r.p;
+  p.batch = int(batch);
+  p.dim = int(dim);
+  p.seqlen = int(seqlen);
+  p.dstate = int(dstate);
+  p.ngroups = int(groups);
+  p.nchunks = int((seqlen + kChunk - 1) / kChunk);
+  p.delta_softplus = delta_softplus;
+  p.reverse = reverse;
+  p.u = r.u.data_ptr();
+  p.u_batch_stride = r.u.stride(0);
+  p.u_dim_stride = r.u.stride(1);
+  p.delta = r.delta.data_ptr();
+  p.delta_batch_stride = r.delta.stride(0);
+  p.delta_dim_stride = r.delta.stride(1);
+  if (r.z.defined()) {
+    p.z = r.z.data_ptr();
+    p.z_batch_stride = r.z.stride(0);
+    p.z_dim_stride = r.z.stride(1);
+  }
+  p.B = r.B.data_ptr();
+  p.C = r.C.data_ptr();
+  p.A = r.A.data_ptr<float>();
+  p.D = r.D.defined() ? r.D.data_ptr<float>() : nullptr;
+  p.delta_bias = r.delta_bias.defined() ? r.delta_bias.data_ptr<float>() : nullptr;
+  return r;
+}
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
+
+// -> (out, last_state or empty, ckpt or empty)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta,
+                                                        const at::Tensor& A, const at::Tensor& B,
+                                                        const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                                        const OptTensor& delta_bias, bool delta_softplus,
+                                                        bool return_last_state, bool save_ckpt, bool reverse) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+  ScanParams& p = r.p;
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  at::Tensor last = return_last_state ? at::empty({p.batch, p.dim, p.dstate}, f32) : empty0(u);
+  at::Tensor ckpt = save_ckpt ? at::empty({p.batch, p.dim, p.nchunks, kMaxState}, f32) : empty0(u);
+  if (out.numel() == 0) {
+    if (return_last_state) last.zero_();
+    return {out, last, ckpt};
+  }
+  p.out = out.data_ptr();
+  p.last_state = return_last_state ? last.data_ptr<float>() : nullptr;
+  p.ckpt = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
+  check_launch(launch_fwd(u.scalar_type(), p, c10::cuda::getCurrentCUDAStream()), "forward");
+  return {out, last, ckpt};
+}
+
+// Gradient buffers of one direction; fills the backward fields of `p`.
+struct Grads {
+  at::Tensor du, ddelta, dA, dB, dC, dD, ddb;
+};
+
+Grads alloc_grads(ScanParams& p, const at::Tensor& u, bool has_D, bool has_bias) {
+  const auto f32 = u.options().dtype(at::kFloat);
+  Grads g;
+  g.du = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  g.ddelta = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  g.dA = at::zeros({p.dim, p.dstate}, f32);
+  g.dB = at::zeros({p.batch, p.ngroups, p.dstate, p.seqlen}, f32);
+  g.dC = at::zeros({p.batch, p.ngroups, p.dstate, p.seqlen}, f32);
+  g.dD = has_D ? at::zeros({p.dim}, f32) : empty0(u);
+  g.ddb = has_bias ? at::zeros({p.dim}, f32) : empty0(u);
+  p.du = g.du.data_ptr();
+  p.ddelta = g.ddelta.data_ptr();
+  p.dA = g.dA.data_ptr<float>();
+  p.dB = g.dB.data_ptr<float>();
+  p.dC = g.dC.data_ptr<float>();
+  p.dD = has_D ? g.dD.data_ptr<float>() : nullptr;
+  p.ddelta_bias = has_bias ? g.ddb.data_ptr<float>() : nullptr;
+  return g;
+}
+
+at::Tensor check_ckpt(const at::Tensor& ckpt, const ScanParams& p) {
+  TORCH_CHECK(ckpt.dim() == 4 && ckpt.size(0) == p.batch && ckpt.size(1) == p.dim && ckpt.size(2) == p.nchunks &&
+                  ckpt.size(3) == kMaxState && ckpt.scalar_type() == at::kFloat,
+              "selective_scan: ckpt must be the fp32 (batch, dim, nchunks, ", kMaxState,
+              ") tensor saved by the forward, got ", ckpt.sizes());
+  return ckpt.contiguous();
+}
+
+// -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent gradients are empty tensors.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                 const OptTensor& delta_bias, const at::Tensor& dout, const OptTensor& dlast,
+                                 const at::Tensor& ckpt, bool delta_softplus, bool reverse) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+  ScanParams& p = r.p;
+  at::Tensor ckpt_c = check_ckpt(ckpt, p);
+  TORCH_CHECK(dout.sizes() == u.sizes(), "selective_scan: dout must have u's shape");
+  at::Tensor dout_c = dout.to(u.scalar_type()).contiguous();
+  at::Tensor dlast_c;
+  if (dlast.has_value()) {
+    TORCH_CHECK(dlast->numel() == int64_t(p.batch) * p.dim * p.dstate, "selective_scan: dlast must be (batch, dim, dstate)");
+    dlast_c = dlast->to(at::kFloat).contiguous();
+  }
+  Grads g = alloc_grads(p, u, D.has_value(), delta_bias.has_value());
+  at::Tensor dz = z.has_value() ? at::empty({p.batch, p.dim, p.seqlen}, u.options()) : empty0(u);
+  if (g.du.numel() > 0) {
+    p.dout = dout_c.data_ptr();
+    p.dlast = dlast_c.defined() ? dlast_c.data_ptr<float>() : nullptr;
+    p.ckpt = ckpt_c.data_ptr<float>();
+    p.write_dz = true;
+    p.dz = z.has_value() ? dz.data_ptr() : nullptr;
+    check_launch(launch_bwd(u.scalar_type(), p, c10::cuda::getCurrentCUDAStream()), "backward");
+  }
+  return {g.du, g.ddelta, g.dA, g.dB.to(u.scalar_type()), g.dC.to(u.scalar_type()), g.dD, dz, g.ddb};
+}
+
+// ---- Fused bidirectional scan: out = silu(z) * (y_f + y_b), direction b scanned from the end ----
+
+template <typename Fn>
+cudaError_t dispatch_bi(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(std::integral_constant<DType, DType::kFloat32>{});
+    case at::kHalf: return fn(std::integral_constant<DType, DType::kFloat16>{});
+    case at::kBFloat16: return fn(std::integral_constant<DType, DType::kBFloat16>{});
+    default: TORCH_CHECK(false, "bimamba_scan: u must be float32, float16 or bfloat16, got ", t);
+  }
+  return cudaErrorInvalidValue;
+}
+
+void check_pair(const Prepared& rf, const Prepared& rb, const at::Tensor& u_f, const at::Tensor& u_b) {
+  TORCH_CHECK(u_f.sizes() == u_b.sizes() && u_f.scalar_type() == u_b.scalar_type(),
+              "bimamba_scan: both directions need the same shapes and dtype");
+  TORCH_CHECK(rf.p.dstate == rb.p.dstate && rf.p.ngroups == rb.p.ngroups,
+              "bimamba_scan: both directions need the same dstate and groups");
+}
+
+// -> (out, ysum = y_f + y_b in fp32 (ungated, saved for the backward), ckpt_f, ckpt_b)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
+    const at::Tensor& u_f, const at::Tensor& delta_f, const at::Tensor& A_f, const at::Tensor& B_f,
+    const at::Tensor& C_f, const OptTensor& D_f, const OptTensor& bias_f, const at::Tensor& u_b,
+    const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
+    const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, bool delta_softplus, bool save_ckpt) {
+  c10::cuda::CUDAGuard guard(u_f.device());
+  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false);
+  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true);
+  check_pair(rf, rb, u_f, u_b);
+  ScanParams &pf = rf.p, &pb = rb.p;
+  const auto f32 = u_f.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({pf.batch, pf.dim, pf.seqlen}, u_f.options());
+  at::Tensor ysum = at::empty({pf.batch, pf.dim, pf.seqlen}, f32);
+  at::Tensor ck_f = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
+  at::Tensor ck_b = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
+  if (out.numel() == 0) return {out, ysum, ck_f, ck_b};
+  pf.y_acc_out = ysum.data_ptr<float>();
+  pf.ckpt = save_ckpt ? ck_f.data_ptr<float>() : nullptr;
+  pb.y_acc_in = ysum.data_ptr<float>();
+  pb.y_acc_out = ysum.data_ptr<float>();
+  pb.out = out.data_ptr();
+  pb.ckpt = save_ckpt ? ck_b.data_ptr<float>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(dispatch_bi(u_f.scalar_type(), [&](auto t) { return ss_bifwd_cuda<decltype(t)::value>(pf, pb, stream); }),
+               "bidirectional forward");
+  return {out, ysum, ck_f, ck_b};
+}
+
+// -> [du_f, ddelta_f, dA_f, dB_f, dC_f, dD_f, ddelta_bias_f, (same for b), dz]; absent ones empty.
+std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f, const at::Tensor& A_f,
+                               const at::Tensor& B_f, const at::Tensor& C_f, const OptTensor& D_f,
+                               const OptTensor& bias_f, const at::Tensor& u_b, const at::Tensor& delta_b,
+                               const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
+                               const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z,
+                               const at::Tensor& dout, const at::Tensor& ysum, const at::Tensor& ckpt_f,
+                               const at::Tensor& ckpt_b, bool delta_softplus) {
+  c10::cuda::CUDAGuard guard(u_f.device());
+  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, false);
+  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true);
+  check_pair(rf, rb, u_f, u_b);
+  ScanParams &pf = rf.p, &pb = rb.p;
+  at::Tensor cf = check_ckpt(ckpt_f, pf), cb = check_ckpt(ckpt_b, pb);
+  TORCH_CHECK(dout.sizes() == u_f.sizes() && ysum.sizes() == u_f.sizes() && ysum.scalar_type() == at::kFloat,
+              "bimamba_scan: dout and ysum must have u's shape (ysum fp32)");
+  at::Tensor dout_c = dout.to(u_f.scalar_type()).contiguous();
+  at::Tensor ysum_c = ysum.contiguous();
+  Grads gf = alloc_grads(pf, u_f, D_f.has_value(), bias_f.has_value());
+  Grads gb = alloc_grads(pb, u_b, D_b.has_value(), bias_b.has_value());
+  at::Tensor dz = at::empty({pf.batch, pf.dim, pf.seqlen}, u_f.options());
+  if (dz.numel() > 0) {
+    for (ScanParams* p : {&pf, &pb}) {
+      p->dout = dout_c.data_ptr();
+      p->ysum = ysum_c.data_ptr<float>();
+      p->dz = dz.data_ptr();
+    }
+    pf.ckpt = cf.data_ptr<float>();
+    pb.ckpt = cb.data_ptr<float>();
+    pf.write_dz = true;  // dz = dout * ysum * silu'(z) is the same in both directions: written once
+    pb.write_dz = false;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    check_launch(dispatch_bi(u_f.scalar_type(), [&](auto t) { return ss_bibwd_cuda<decltype(t)::value>(pf, pb, stream); }),
+                 "bidirectional backward");
+  }
+  const auto dt = u_f.scalar_type();
+  return {gf.du, gf.ddelta, gf.dA, gf.dB.to(dt), gf.dC.to(dt), gf.dD, gf.ddb,
+          gb.du, gb.ddelta, gb.dA, gb.dB.to(dt), gb.dC.to(dt), gb.dD, gb.ddb, dz};
+}
+
+}  // namespace
+}  // namespace ssm
+
+TORCH_LIBRARY(selective_scan_cuda, m) {
+  m.def(
+      "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "bool delta_softplus, bool return_last_state, bool save_ckpt, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "Tensor dout, Tensor? dlast, Tensor ckpt, bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def(
+      "bi_fwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
+      "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
+      "Tensor z, bool delta_softplus, bool save_ckpt) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bi_bwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
+      "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
+      "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
+  m.impl("fwd", &ssm::scan_fwd);
+  m.impl("bwd", &ssm::scan_bwd);
+  m.impl("bi_fwd", &ssm::bi_fwd);
+  m.impl("bi_bwd", &ssm::bi_bwd);
+}
+
+static struct PyModuleDef selective_scan_module = {PyModuleDef_HEAD_INIT, "selective_scan_cuda",
+                                                   "CUDA kernels of the selective scan (ops in torch.ops.selective_scan_cuda)",
+                                                   -1, nullptr};
+PyMODINIT_FUNC PyInit_selective_scan_cuda(void) { return PyModule_Create(&selective_scan_module); }

@@ -1,0 +1,95 @@
+"""Build of the `mamba_ssm` package and its optional CUDA extension `selective_scan_cuda`.
+
+    pip install --no-build-isolation -e mamba-1p1p1
+
+Environment switches:
+  MAMBA_SKIP_CUDA_BUILD=TRUE   never compile the extension (pure-PyTorch fallback only)
+  MAMBA_FORCE_BUILD=TRUE       compile even when no GPU is visible (CI, build machines)
+  TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   GPU architectures to compile for, in torch's format; this is
+                                       also the default (sm_80 and sm_90, plus PTX of the newest)
+  MAX_JOBS                             parallel compile jobs (read by torch's ninja builder)
+  NVCC_THREADS                         threads per nvcc call (--threads; default 2)
+  MAMBA_PTXAS_VERBOSE=1        print ptxas register/shared-memory reports
+The extension is built when nvcc and a CUDA build of torch are present and either a GPU is
+visible or FORCE_BUILD is set; otherwise a one-line message says why it was skipped.
+Nothing is downloaded.
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+PREFIX = "MAMBA_"
+EXT_NAME = "selective_scan_cuda"
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["csrc/selective_scan/selective_scan.cpp"] + [
+    f"csrc/selective_scan/ss_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")
+]
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def env_true(name):
+    return os.environ.get(PREFIX + name, "FALSE").upper() in ("1", "TRUE", "YES", "ON")
+
+
+def gencode_flags(arch_list):
+    """'8.0;9.0+PTX' -> nvcc -gencode flags (machine code per arch, PTX where '+PTX' is given)."""
+    flags = []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def cuda_extensions():
+    """Return (ext_modules, cmdclass); empty when the build is skipped (with a one-line reason)."""
+    if env_true("SKIP_CUDA_BUILD"):
+        print(f"{EXT_NAME}: skipping the CUDA build ({PREFIX}SKIP_CUDA_BUILD is set)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as error:
+        print(f"{EXT_NAME}: skipping the CUDA build (torch is not importable: {error})")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        print(f"{EXT_NAME}: skipping the CUDA build (needs nvcc and a CUDA build of torch; "
+              f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+        return [], {}
+    if not torch.cuda.is_available() and not env_true("FORCE_BUILD"):
+        print(f"{EXT_NAME}: skipping the CUDA build (no GPU visible; set {PREFIX}FORCE_BUILD=TRUE to build anyway)")
+        return [], {}
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    # No -std flag: torch picks the C++ standard its headers need (C++17 up to 2.11, C++20 later);
+    # a different one can change the layout of c10 types and crash on the first thrown error.
+    nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")] + gencode_flags(archs)
+    if env_true("PTXAS_VERBOSE"):
+        nvcc_flags.append("--ptxas-options=-v")
+    print(f"{EXT_NAME}: building for {archs} (CUDA_HOME={CUDA_HOME})")
+    ext = CUDAExtension(
+        name=EXT_NAME,
+        sources=[os.path.join(HERE, s) for s in SOURCES],
+        include_dirs=[os.path.join(HERE, "csrc", "selective_scan")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="mamba_ssm",
+    version="1.1.1",
+    description="Selective scan (Mamba) with CUDA kernels and a PyTorch fallback, for Vision Mamba",
+    packages=find_packages(include=["mamba_ssm", "mamba_ssm.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "einops"],
+)
