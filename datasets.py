@@ -8,6 +8,7 @@ import json
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
@@ -89,22 +90,18 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     Built in, no download: the first 1437 images train, the last 360 (other writers) validate.
     Images are upsampled once, then augmented per sample by small random affine moves (no flips:
-    a mirrored digit is another glyph).
+    a mirrored digit is another glyph). Without scikit-learn, `<data_path>/digits.npz` (written by
+    `python datasets.py --export-digits PATH`) is read instead.
     """
 
-    def __init__(self, train, size):
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise UserError('--data-set DIGITS needs scikit-learn: pip install scikit-learn') from None
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-        targets = torch.tensor(digits.target)
+    def __init__(self, train, size, data_path):
+        images, targets = load_digits_arrays(data_path)
+        images = torch.tensor(images, dtype=torch.float32) / 16.0
         split = slice(0, DIGITS_NUM_TRAIN) if train else slice(DIGITS_NUM_TRAIN, None)
         images = torch.nn.functional.interpolate(images[split, None], size=(size, size), mode='bilinear',
                                                  align_corners=False)
         self.images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-        self.targets = targets[split]
+        self.targets = torch.tensor(targets)[split]
         self.transform = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1),
                                                  fill=-1.0) if train else None
 
@@ -116,11 +113,26 @@ class DigitsDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), int(self.targets[index])
 
 
+def load_digits_arrays(data_path):
+    """(images (1797, 8, 8) with values 0..16, targets (1797,)) from scikit-learn or a digits.npz export."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        path = os.path.join(data_path, 'digits.npz')
+        if not os.path.isfile(path):
+            raise UserError(f'--data-set DIGITS needs scikit-learn (pip install scikit-learn) or {path}, written '
+                            f'where scikit-learn is installed by: python datasets.py --export-digits {path}') from None
+        with np.load(path) as arrays:
+            return arrays['images'], arrays['targets']
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def build_dataset(is_train, args):
     """Return (dataset, number of classes) for args.data_set."""
     name, root = args.data_set, args.data_path
     if name == 'DIGITS':
-        return DigitsDataset(is_train, args.input_size), 10
+        return DigitsDataset(is_train, args.input_size, root), 10
     transform = build_transform(is_train, args)
     if name in ('CIFAR', 'CIFAR10', 'CIFAR100'):
         cifar = datasets.CIFAR10 if name == 'CIFAR10' else datasets.CIFAR100
@@ -156,3 +168,14 @@ def build_transform(is_train, args):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description='Export the DIGITS data for machines without scikit-learn.')
+    parser.add_argument('--export-digits', required=True, metavar='PATH', help='where to write digits.npz')
+    path = parser.parse_args().export_digits
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images, targets = load_digits_arrays('')
+    np.savez_compressed(path, images=images.astype(np.uint8), targets=targets.astype(np.int64))
+    print(f'wrote {path}')

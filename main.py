@@ -117,7 +117,7 @@ def get_args_parser():
     g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default='data', type=str, help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist folder; unused by DIGITS')
+    g.add_argument('--data-path', default='data', type=str, help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist folder; for DIGITS only read without scikit-learn (digits.npz)')
     g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str, help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, upsampled (built in, no download)')
     g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='evaluation: resize to input-size / ratio, then centre crop')

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs main.py with torchrun on this node's GPUs; the recipe scripts (pt-*.sh, ft-*.sh) call it.
+#
+#   scripts/<recipe>.sh --data-path /path/to/imagenet [--output_dir DIR] [--gpus N] [other main.py flags]
+#
+# Environment instead of flags: DATA_PATH, OUTPUT_DIR (default output/<recipe>), NUM_GPUS (default: all
+# GPUs of the node). Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun names them.
+# Flags given on the command line come after the recipe's, so they override it.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+recipe=$1
+shift
+gpus=${NUM_GPUS:-}
+args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --gpus) gpus=$2; shift 2 ;;
+    --gpus=*) gpus=${1#*=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+given() { for a in "${args[@]}"; do [ "$a" = "$1" ] || [ "${a%%=*}" = "$1" ] && return 0; done; return 1; }
+
+if ! given --data-path; then
+  [ -n "${DATA_PATH:-}" ] || { echo "error: no data: pass --data-path DIR or set DATA_PATH" >&2; exit 2; }
+  args+=(--data-path "$DATA_PATH")
+fi
+given --output_dir || args+=(--output_dir "${OUTPUT_DIR:-$repo/output/$recipe}")
+if [ -z "$gpus" ]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [ "$gpus" -ge 1 ] || { echo "error: no GPU found: pass --gpus N or set NUM_GPUS" >&2; exit 2; }
+fi
+
+if [ "${NNODES:-1}" -gt 1 ]; then
+  rendezvous=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR}"
+              --master_port "${MASTER_PORT:-29500}")
+else
+  rendezvous=(--standalone)
+fi
+cd "$repo"
+exec torchrun "${rendezvous[@]}" --nproc_per_node "$gpus" main.py "${args[@]}"
