@@ -37,19 +37,22 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto"):
+def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reverse=False):
     """Causal depthwise conv1d on the compiled kernel for CUDA tensors, else on the reference.
 
-    backend: "auto" (kernel when the input is on a GPU and the extension is built), "cuda" (the kernel,
-    or an error saying how to build it), or "reference".
+    reverse=True gives the anti-causal conv, conv(x.flip(-1)).flip(-1), without flipped copies on the
+    kernel. backend: "auto" (kernel when the input is on a GPU and the extension is built), "cuda" (the
+    kernel, or an error saying how to build it), or "reference".
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_inputs(x, weight, bias, activation)
     use_kernel = backend == "cuda" or (backend == "auto" and x.is_cuda and cuda_ops.available())
     if not use_kernel:
+        if reverse:
+            return causal_conv1d_ref(x.flip(-1), weight, bias, activation).flip(-1)
         return causal_conv1d_ref(x, weight, bias, activation)
     cuda_ops.require()
     if not x.is_cuda:
         raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
-    return cuda_ops.causal_conv1d(x, weight, bias, activation is not None)
+    return cuda_ops.causal_conv1d(x, weight, bias, activation is not None, reverse)

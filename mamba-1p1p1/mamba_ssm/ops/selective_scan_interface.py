@@ -144,30 +144,42 @@ def _use_kernel(backend, u):
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, backend="auto"):
+                      return_last_state=False, backend="auto", reverse=False):
     """The selective scan (see selective_scan_ref) on the compiled kernel for CUDA tensors with per-step
-    B and C, else on the reference. backend: "auto", "cuda" (the kernel or an error saying how to build
-    it) or "reference"."""
+    B and C, else on the reference. reverse=True scans from the last position to the first (the scan of
+    the flipped inputs, flipped back; no flipped copies on the kernel). backend: "auto", "cuda" (the
+    kernel or an error saying how to build it) or "reference"."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     use_kernel = _use_kernel(backend, u)
     if use_kernel and (B.dim() == 2 or C.dim() == 2):
         if backend == "cuda":
             raise ValueError("the CUDA scan takes per-step B and C only; use backend='reference' for (dim, dstate)")
         use_kernel = False
-    if not use_kernel:
+    if use_kernel:
+        B = B.unsqueeze(1) if B.dim() == 3 else B
+        C = C.unsqueeze(1) if C.dim() == 3 else C
+        return cuda_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                       reverse)
+    if not reverse:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    B = B.unsqueeze(1) if B.dim() == 3 else B
-    C = C.unsqueeze(1) if C.dim() == 3 else C
-    return cuda_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    def flip(t):
+        return t.flip(-1) if t is not None and t.dim() > 2 else t
+
+    result = selective_scan_ref(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                                return_last_state)
+    if return_last_state:
+        return result[0].flip(-1), result[1]
+    return result.flip(-1)
 
 
-def _ssm_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, dstate, B, C,
-                B_proj_bias, C_proj_bias, backend):
-    """Conv (SiLU) of x, then x_proj -> [dt | B | C] and delta = delta_proj_weight @ dt: (x, z, delta, B, C)."""
+def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, dstate, B=None, C=None,
+                B_proj_bias=None, C_proj_bias=None, backend="auto", reverse=False):
+    """Conv (SiLU; anti-causal when reverse) of x, then x_proj -> [dt | B | C] per position and
+    delta = delta_proj_weight @ dt. Returns (x, delta, B, C), sequences as (batch, channels, seqlen)."""
     delta_rank = delta_proj_weight.shape[1]
-    x, z = xz.chunk(2, dim=1)
     conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
-    x = causal_conv1d_fn(x, conv_weight, conv1d_bias, activation="silu", backend=backend)
+    x = causal_conv1d_fn(x, conv_weight, conv1d_bias, activation="silu", backend=backend, reverse=reverse)
     x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
     delta = F.linear(x_dbl[..., :delta_rank], delta_proj_weight).transpose(1, 2)
     if B is None:
@@ -180,7 +192,7 @@ def _ssm_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
         if C_proj_bias is not None:
             C = C + C_proj_bias
         C = C.transpose(1, 2)
-    return x, z, delta, B, C
+    return x, delta, B, C
 
 
 def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
@@ -193,8 +205,9 @@ def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, de
     then the selective scan with softplus(delta + delta_bias), skip D and gate silu(z).
     Returns (batch, d_inner, seqlen).
     """
-    x, z, delta, B, C = _ssm_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
-                                    A.shape[1], B, C, B_proj_bias, C_proj_bias, backend)
+    x, z = xz.chunk(2, dim=1)
+    x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
+                                 B, C, B_proj_bias, C_proj_bias, backend)
     return selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                              backend=backend)
 
@@ -209,23 +222,37 @@ def bimamba_v1_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weigh
     """The "v1" bidirectional mixer before its output projection: one conv and one set of projections
     (forward direction); a second scan with A_b runs over their outputs from the end. Returns the sum
     of both directions in natural position order, (batch, d_inner, seqlen)."""
-    x, z, delta, B, C = _ssm_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
-                                    A.shape[1], None, None, None, None, backend)
-    y_forward = selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
-                                  backend=backend)
-    y_backward = selective_scan_fn(x.flip(-1), delta.flip(-1), A_b, B.flip(-1), C.flip(-1), D, z=z.flip(-1),
-                                   delta_bias=delta_bias, delta_softplus=True, backend=backend)
-    return y_forward + y_backward.flip(-1)
+    x, z = xz.chunk(2, dim=1)
+    x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
+                                 backend=backend)
+    scan = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend)
+    return (selective_scan_fn(x, delta, A, B, C, **scan)
+            + selective_scan_fn(x, delta, A_b, B, C, reverse=True, **scan))
 
 
 def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="auto"):
     """Both directions of a bidirectional ("v2") Mamba mixer before its output projection.
 
-    forward_params / backward_params: dicts of mamba_inner_fn_no_out_proj's keyword arguments
-    (conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias) of each direction.
-    The backward direction reads the sequence from its end. Returns y_forward + y_backward, both in
-    natural position order, (batch, d_inner, seqlen).
+    forward_params / backward_params: dicts with each direction's conv1d_weight, conv1d_bias,
+    x_proj_weight, delta_proj_weight, A, D and delta_bias. The backward direction is the forward
+    computation on the flipped sequence, flipped back: an anti-causal conv and a scan from the end, on
+    natural-order tensors. On CUDA both scans run in one fused kernel. Returns y_forward + y_backward,
+    (batch, d_inner, seqlen).
     """
-    y_forward = mamba_inner_fn_no_out_proj(xz, backend=backend, **forward_params)
-    y_backward = mamba_inner_fn_no_out_proj(xz.flip(-1), backend=backend, **backward_params)
-    return y_forward + y_backward.flip(-1)
+    x, z = xz.chunk(2, dim=1)
+    directions = []
+    for params, reverse in ((forward_params, False), (backward_params, True)):
+        u, delta, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
+                                     params["delta_proj_weight"], params["A"].shape[1], backend=backend,
+                                     reverse=reverse)
+        directions.append(dict(u=u, delta=delta, A=params["A"], B=B, C=C, D=params["D"],
+                               delta_bias=params["delta_bias"]))
+    forward, backward = directions
+    if _use_kernel(backend, x):
+        kernel_args = []
+        for d in directions:
+            kernel_args += [d["u"], d["delta"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"],
+                            d["delta_bias"]]
+        return cuda_ops.bimamba_scan(*kernel_args, z, delta_softplus=True)
+    return (selective_scan_fn(**forward, z=z, delta_softplus=True, backend=backend)
+            + selective_scan_fn(**backward, z=z, delta_softplus=True, backend=backend, reverse=True))

@@ -1,0 +1,83 @@
+"""Whole Vim models on the GPU kernels against the float64 CPU reference path, and under torch.compile."""
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+import vim  # noqa: F401,E402  (registers the models)
+from causal_conv1d import cuda_ops as conv_cuda_ops  # noqa: E402
+from mamba_ssm.ops import cuda_ops as scan_cuda_ops  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and conv_cuda_ops.available() and scan_cuda_ops.available()),
+    reason="needs a CUDA GPU and the built extensions",
+)
+
+
+def _perturbed_model(name, **kwargs):
+    """A model whose SSM parameters are moved away from their initial values, so that no term is trivial."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("A_log", "A_b_log")):
+                p.add_(0.3 * torch.randn_like(p))
+            elif pname.endswith((".D", ".D_b", "conv1d.bias", "conv1d_b.bias", "norm.weight")):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", ["vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224"])
+def test_vim_tiny_kernels_match_float64_reference(name):
+    model = _perturbed_model(name, num_classes=10)
+    images = torch.randn(2, 3, 224, 224)
+    labels = torch.tensor([3, 7])
+
+    reference = model.double()
+    ref_images = images.double().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(reference(ref_images), labels)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+
+    gpu_model = model.float().cuda()
+    gpu_model.zero_grad(set_to_none=True)
+    gpu_images = images.cuda().requires_grad_()
+    logits = gpu_model(gpu_images)
+    loss = torch.nn.functional.cross_entropy(logits, labels.cuda())
+    loss.backward()
+
+    assert torch.isfinite(logits).all()
+    assert _rel_err(loss.cpu(), ref_loss.detach()) < 1e-4
+    assert _rel_err(gpu_images.grad.cpu(), ref_images.grad) < 1e-3
+    for pname, p in gpu_model.named_parameters():
+        assert _rel_err(p.grad.cpu(), ref_grads[pname]) < 2e-3, pname
+
+
+def test_bf16_autocast_follows_fp32():
+    model = _perturbed_model("vim_tiny_patch16_224", num_classes=10).cuda().eval()
+    images = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        fp32 = model(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(images)
+    assert bf16.dtype == torch.bfloat16
+    assert _rel_err(bf16.float(), fp32) < 5e-2
+
+
+def test_torch_compile_training_step():
+    model = _perturbed_model("vim_tiny_patch16_224", num_classes=10, depth=4).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model)
+    images = torch.randn(8, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 10, (8,), device="cuda")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eager_loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss = torch.nn.functional.cross_entropy(compiled(images), labels)
+    loss.backward()
+    optimizer.step()
+    assert abs(loss.item() - eager_loss.item()) < 1e-3 * abs(eager_loss.item()) + 1e-4
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
