@@ -1,0 +1,145 @@
+"""Vim on CPU: the fused C++ selective scan (`selective_scan_cpu`) against the PyTorch reference.
+
+Prints two tables and writes JSON (--json):
+  1. the selective scan alone at the Vim-tiny@224 shape (batch, 384, 197), N = 16, forward and
+     forward+backward, reference vs kernel;
+  2. Vim-tiny inference (forward under inference_mode) at 224, img/s, reference vs kernel.
+The scan is switched by patching `selective_scan_interface.selective_scan_fn` (the single dispatch
+point), so everything else (conv, projections, flips) is identical in both columns.
+
+Timings are the best of --repeats runs (after a warm-up): this machine is shared, and the best run is
+the least disturbed one. Needs the extension importable (built in place, installed, or --ext-dir).
+
+    PYTHONPATH=causal-conv1d:mamba-1p1p1:. python benchmarks/bench_cpu.py --batch 8 16 --repeats 3
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ref-repeats", type=int, default=2, help="repeats for the (slow) reference")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--model", default="vim_tiny_patch16_224")
+    p.add_argument("--ext-dir", default=None, help="directory holding a built selective_scan_cpu module")
+    p.add_argument("--skip-reference", action="store_true", help="time only the kernel")
+    p.add_argument("--skip-scan", action="store_true")
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def best_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    args = parse()
+    if args.ext_dir:
+        sys.path.insert(0, args.ext_dir)
+    import torch
+
+    import timm
+    import vim  # noqa: F401  (registers the Vim models)
+    from mamba_ssm.ops import cpu_ops
+    from mamba_ssm.ops import selective_scan_interface as ssi
+
+    if not cpu_ops.available():
+        sys.exit(f"selective_scan_cpu is not importable ({cpu_ops._import_error}); build it first")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    original_fn = ssi.selective_scan_fn
+
+    def kernel_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  return_last_state=False, backend="auto"):
+        if u.device.type == "cpu" and B.dim() >= 3 and C.dim() >= 3 and u.dtype != torch.float64:
+            B = B.unsqueeze(1) if B.dim() == 3 else B
+            C = C.unsqueeze(1) if C.dim() == 3 else C
+            return cpu_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return original_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
+
+    def reference_fn(*a, **k):
+        k["backend"] = "reference"
+        return original_fn(*a, **k)
+
+    impls = {"kernel": kernel_fn} if args.skip_reference else {"reference": reference_fn, "kernel": kernel_fn}
+    info = dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), isa=torch.ops.selective_scan_cpu.isa(), dtype="float32",
+                note="best of repeats; shared machine, timings fluctuate")
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    results = dict(info=info, scan=[], model=[])
+
+    # 1. The scan alone.
+    if not args.skip_scan:
+        print("\nselective scan alone, (batch, 384, 197), N=16, fp32, with D, z, delta_bias, softplus")
+        print(f"{'batch':>5} {'pass':>8} {'reference ms':>13} {'kernel ms':>10} {'speedup':>8}")
+        torch.manual_seed(0)
+        for batch in args.batch:
+            d, L, N = 384, 197, 16
+            u = torch.randn(batch, d, L)
+            delta = torch.randn(batch, d, L) * 0.5
+            A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1)
+            B, C = torch.randn(batch, 1, N, L), torch.randn(batch, 1, N, L)
+            D, z, db = torch.randn(d), torch.randn(batch, d, L), torch.randn(d) * 0.3
+            row = dict(batch=batch)
+            for pass_name in ("fwd", "fwd+bwd"):
+                ms = {}
+                for name, fn in impls.items():
+                    reps = args.ref_repeats if name == "reference" else args.repeats
+                    if pass_name == "fwd":
+                        def run(fn=fn):
+                            with torch.inference_mode():
+                                fn(u, delta, A, B, C, D, z, db, True)
+                    else:
+                        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, db)]
+
+                        def run(fn=fn, leaves=leaves):
+                            out = fn(*leaves, delta_softplus=True)
+                            out.backward(torch.ones_like(out))
+                    ms[name] = best_time(run, reps) * 1e3
+                    row[f"{pass_name}_{name}_ms"] = ms[name]
+                ref = ms.get("reference", float("nan"))
+                print(f"{batch:>5} {pass_name:>8} {ref:>13.1f} {ms['kernel']:>10.2f} {ref / ms['kernel']:>7.1f}x")
+            results["scan"].append(row)
+
+    # 2. Whole model, inference.
+    print(f"\n{args.model} inference at 224 (forward under inference_mode), fp32, img/s")
+    print(f"{'batch':>5} {'reference':>10} {'kernel':>10} {'speedup':>8}")
+    model = timm.create_model(args.model).eval()
+    for batch in args.batch:
+        x = torch.randn(batch, 3, 224, 224)
+        row = dict(batch=batch)
+        for name, fn in impls.items():
+            ssi.selective_scan_fn = fn
+            try:
+                def run():
+                    with torch.inference_mode():
+                        model(x)
+                reps = args.ref_repeats if name == "reference" else args.repeats
+                row[f"{name}_img_s"] = batch / best_time(run, reps)
+            finally:
+                ssi.selective_scan_fn = original_fn
+        ref = row.get("reference_img_s", float("nan"))
+        print(f"{batch:>5} {ref:>10.2f} {row['kernel_img_s']:>10.2f} {row['kernel_img_s'] / ref:>7.1f}x")
+        results["model"].append(row)
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,754 @@
+// Fused CPU selective scan (forward and backward) for the `selective_scan_cpu` extension.
+//
+// Ops live in the `selective_scan_cpu` library (torch.ops.selective_scan_cpu.{fwd,bwd}); the Python
+// package wraps them in differentiable torch.library custom ops (mamba_ssm/ops/cpu_ops.py). Importing
+// the module registers the ops; it holds no Python functions.
+//
+// Semantics (per batch b, channel d, state n; t runs 0..L-1, or L-1..0 with `reverse`):
+//   dt_t = softplus(delta_t + delta_bias[d])    (or without softplus / bias)
+//   h_t  = exp(dt_t * A[d,n]) * h_{t-1} + dt_t * B[b,g,n,t] * u_t,   h_{-1} = 0
+//   y_t  = sum_n C[b,g,n,t] * h_t + D[d] * u_t,   out_t = y_t * silu(z_t)
+// All arithmetic is fp32 whatever the input dtype (fp32 / fp16 / bf16); outputs are in u's dtype.
+//
+// Parallelism: the forward splits (batch, channel) pairs over at::parallel_for. The inner loops run
+// over the states (8 per vector, GCC/Clang vector extensions; a scalar loop for dstate not a multiple
+// of 8) and, for the per-position work (softplus, gates), over positions. exp/log are branch-free
+// Cephes polynomials (relative error ~1e-7) that vectorise, instead of libm calls; no fast-math. On x86-64 (GCC / Clang) the hot
+// per-channel functions are compiled for the baseline, AVX2+FMA and AVX-512 and the widest one the CPU
+// supports is chosen once at load time (torch.ops.selective_scan_cpu.isa() names it; the environment
+// variable SELECTIVE_SCAN_CPU_ISA=base|avx2 caps it), so one binary runs on any x86-64 machine.
+//
+// Backward: the forward optionally saves the state before every chunk of kChunk positions (ckpt,
+// (batch, dim, nchunks, dstate) fp32); the backward recomputes each chunk's states from its checkpoint
+// into a small buffer and runs the reverse (adjoint) recurrence over it, so no O(L * dstate) state per
+// channel is ever stored. Gradients of B and C (shared by a group's channels) are accumulated into one
+// private buffer per task and summed afterwards; those of A, D and delta_bias are written per
+// (batch, channel) and summed over the batch afterwards: no atomics, no races, deterministic results.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// x86-64: the hot functions are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest one
+// the CPU supports is picked once at load time, so one binary runs on any x86-64 machine.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SS_CPU_NO_MULTIVERSION)
+#define SS_X86_DISPATCH 1
+#define SS_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c,popcnt")))
+#define SS_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c,popcnt")))
+#else
+#define SS_X86_DISPATCH 0
+#endif
+
+#if defined(__GNUC__)
+#define SS_INLINE inline __attribute__((always_inline))
+#else
+#define SS_INLINE inline
+#endif
+
+namespace sscpu {
+namespace {
+
+constexpr int kChunk = 64;       // positions per checkpoint (CHUNK in cpu_ops.py)
+constexpr int kMaxState = 256;   // largest dstate supported
+
+using OptTensor = std::optional<at::Tensor>;
+
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+#if SS_X86_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  const char* force = std::getenv("SELECTIVE_SCAN_CPU_ISA");  // "base", "avx2" or "avx512": cap the ISA
+  Isa isa = avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kBase);
+  if (force != nullptr) {
+    const std::string f(force);
+    const Isa cap = f == "base" ? Isa::kBase : (f == "avx2" ? Isa::kAvx2 : Isa::kAvx512);
+    isa = static_cast<int>(cap) < static_cast<int>(isa) ? cap : isa;
+  }
+  return isa;
+#else
+  return Isa::kBase;
+#endif
+}
+
+const Isa g_isa = detect_isa();
+
+const char* isa_name() {
+#if SS_X86_DISPATCH
+  return g_isa == Isa::kAvx512 ? "avx512" : (g_isa == Isa::kAvx2 ? "avx2" : "x86-64 baseline");
+#else
+  return "generic (compiler default)";
+#endif
+}
+
+// NAME(PARAMS) calls NAME##_impl(ARGS), compiled for each ISA and dispatched on g_isa.
+#if SS_X86_DISPATCH
+#define SS_DISPATCHED(NAME, PARAMS, ARGS)                                         \
+  SS_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_impl ARGS; }                \
+  SS_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }                    \
+  void NAME##_base PARAMS { NAME##_impl ARGS; }                                   \
+  void NAME PARAMS {                                                              \
+    switch (g_isa) {                                                              \
+      case Isa::kAvx512: NAME##_avx512 ARGS; return;                              \
+      case Isa::kAvx2: NAME##_avx2 ARGS; return;                                  \
+      default: NAME##_base ARGS; return;                                          \
+    }                                                                             \
+  }
+#else
+#define SS_DISPATCHED(NAME, PARAMS, ARGS) \
+  void NAME PARAMS { NAME##_impl ARGS; }
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// fp32 math on scalars and on 8-float vectors (GCC/Clang vector extensions: they compile to ymm
+// instructions in the AVX2/AVX-512 variants and to pairs of xmm instructions in the baseline one).
+// exp/log are branch-free Cephes polynomials (relative error ~1e-7), written once for both types.
+// ------------------------------------------------------------------------------------------------
+#if defined(__GNUC__) || defined(__clang__)
+#define SS_VEC 1
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+SS_INLINE v8f vload(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+SS_INLINE void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+SS_INLINE float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+SS_INLINE v8f as_float(v8i i) { return reinterpret_cast<v8f>(i); }
+SS_INLINE v8i as_int(v8f f) { return reinterpret_cast<v8i>(f); }
+SS_INLINE v8i to_int(v8f f) { return __builtin_convertvector(f, v8i); }
+SS_INLINE v8f to_float(v8i i) { return __builtin_convertvector(i, v8f); }
+#else
+#define SS_VEC 0
+#endif
+SS_INLINE float vload1(const float* p) { return *p; }
+SS_INLINE float as_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+SS_INLINE int32_t as_int(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i;
+}
+SS_INLINE int32_t to_int(float f) { return static_cast<int32_t>(f); }
+SS_INLINE float to_float(int32_t i) { return static_cast<float>(i); }
+
+template <class V>
+SS_INLINE V splat(float c) {
+  return V{} + c;
+}
+template <class V>
+SS_INLINE V load(const float* p) {
+  if constexpr (std::is_same_v<V, float>) return *p;
+#if SS_VEC
+  else return vload(p);
+#endif
+}
+template <class V>
+SS_INLINE void store(float* p, V v) {
+  if constexpr (std::is_same_v<V, float>) *p = v;
+#if SS_VEC
+  else vstore(p, v);
+#endif
+}
+
+// exp(x): 0 below -87.34 (where expf underflows to subnormals), clamped to exp(88) above 88 (only
+// reached by sigmoid(z) for z < -88, where it is harmless).
+template <class V>
+SS_INLINE V fexp(V x) {
+  const V lo = splat<V>(-87.33654f), hi = splat<V>(88.0f);
+  V xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const V k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  const V r2 = r * r;
+  V p = splat<V>(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r2 + r + 1.0f;
+  const V scale = as_float((to_int(k) + 127) << 23);
+  return x < lo ? splat<V>(0.0f) : p * scale;
+}
+
+// log(x) for finite x >= 1 (Cephes logf polynomial).
+template <class V>
+SS_INLINE V flog_ge1(V x) {
+  const auto bits = as_int(x);
+  auto e = ((bits >> 23) & 0xff) - 126;
+  V m = as_float((bits & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
+  const auto small = m < splat<V>(0.707106781186547524f);
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V z = m * m;
+  V y = splat<V>(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  const V fe = to_float(e);
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
+// softplus(x) = log1p(exp(x)) (torch's threshold 20), and sigmoid(x) = d softplus / dx.
+template <class V>
+SS_INLINE void softplus_sigmoid(V x, V& sp, V& sig) {
+  const V twenty = splat<V>(20.0f);
+  const V e = fexp(x > twenty ? twenty : x);
+  const V w = 1.0f + e;
+  const V l = flog_ge1(w) - ((w - 1.0f) - e) / w;  // log1p(e) with the rounding of 1+e undone
+  sp = x > twenty ? x : l;
+  sig = e / w;
+}
+
+// Applies f<V>(t) over positions 0..L-1: 8 at a time, then the tail one by one.
+template <class F>
+SS_INLINE void for_rows(int L, F&& f) {
+  int t = 0;
+#if SS_VEC
+  for (; t + 8 <= L; t += 8) f.template operator()<v8f>(t);
+#endif
+  for (; t < L; ++t) f.template operator()<float>(t);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-channel kernels on fp32 rows (positions in natural order; `reverse` flips the scan order)
+// ------------------------------------------------------------------------------------------------
+struct FwdChannel {
+  int L, N;
+  bool reverse;
+  const float* dt;     // [L] softplus'd delta
+  const float* dtu;    // [L] dt * u
+  const float* A;      // [N]
+  const float* Bt;     // [L, N] time-major
+  const float* Ct;     // [L, N]
+  float* y;            // [L] sum_n C h (before D and gate)
+  float* last;         // [N] or null
+  float* ckpt;         // [nchunks, N] or null
+};
+
+// States in vectors of 8 (V = v8f, N a multiple of 8) or one at a time (V = float, any N).
+template <class V>
+SS_INLINE void fwd_channel_t(const FwdChannel& a) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  const int N = a.N, NV = N / W, L = a.L;
+  V h[kMaxState / W];
+  V Av[kMaxState / W];
+  for (int k = 0; k < NV; ++k) {
+    h[k] = splat<V>(0.0f);
+    Av[k] = load<V>(a.A + k * W);
+  }
+  for (int i = 0; i < L; ++i) {
+    const int t = a.reverse ? L - 1 - i : i;
+    if (a.ckpt != nullptr && i % kChunk == 0) {
+      float* c = a.ckpt + static_cast<int64_t>(i / kChunk) * N;
+      for (int k = 0; k < NV; ++k) store<V>(c + k * W, h[k]);
+    }
+    const float dt = a.dt[t], dtu = a.dtu[t];
+    const float* b = a.Bt + static_cast<int64_t>(t) * N;
+    const float* c = a.Ct + static_cast<int64_t>(t) * N;
+    V yv = splat<V>(0.0f);
+    for (int k = 0; k < NV; ++k) {
+      h[k] = fexp(dt * Av[k]) * h[k] + dtu * load<V>(b + k * W);
+      yv += load<V>(c + k * W) * h[k];
+    }
+    if constexpr (std::is_same_v<V, float>) a.y[t] = yv;
+#if SS_VEC
+    else a.y[t] = hsum(yv);
+#endif
+  }
+  if (a.last != nullptr)
+    for (int k = 0; k < NV; ++k) store<V>(a.last + k * W, h[k]);
+}
+
+SS_INLINE void fwd_channel_impl(const FwdChannel& a) {
+#if SS_VEC
+  if (a.N % 8 == 0) return fwd_channel_t<v8f>(a);
+#endif
+  fwd_channel_t<float>(a);
+}
+SS_DISPATCHED(fwd_channel, (const FwdChannel& a), (a))
+
+// Row preparation and finishing, vectorised over positions.
+SS_INLINE void prep_rows_impl(int L, const float* delta, const float* u, float bias, bool softplus, float* dt,
+                              float* sig, float* dtu) {
+  if (softplus) {
+    for_rows(L, [&]<class V>(int t) {
+      V sp, sg;
+      softplus_sigmoid<V>(load<V>(delta + t) + bias, sp, sg);
+      store<V>(dt + t, sp);
+      store<V>(sig + t, sg);
+      store<V>(dtu + t, sp * load<V>(u + t));
+    });
+  } else {
+    for (int t = 0; t < L; ++t) {
+      const float d = delta[t] + bias;
+      dt[t] = d;
+      sig[t] = 1.0f;
+      dtu[t] = d * u[t];
+    }
+  }
+}
+SS_DISPATCHED(prep_rows,
+              (int L, const float* delta, const float* u, float bias, bool softplus, float* dt, float* sig, float* dtu),
+              (L, delta, u, bias, softplus, dt, sig, dtu))
+
+// out = (y + D u) * silu(z)   (in place in y)
+SS_INLINE void finish_rows_impl(int L, float* y, const float* u, float Dv, const float* z) {
+  if (z != nullptr) {
+    for_rows(L, [&]<class V>(int t) {
+      const V zz = load<V>(z + t);
+      store<V>(y + t, (load<V>(y + t) + Dv * load<V>(u + t)) * (zz / (1.0f + fexp<V>(-zz))));
+    });
+  } else {
+    for (int t = 0; t < L; ++t) y[t] = y[t] + Dv * u[t];
+  }
+}
+SS_DISPATCHED(finish_rows, (int L, float* y, const float* u, float Dv, const float* z), (L, y, u, Dv, z))
+
+struct BwdChannel {
+  int L, N;
+  bool reverse;
+  const float* u;      // [L]
+  const float* dt;     // [L]
+  const float* dtu;    // [L]
+  const float* dy;     // [L] dL/dy (dout * silu(z))
+  const float* A;      // [N]
+  const float* Bt;     // [L, N]
+  const float* Ct;     // [L, N]
+  const float* ckpt;   // [nchunks, N]
+  const float* dlast;  // [N] or null
+  float Dv;
+  float* y;            // [L] out: sum_n C h (for dz)
+  float* du;           // [L] out (complete: includes dy * D)
+  float* ddt;          // [L] out: dL/d dt
+  float* dA;           // [N] out (this channel, overwritten)
+  float* dBt;          // [L, N] accumulated (+=)
+  float* dCt;          // [L, N] accumulated (+=)
+  float* hbuf;         // [kChunk, N] scratch
+  float* abuf;         // [kChunk, N] scratch
+};
+
+template <class V>
+SS_INLINE float reduce(V v) {
+  if constexpr (std::is_same_v<V, float>) return v;
+#if SS_VEC
+  else return hsum(v);
+#endif
+}
+
+template <class V>
+SS_INLINE void bwd_channel_t(const BwdChannel& a) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  const int N = a.N, NV = N / W, L = a.L;
+  const int nchunks = (L + kChunk - 1) / kChunk;
+  V g[kMaxState / W];   // carried adjoint: a_{t+1} * g_{t+1}
+  V dA[kMaxState / W];
+  V Av[kMaxState / W];
+  for (int k = 0; k < NV; ++k) {
+    g[k] = a.dlast != nullptr ? load<V>(a.dlast + k * W) : splat<V>(0.0f);
+    dA[k] = splat<V>(0.0f);
+    Av[k] = load<V>(a.A + k * W);
+  }
+  for (int ch = nchunks - 1; ch >= 0; --ch) {
+    const int i0 = ch * kChunk, i1 = std::min(L, i0 + kChunk);
+    const float* h0 = a.ckpt + static_cast<int64_t>(ch) * N;
+    // Recompute the chunk's states (after each step) and decays.
+    for (int i = i0; i < i1; ++i) {
+      const int t = a.reverse ? L - 1 - i : i;
+      const int j = i - i0;
+      const float* hp = j == 0 ? h0 : a.hbuf + static_cast<int64_t>(j - 1) * N;
+      float* hc = a.hbuf + static_cast<int64_t>(j) * N;
+      float* ac = a.abuf + static_cast<int64_t>(j) * N;
+      const float dt = a.dt[t], dtu = a.dtu[t];
+      const float* b = a.Bt + static_cast<int64_t>(t) * N;
+      const float* c = a.Ct + static_cast<int64_t>(t) * N;
+      V yv = splat<V>(0.0f);
+      for (int k = 0; k < NV; ++k) {
+        const V an = fexp(dt * Av[k]);
+        const V hn = an * load<V>(hp + k * W) + dtu * load<V>(b + k * W);
+        store<V>(ac + k * W, an);
+        store<V>(hc + k * W, hn);
+        yv += load<V>(c + k * W) * hn;
+      }
+      a.y[t] = reduce(yv);
+    }
+    // Reverse recurrence over the chunk.
+    for (int i = i1 - 1; i >= i0; --i) {
+      const int t = a.reverse ? L - 1 - i : i;
+      const int j = i - i0;
+      const float* hp = j == 0 ? h0 : a.hbuf + static_cast<int64_t>(j - 1) * N;
+      const float* hc = a.hbuf + static_cast<int64_t>(j) * N;
+      const float* ac = a.abuf + static_cast<int64_t>(j) * N;
+      const float dy = a.dy[t], dt = a.dt[t], dtu = a.dtu[t];
+      const float* b = a.Bt + static_cast<int64_t>(t) * N;
+      const float* c = a.Ct + static_cast<int64_t>(t) * N;
+      float* db = a.dBt + static_cast<int64_t>(t) * N;
+      float* dc = a.dCt + static_cast<int64_t>(t) * N;
+      V sgb = splat<V>(0.0f), sgah = splat<V>(0.0f);
+      for (int k = 0; k < NV; ++k) {
+        const V gn = g[k] + dy * load<V>(c + k * W);  // dL/dh_t
+        store<V>(dc + k * W, load<V>(dc + k * W) + dy * load<V>(hc + k * W));
+        store<V>(db + k * W, load<V>(db + k * W) + gn * dtu);
+        sgb += gn * load<V>(b + k * W);
+        const V an = load<V>(ac + k * W);
+        const V gah = gn * load<V>(hp + k * W) * an;  // dL/d(dt*A)
+        dA[k] += gah * dt;
+        sgah += gah * Av[k];
+        g[k] = gn * an;
+      }
+      const float sb = reduce(sgb), sa = reduce(sgah);
+      a.du[t] = dt * sb + dy * a.Dv;
+      a.ddt[t] = a.u[t] * sb + sa;
+    }
+  }
+  for (int k = 0; k < NV; ++k) store<V>(a.dA + k * W, dA[k]);
+}
+
+SS_INLINE void bwd_channel_impl(const BwdChannel& a) {
+#if SS_VEC
+  if (a.N % 8 == 0) return bwd_channel_t<v8f>(a);
+#endif
+  bwd_channel_t<float>(a);
+}
+SS_DISPATCHED(bwd_channel, (const BwdChannel& a), (a))
+
+// dy = dout * silu(z); dsilu = silu'(z)
+SS_INLINE void gate_bwd_rows_impl(int L, const float* dout, const float* z, float* dy, float* dsilu) {
+  for_rows(L, [&]<class V>(int t) {
+    const V zz = load<V>(z + t);
+    const V s = 1.0f / (1.0f + fexp<V>(-zz));
+    store<V>(dy + t, load<V>(dout + t) * zz * s);
+    store<V>(dsilu + t, s * (1.0f + zz * (1.0f - s)));
+  });
+}
+SS_DISPATCHED(gate_bwd_rows, (int L, const float* dout, const float* z, float* dy, float* dsilu),
+              (L, dout, z, dy, dsilu))
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+SS_INLINE void load_row(const T* src, float* dst, int L) {
+  for (int t = 0; t < L; ++t) dst[t] = static_cast<float>(src[t]);
+}
+template <typename T>
+SS_INLINE void store_row(const float* src, T* dst, int L) {
+  for (int t = 0; t < L; ++t) dst[t] = static_cast<T>(src[t]);
+}
+
+at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {
+  TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan_cpu: ", name, " must have u's shape ", u.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: ", name, " must be a CPU tensor");
+  at::Tensor r = t.scalar_type() == u.scalar_type() ? t : t.to(u.scalar_type());
+  return r.stride(2) == 1 ? r : r.contiguous();
+}
+
+at::Tensor f32_vec(const OptTensor& t, int64_t dim, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->numel() == dim, "selective_scan_cpu: ", name, " must be (dim,) = (", dim, ",), got ", t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), "selective_scan_cpu: ", name, " must be a CPU tensor");
+  return t->to(at::kFloat).contiguous().view({dim});
+}
+
+struct Prepared {
+  at::Tensor u, delta, z, A, Bt, Ct, D, bias;  // Bt, Ct: fp32 (batch, groups, L, N)
+  int64_t batch, dim, L, N, groups, nchunks;
+};
+
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias) {
+  TORCH_CHECK(u.device().is_cpu(), "selective_scan_cpu: u must be a CPU tensor");
+  TORCH_CHECK(u.dim() == 3, "selective_scan_cpu: u must be (batch, dim, seqlen), got ", u.sizes());
+  const auto st = u.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "selective_scan_cpu: u must be float32, float16 or bfloat16, got ", st);
+  Prepared r;
+  r.batch = u.size(0);
+  r.dim = u.size(1);
+  r.L = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == r.dim, "selective_scan_cpu: A must be (dim, dstate) with dim = ", r.dim,
+              ", got ", A.sizes());
+  TORCH_CHECK(!A.is_complex(), "selective_scan_cpu: complex A is not supported");
+  r.N = A.size(1);
+  TORCH_CHECK(r.N >= 1 && r.N <= kMaxState, "selective_scan_cpu: dstate must be between 1 and ", kMaxState,
+              ", got ", r.N);
+  TORCH_CHECK(B.dim() == 4 && C.dim() == 4, "selective_scan_cpu: B and C must be (batch, groups, dstate, seqlen), got ",
+              B.sizes(), " and ", C.sizes());
+  r.groups = B.size(1);
+  TORCH_CHECK(B.size(0) == r.batch && B.size(2) == r.N && B.size(3) == r.L && C.sizes() == B.sizes(),
+              "selective_scan_cpu: B and C must be (", r.batch, ", groups, ", r.N, ", ", r.L, "), got ", B.sizes(),
+              " and ", C.sizes());
+  TORCH_CHECK(r.groups >= 1 && r.dim % r.groups == 0, "selective_scan_cpu: dim ", r.dim,
+              " is not divisible by groups ", r.groups);
+  TORCH_CHECK(r.L < (int64_t(1) << 30), "selective_scan_cpu: seqlen too large");
+  TORCH_CHECK(B.device().is_cpu() && C.device().is_cpu() && A.device().is_cpu(),
+              "selective_scan_cpu: A, B, C must be CPU tensors");
+  r.nchunks = (r.L + kChunk - 1) / kChunk;
+  r.u = u.stride(2) == 1 ? u : u.contiguous();
+  r.delta = seq_operand(delta, u, "delta");
+  if (z.has_value()) r.z = seq_operand(*z, u, "z");
+  r.A = A.to(at::kFloat).contiguous();
+  // Time-major fp32 copies of B and C (values rounded to u's dtype first, as the CUDA kernels read them).
+  r.Bt = B.to(st).to(at::kFloat).transpose(2, 3).contiguous();
+  r.Ct = C.to(st).to(at::kFloat).transpose(2, 3).contiguous();
+  r.D = f32_vec(D, r.dim, "D");
+  r.bias = f32_vec(delta_bias, r.dim, "delta_bias");
+  return r;
+}
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
+
+template <typename T>
+void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, float* last, float* ckpt) {
+  const int L = static_cast<int>(p.L), N = static_cast<int>(p.N);
+  const int64_t dim = p.dim, per_group = p.dim / p.groups;
+  const T* u = p.u.data_ptr<T>();
+  const T* delta = p.delta.data_ptr<T>();
+  const T* z = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
+  const float* A = p.A.data_ptr<float>();
+  const float* Bt = p.Bt.data_ptr<float>();
+  const float* Ct = p.Ct.data_ptr<float>();
+  const float* Dp = p.D.defined() ? p.D.data_ptr<float>() : nullptr;
+  const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
+  T* o = out.data_ptr<T>();
+  const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), ds0 = p.delta.stride(0), ds1 = p.delta.stride(1);
+  const int64_t zs0 = z ? p.z.stride(0) : 0, zs1 = z ? p.z.stride(1) : 0;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.L));
+  at::parallel_for(0, p.batch * dim, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(L) * 7);
+    float *fu = buf.data(), *fd = fu + L, *fz = fd + L, *dt = fz + L, *sig = dt + L, *dtu = sig + L, *y = dtu + L;
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int64_t b = bd / dim, d = bd % dim, g = d / per_group;
+      load_row(u + b * us0 + d * us1, fu, L);
+      load_row(delta + b * ds0 + d * ds1, fd, L);
+      prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
+      FwdChannel a;
+      a.L = L;
+      a.N = N;
+      a.reverse = reverse;
+      a.dt = dt;
+      a.dtu = dtu;
+      a.A = A + d * N;
+      a.Bt = Bt + (b * p.groups + g) * p.L * N;
+      a.Ct = Ct + (b * p.groups + g) * p.L * N;
+      a.y = y;
+      a.last = last ? last + bd * N : nullptr;
+      a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
+      fwd_channel(a);
+      if (z) load_row(z + b * zs0 + d * zs1, fz, L);
+      finish_rows(L, y, fu, Dp ? Dp[d] : 0.0f, z ? fz : nullptr);
+      store_row(y, o + bd * L, L);
+    }
+  });
+}
+
+// -> (out, last_state or empty, ckpt or empty)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta,
+                                                        const at::Tensor& A, const at::Tensor& B,
+                                                        const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                                        const OptTensor& delta_bias, bool delta_softplus,
+                                                        bool return_last_state, bool save_ckpt, bool reverse) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.batch, p.dim, p.L}, u.options());
+  at::Tensor last = return_last_state ? at::zeros({p.batch, p.dim, p.N}, f32) : empty0(u);
+  at::Tensor ckpt = save_ckpt ? at::empty({p.batch, p.dim, p.nchunks, p.N}, f32) : empty0(u);
+  if (out.numel() == 0) return {out, last, ckpt};
+  float* lp = return_last_state ? last.data_ptr<float>() : nullptr;
+  float* cp = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_cpu_fwd",
+                                  [&] { fwd_impl<scalar_t>(p, delta_softplus, reverse, out, lp, cp); });
+  return {out, last, ckpt};
+}
+
+// -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent gradients are empty tensors.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                 const OptTensor& delta_bias, const at::Tensor& dout, const OptTensor& dlast,
+                                 const at::Tensor& ckpt, bool delta_softplus, bool reverse) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  const auto f32 = u.options().dtype(at::kFloat);
+  TORCH_CHECK(ckpt.dim() == 4 && ckpt.size(0) == p.batch && ckpt.size(1) == p.dim && ckpt.size(2) == p.nchunks &&
+                  ckpt.size(3) == p.N && ckpt.scalar_type() == at::kFloat,
+              "selective_scan_cpu: ckpt must be the fp32 (batch, dim, nchunks, dstate) tensor saved by the forward, got ",
+              ckpt.sizes());
+  at::Tensor dout_c = seq_operand(dout, u, "dout");
+  at::Tensor ckpt_c = ckpt.contiguous();
+  at::Tensor dlast_c;
+  if (dlast.has_value()) {
+    TORCH_CHECK(dlast->numel() == p.batch * p.dim * p.N, "selective_scan_cpu: dlast must be (batch, dim, dstate)");
+    dlast_c = dlast->to(at::kFloat).contiguous();
+  }
+  const int64_t batch = p.batch, dim = p.dim, groups = p.groups, per_group = dim / groups;
+  const int L = static_cast<int>(p.L), N = static_cast<int>(p.N);
+  at::Tensor du = at::empty({batch, dim, p.L}, u.options());
+  at::Tensor ddelta = at::empty({batch, dim, p.L}, u.options());
+  at::Tensor dz = z.has_value() ? at::empty({batch, dim, p.L}, u.options()) : empty0(u);
+  // Work units: (batch, group, block of channels); each owns a private dB/dC accumulator.
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bg = batch * groups;
+  const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>(per_group, (4 * nthreads + bg - 1) / bg));
+  const int64_t block = (per_group + nblocks - 1) / nblocks;
+  at::Tensor dBp = at::zeros({bg * nblocks, p.L, p.N}, f32);
+  at::Tensor dCp = at::zeros({bg * nblocks, p.L, p.N}, f32);
+  at::Tensor dAp = at::empty({batch, dim, p.N}, f32);
+  at::Tensor dDp = at::empty({batch, dim}, f32);
+  at::Tensor ddbp = at::empty({batch, dim}, f32);
+  if (du.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_cpu_bwd", [&] {
+      using T = scalar_t;
+      const T* up = p.u.data_ptr<T>();
+      const T* dp = p.delta.data_ptr<T>();
+      const T* zp = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
+      const T* gp = dout_c.data_ptr<T>();
+      const float* Ap = p.A.data_ptr<float>();
+      const float* Bt = p.Bt.data_ptr<float>();
+      const float* Ct = p.Ct.data_ptr<float>();
+      const float* Dp = p.D.defined() ? p.D.data_ptr<float>() : nullptr;
+      const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
+      const float* ck = ckpt_c.data_ptr<float>();
+      const float* dl = dlast_c.defined() ? dlast_c.data_ptr<float>() : nullptr;
+      T* dup = du.data_ptr<T>();
+      T* ddp = ddelta.data_ptr<T>();
+      T* dzp = zp ? dz.data_ptr<T>() : nullptr;
+      float* dBpp = dBp.data_ptr<float>();
+      float* dCpp = dCp.data_ptr<float>();
+      float* dApp = dAp.data_ptr<float>();
+      float* dDpp = dDp.data_ptr<float>();
+      float* ddbpp = ddbp.data_ptr<float>();
+      const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), ds0 = p.delta.stride(0), ds1 = p.delta.stride(1);
+      const int64_t zs0 = zp ? p.z.stride(0) : 0, zs1 = zp ? p.z.stride(1) : 0;
+      const int64_t gs0 = dout_c.stride(0), gs1 = dout_c.stride(1);
+      at::parallel_for(0, bg * nblocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(static_cast<size_t>(L) * 10 + static_cast<size_t>(kChunk) * N * 2);
+        float *fu = buf.data(), *fd = fu + L, *fz = fd + L, *fg = fz + L, *dt = fg + L, *sig = dt + L,
+              *dtu = sig + L, *dy = dtu + L, *y = dy + L, *ddt = y + L;
+        float* hbuf = ddt + L;
+        float* abuf = hbuf + static_cast<size_t>(kChunk) * N;
+        float* dsilu = fz;  // silu'(z) replaces z once dy is known
+        std::vector<float> fdu(L);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t bgi = w / nblocks, blk = w % nblocks;
+          const int64_t b = bgi / groups, g = bgi % groups;
+          const int64_t d0 = g * per_group + blk * block, d1 = std::min(g * per_group + per_group, d0 + block);
+          float* dBt = dBpp + w * p.L * N;
+          float* dCt = dCpp + w * p.L * N;
+          for (int64_t d = d0; d < d1; ++d) {
+            const int64_t bd = b * dim + d;
+            load_row(up + b * us0 + d * us1, fu, L);
+            load_row(dp + b * ds0 + d * ds1, fd, L);
+            load_row(gp + b * gs0 + d * gs1, fg, L);
+            const float Dv = Dp ? Dp[d] : 0.0f;
+            prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
+            if (zp) {
+              load_row(zp + b * zs0 + d * zs1, fz, L);
+              gate_bwd_rows(L, fg, fz, dy, dsilu);
+            } else {
+              std::copy(fg, fg + L, dy);
+            }
+            BwdChannel a;
+            a.L = L;
+            a.N = N;
+            a.reverse = reverse;
+            a.u = fu;
+            a.dt = dt;
+            a.dtu = dtu;
+            a.dy = dy;
+            a.A = Ap + d * N;
+            a.Bt = Bt + bgi * p.L * N;
+            a.Ct = Ct + bgi * p.L * N;
+            a.ckpt = ck + bd * p.nchunks * N;
+            a.dlast = dl ? dl + bd * N : nullptr;
+            a.Dv = Dv;
+            a.y = y;
+            a.du = fdu.data();
+            a.ddt = ddt;
+            a.dA = dApp + bd * N;
+            a.dBt = dBt;
+            a.dCt = dCt;
+            a.hbuf = hbuf;
+            a.abuf = abuf;
+            bwd_channel(a);
+            float sD = 0.0f, sdb = 0.0f;
+            for (int t = 0; t < L; ++t) {
+              sD += dy[t] * fu[t];
+              const float ddl = ddt[t] * sig[t];
+              ddt[t] = ddl;
+              sdb += ddl;
+            }
+            dDpp[bd] = sD;
+            ddbpp[bd] = sdb;
+            store_row(fdu.data(), dup + bd * L, L);
+            store_row(ddt, ddp + bd * L, L);
+            if (zp) {
+              for (int t = 0; t < L; ++t) y[t] = fg[t] * (y[t] + Dv * fu[t]) * dsilu[t];
+              store_row(y, dzp + bd * L, L);
+            }
+          }
+        }
+      });
+    });
+  }
+  at::Tensor dA = dAp.sum(0);
+  at::Tensor dB = dBp.view({batch, groups, nblocks, p.L, p.N}).sum(2).transpose(2, 3).to(u.scalar_type()).contiguous();
+  at::Tensor dC = dCp.view({batch, groups, nblocks, p.L, p.N}).sum(2).transpose(2, 3).to(u.scalar_type()).contiguous();
+  at::Tensor dD = D.has_value() ? dDp.sum(0) : empty0(u);
+  at::Tensor ddb = delta_bias.has_value() ? ddbp.sum(0) : empty0(u);
+  return {du, ddelta, dA, dB, dC, dD, dz, ddb};
+}
+
+}  // namespace
+}  // namespace sscpu
+
+TORCH_LIBRARY(selective_scan_cpu, m) {
+  m.def(
+      "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "bool delta_softplus, bool return_last_state, bool save_ckpt, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "Tensor dout, Tensor? dlast, Tensor ckpt, bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("isa() -> str", []() -> std::string { return sscpu::isa_name(); });
+}
+
+TORCH_LIBRARY_IMPL(selective_scan_cpu, CPU, m) {
+  m.impl("fwd", &sscpu::scan_fwd);
+  m.impl("bwd", &sscpu::scan_bwd);
+}
+
+static struct PyModuleDef selective_scan_cpu_module = {
+    PyModuleDef_HEAD_INIT, "selective_scan_cpu",
+    "Fused CPU kernels of the selective scan (ops in torch.ops.selective_scan_cpu)", -1, nullptr};
+PyMODINIT_FUNC PyInit_selective_scan_cpu(void) { return PyModule_Create(&selective_scan_cpu_module); }

@@ -1,0 +1,205 @@
+"""The fused CPU selective scan (`selective_scan_cpu`, mamba_ssm.ops.cpu_ops) against float64.
+
+The oracle is the PyTorch reference run in float64 (its own tests check it against an explicit
+recurrence); gradients come from autograd through it. Skipped when the extension is not importable.
+"""
+import pytest
+import torch
+
+from mamba_ssm.ops import cpu_ops
+from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="selective_scan_cpu extension not built")
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make(batch=2, dim=8, seqlen=7, dstate=16, groups=1, with_D=True, with_z=True, with_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    t = dict(
+        u=r(batch, dim, seqlen),
+        delta=torch.rand(batch, dim, seqlen, generator=g, dtype=torch.float64) * 0.6 - 0.3,
+        A=-(0.5 + torch.rand(dim, dstate, generator=g, dtype=torch.float64)),
+        B=r(batch, groups, dstate, seqlen),
+        C=r(batch, groups, dstate, seqlen),
+        D=r(dim) if with_D else None,
+        z=r(batch, dim, seqlen) if with_z else None,
+        delta_bias=r(dim) * 0.3 if with_bias else None,
+    )
+    return t
+
+
+def oracle(t, softplus, reverse, dout=None, dlast=None):
+    """float64 reference (flipping inputs/outputs for reverse); returns out, last, grads."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+    x = dict(leaves)
+    if reverse:
+        for k in ("u", "delta", "B", "C", "z"):
+            if x[k] is not None:
+                x[k] = x[k].flip(-1)
+    out, last = selective_scan_ref(**x, delta_softplus=softplus, return_last_state=True)
+    if reverse:
+        out = out.flip(-1)
+    grads = None
+    if dout is not None:
+        torch.autograd.backward([out, last] if dlast is not None else [out],
+                                [dout, dlast] if dlast is not None else [dout])
+        grads = {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+    return out.detach(), last.detach(), grads
+
+
+def run_kernel(t, softplus, reverse, dtype=torch.float32, dout=None, dlast=None, return_last_state=True):
+    leaves = {}
+    for k, v in t.items():
+        if v is None:
+            leaves[k] = None
+        elif k in ("A", "D", "delta_bias"):
+            leaves[k] = v.detach().float().requires_grad_()
+        else:
+            leaves[k] = v.detach().to(dtype).requires_grad_()
+    res = cpu_ops.selective_scan(*(leaves[k] for k in NAMES), softplus, return_last_state, reverse=reverse)
+    out, last = res if return_last_state else (res, None)
+    grads = None
+    if dout is not None:
+        outs, gs = [out], [dout.to(out.dtype)]
+        if dlast is not None:
+            outs.append(last)
+            gs.append(dlast.float())
+        torch.autograd.backward(outs, gs)
+        grads = {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+    return out, last, grads
+
+
+def close(actual, expected, rtol, atol, what):
+    scale = expected.abs().max().item() + 1e-30
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+CASES = [
+    # (seqlen, groups, with_D, with_z, with_bias, softplus, reverse)
+    (1, 1, True, True, True, True, False),
+    (7, 2, True, True, True, True, False),
+    (7, 1, False, False, False, False, True),
+    (64, 1, True, False, True, True, True),
+    (65, 2, False, True, False, True, False),  # crosses a checkpoint boundary (CHUNK = 64)
+    (129, 1, True, True, True, True, True),
+    (197, 1, True, True, True, True, False),
+    (197, 2, True, True, False, False, True),
+]
+
+
+@pytest.mark.parametrize("seqlen,groups,with_D,with_z,with_bias,softplus,reverse", CASES)
+def test_fwd_bwd_fp32_vs_float64(seqlen, groups, with_D, with_z, with_bias, softplus, reverse):
+    assert cpu_ops.CHUNK == 64
+    t = make(seqlen=seqlen, groups=groups, with_D=with_D, with_z=with_z, with_bias=with_bias, seed=seqlen)
+    if not softplus:  # a stable recurrence needs delta >= 0
+        t["delta"] = t["delta"].abs() + 0.05
+        if t["delta_bias"] is not None:
+            t["delta_bias"] = t["delta_bias"].abs()
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(t["u"].shape, generator=g, dtype=torch.float64)
+    dlast = torch.randn(2, 8, 16, generator=g, dtype=torch.float64)
+    out_r, last_r, gr = oracle(t, softplus, reverse, dout, dlast)
+    out, last, gk = run_kernel(t, softplus, reverse, dout=dout, dlast=dlast)
+    assert out.dtype == torch.float32 and out.shape == t["u"].shape and last.shape == (2, 8, 16)
+    close(out, out_r, 2e-6, 1e-6, "out")
+    close(last, last_r, 2e-6, 1e-6, "last_state")
+    for k in NAMES:
+        if t[k] is None:
+            assert gk[k] is None
+            continue
+        assert gk[k].shape == t[k].shape, k
+        close(gk[k], gr[k], 5e-6, 1e-6, f"grad {k}")
+
+
+@pytest.mark.parametrize("dstate", [3, 16, 24])
+def test_dstate_generic_and_no_last_state(dstate):
+    t = make(seqlen=70, dstate=dstate, groups=2, seed=dstate)
+    dout = torch.randn(t["u"].shape, dtype=torch.float64)
+    out_r, _, gr = oracle(t, True, False, dout)
+    out, last, gk = run_kernel(t, True, False, dout=dout, return_last_state=False)
+    assert last is None
+    close(out, out_r, 2e-6, 1e-6, "out")
+    for k in NAMES:
+        close(gk[k], gr[k], 5e-6, 1e-6, f"grad {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    t = make(seqlen=197, seed=3)
+    # the oracle sees the inputs rounded to the kernel's input dtype
+    rounded = {k: (v.to(dtype).double() if v is not None and k not in ("A", "D", "delta_bias") else v)
+               for k, v in t.items()}
+    dout = torch.randn(t["u"].shape, dtype=torch.float64).to(dtype).double()
+    out_r, last_r, gr = oracle(rounded, True, False, dout)
+    out, last, gk = run_kernel(t, True, False, dtype=dtype, dout=dout)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    close(out, out_r, 1e-2, 1e-2, "out")  # fp32 compute, rounded once to the output dtype
+    close(last, last_r, 2e-6, 1e-6, "last_state")
+    for k in NAMES:
+        assert gk[k].dtype == (torch.float32 if k in ("A", "D", "delta_bias") else dtype), k
+        close(gk[k], gr[k], 1e-2, 1e-2, f"grad {k}")
+
+
+def test_reverse_equals_flipped_scan():
+    t = make(seqlen=100, seed=5)
+    f32 = {k: (v.float() if v is not None else None) for k, v in t.items()}
+    out_rev, last_rev = cpu_ops.selective_scan(*(f32[k] for k in NAMES), True, True, reverse=True)
+    flipped = dict(f32)
+    for k in ("u", "delta", "B", "C", "z"):
+        flipped[k] = f32[k].flip(-1)
+    out_flip, last_flip = cpu_ops.selective_scan(*(flipped[k] for k in NAMES), True, True)
+    torch.testing.assert_close(out_rev, out_flip.flip(-1), rtol=0, atol=0)
+    torch.testing.assert_close(last_rev, last_flip, rtol=0, atol=0)
+
+
+def test_backward_without_saved_checkpoints_and_noncontiguous():
+    """Strided inputs (z from a chunk of xz, B/C transposed) and grads that only reach some inputs."""
+    batch, dim, L, N = 2, 8, 80, 16
+    xz = torch.randn(batch, 2 * dim, L)
+    u, z = xz.chunk(2, dim=1)
+    u = u.clone().requires_grad_()
+    delta = torch.rand(batch, dim, L) * 0.5
+    A = -(0.5 + torch.rand(dim, N))
+    B = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)
+    C = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)
+    out = cpu_ops.selective_scan(u, delta, A, B, C, None, z, None, True, False)
+    out.sum().backward()
+    ref_u = u.detach().double().requires_grad_()
+    ref = selective_scan_ref(ref_u, delta.double(), A.double(), B.double(), C.double(), None, z.double(), None, True)
+    ref.sum().backward()
+    close(out, ref.detach(), 2e-6, 1e-6, "out")
+    close(u.grad, ref_u.grad, 5e-6, 1e-6, "grad u")
+
+
+def test_empty_and_no_grad():
+    t = make(seqlen=5)
+    with torch.no_grad():
+        out = cpu_ops.selective_scan(*(v.float() if v is not None else None for v in t.values()), True, False)
+    assert out.shape == t["u"].shape
+    e = {k: (v[:0].float() if k in ("u", "delta", "B", "C", "z") else v.float()) for k, v in t.items()}
+    out, last = cpu_ops.selective_scan(*(e[k] for k in NAMES), True, True)
+    assert out.shape == (0, 8, 5) and last.shape == (0, 8, 16)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck(reverse):
+    t = make(batch=2, dim=4, seqlen=70, dstate=8, groups=2)
+    f = {k: v.float().requires_grad_() for k, v in t.items()}
+    args = tuple(f[k] for k in NAMES) + (True, True, True, reverse)
+    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_cpu_fwd.default, args)
+    out, last, ckpt = torch.ops.mamba_ssm.selective_scan_cpu_fwd(*args)
+    bargs = tuple(f[k].detach() for k in NAMES) + (torch.randn_like(out), torch.randn_like(last), ckpt.detach(),
+                                                   True, reverse)
+    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_cpu_bwd.default, bargs)
+
+
+def test_bad_inputs():
+    t = {k: v.float() for k, v in make().items()}
+    with pytest.raises(RuntimeError, match="B and C"):
+        cpu_ops.selective_scan(t["u"], t["delta"], t["A"], t["B"][:, :, :, :3], t["C"], None, None, None, True, False)
+    with pytest.raises(RuntimeError, match="groups"):
+        B3 = torch.randn(2, 3, 16, 7)
+        cpu_ops.selective_scan(t["u"], t["delta"], t["A"], B3, B3, None, None, None, True, False)
