@@ -62,12 +62,14 @@ def main():
     original_fn = ssi.selective_scan_fn
 
     def kernel_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False, backend="auto"):
+                  return_last_state=False, backend="auto", reverse=False):
         if u.device.type == "cpu" and B.dim() >= 3 and C.dim() >= 3 and u.dtype != torch.float64:
             B = B.unsqueeze(1) if B.dim() == 3 else B
             C = C.unsqueeze(1) if C.dim() == 3 else C
-            return cpu_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        return original_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
+            return cpu_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                          reverse)
+        return original_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                           reverse=reverse)
 
     def reference_fn(*a, **k):
         k["backend"] = "reference"
