@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from vim.preemption import Preempted
-from vim.utils import MetricLogger, SmoothedValue, is_dist_avail_and_initialized
+from vim.utils import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized
 
 
 class TrainingDiverged(Exception):
@@ -97,7 +97,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     metric_logger.synchronize_between_processes(device)
     print('Averaged stats:', metric_logger, flush=True)
     stats = metric_logger.global_averages()
-    stats['skipped_steps'] = metric_logger.meters['skipped_steps'].total
+    # every process skips the same steps, and the synchronised total counted them once per process
+    stats['skipped_steps'] = metric_logger.meters['skipped_steps'].total / get_world_size()
     return stats
 
 

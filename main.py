@@ -36,7 +36,7 @@ from vim.samplers import ResumableSampler, SeededDataset
 from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
-SSM_PARAMETERS = ('*.A_log', '*.A_b_log', '*.D', '*.D_b')
+SSM_PARAMETERS = ('A_log', 'A_b_log', 'D', 'D_b')
 
 
 def model_kwargs(text):
@@ -50,9 +50,18 @@ def model_kwargs(text):
         return key, value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it informs: not for switches, unset values, or help that says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, True, []) or 'default' in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser('Vision Mamba training and evaluation', add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(prog='main.py', description='Vision Mamba training and evaluation.',
+                                formatter_class=HelpFormatter, epilog=__doc__)
     p.add_argument('--batch-size', default=64, type=int, help='images per process and step (global batch = this x processes)')
     p.add_argument('--eval-batch-size', default=None, type=int, help='images per process in evaluation (default: 2 x --batch-size)')
     p.add_argument('--epochs', default=300, type=int, help='number of training epochs')
@@ -64,7 +73,7 @@ def get_args_parser():
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in the backward pass to save memory')
-    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average (EMA) of the weights (default)')
     g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
     p.set_defaults(model_ema=True)
     g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
@@ -95,7 +104,7 @@ def get_args_parser():
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='AutoAugment/RandAugment policy; "none" to disable')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', type=str, default='bicubic', help='training interpolation: random, bilinear, bicubic')
-    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation: each image 3 times per epoch with different augmentations')
+    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (default): each image 3 times per epoch, augmented differently, on different processes')
     g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
     p.set_defaults(repeated_aug=True)
     g.add_argument('--reprob', type=float, default=0.25, help='random-erasing probability')
@@ -122,7 +131,7 @@ def get_args_parser():
     g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='evaluation: resize to input-size / ratio, then centre crop')
     g.add_argument('--num_workers', default=10, type=int, help='data-loader worker processes per training process')
-    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory for faster host-to-GPU copies')
+    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
     p.set_defaults(pin_mem=True)
 
@@ -228,8 +237,8 @@ def build_criterion(args, num_classes, device):
 
 def build_optimizer(model, args, lr):
     no_decay = set(getattr(model, 'no_weight_decay', lambda: ())())
-    if args.ssm_no_weight_decay:
-        no_decay |= set(SSM_PARAMETERS)
+    if args.ssm_no_weight_decay:  # full names: older timm matches the list exactly, newer as patterns
+        no_decay |= {name for name, _ in model.named_parameters() if name.rsplit('.', 1)[-1] in SSM_PARAMETERS}
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
     extra = {'eps': args.opt_eps}
     if args.opt_betas:
