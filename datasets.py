@@ -100,7 +100,7 @@ class DigitsDataset(torch.utils.data.Dataset):
         split = slice(0, DIGITS_NUM_TRAIN) if train else slice(DIGITS_NUM_TRAIN, None)
         images = torch.nn.functional.interpolate(images[split, None], size=(size, size), mode='bilinear',
                                                  align_corners=False)
-        self.images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+        self.images = (images - 0.5) / 0.5  # one channel; made RGB per item, 3x less memory at 224 px
         self.targets = torch.tensor(targets)[split]
         self.transform = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1),
                                                  fill=-1.0) if train else None
@@ -110,7 +110,8 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.targets[index])
+        image = self.transform(image) if self.transform else image
+        return image.expand(3, -1, -1), int(self.targets[index])
 
 
 def load_digits_arrays(data_path):

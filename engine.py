@@ -103,8 +103,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp_dtype=None, print_freq=50):
-    """Cross-entropy loss and top-1/top-5 accuracy (percent) over the whole loader, all processes together.
+def evaluate(data_loader, model, device, amp_dtype=None, split_across_processes=False, print_freq=50):
+    """Cross-entropy loss and top-1/top-5 accuracy (percent) over the loader, or over the union of all
+    processes' loaders when each holds a share of the data (`split_across_processes`).
 
     Sums stay on the device until the end, so evaluation does not synchronise every batch.
     """
@@ -119,7 +120,7 @@ def evaluate(data_loader, model, device, amp_dtype=None, print_freq=50):
         hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
         sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.sum().double(),
                              torch.tensor(float(target.numel()), dtype=torch.float64, device=device)])
-    if is_dist_avail_and_initialized():
+    if split_across_processes and is_dist_avail_and_initialized():
         dist.all_reduce(sums)
     loss_sum, top1, top5, count = sums.tolist()
     stats = {'loss': loss_sum / count, 'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count,

@@ -311,12 +311,12 @@ def main(args):
     model.to(device)
 
     if args.eval:
-        report_accuracy(evaluate(data_loader_val, model, device, amp_dtype))
+        report_accuracy(evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval))
         if checkpoint is not None and checkpoint.get('model_ema') is not None:
             ema_model = copy.deepcopy(model)
             check_compatible(checkpoint['model_ema'], ema_model, args.model, f'{resume} (model_ema)')
             ema_model.load_state_dict(checkpoint['model_ema'])
-            report_accuracy(evaluate(data_loader_val, ema_model, device, amp_dtype), 'EMA network')
+            report_accuracy(evaluate(data_loader_val, ema_model, device, amp_dtype, args.dist_eval), 'EMA network')
         return
 
     dataset_train, _ = build_dataset(True, args)
@@ -383,7 +383,7 @@ def main(args):
                 steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
                 model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
             start_step = 0
-            test_stats = evaluate(data_loader_val, model, device, amp_dtype)
+            test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval)
             report_accuracy(test_stats)
             best_path = os.path.join(args.output_dir, 'best_checkpoint.pth')
             improved = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)

@@ -14,7 +14,6 @@ from PIL import Image
 
 import main as trainer
 from vim.checkpoint import load_finetune_weights
-from vim.models_mamba import checkpoint_filter_fn  # noqa: F401  (fails early if the model package is missing)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ['--model', 'vim_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=32', '--input-size', '32']
@@ -157,25 +156,47 @@ def run_subprocess(argv, **kwargs):
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_two_gloo_processes_match_one_process(image_folder, tmp_path):
-    # Same global batch (2 x 4 = 8). Without mixup and drop-path nothing differs per process, so the
-    # losses and the weights must agree up to the float rounding of DDP's gradient all-reduce.
-    common = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema',
-              '--warmup-epochs', '0']
-    one = run_subprocess([sys.executable, 'main.py', *tiny_args(image_folder, tmp_path / 'one', *common),
-                          '--batch-size', '8'])
+# Same global batch (2 x 4 = 8 against 1 x 8). Without mixup and drop-path nothing differs per process, so
+# the losses and the weights must agree up to the float rounding of DDP's gradient all-reduce.
+GLOO_RUN = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema', '--warmup-epochs', '0']
+
+
+@pytest.fixture(scope='module')
+def one_process_run(image_folder, tmp_path_factory):
+    output = tmp_path_factory.mktemp('one')
+    one = run_subprocess([sys.executable, 'main.py', *tiny_args(image_folder, output, *GLOO_RUN), '--batch-size', '8'])
     assert one.returncode == 0, one.stderr
-    two = run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                          '--master_port', str(29500 + os.getpid() % 1000), 'main.py',
-                          *tiny_args(image_folder, tmp_path / 'two', *common)])
+    assert 'on cpu x 1' in one.stdout
+    return output
+
+
+def launch_two(launcher, argv):
+    port = str(29500 + os.getpid() % 1000 + (launcher == 'slurm'))
+    if launcher == 'torchrun':
+        return run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                               '--master_port', port, 'main.py', *argv])
+    # srun starts one task per process and sets these variables
+    procs = [subprocess.Popen([sys.executable, 'main.py', *argv], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS='1', SLURM_NTASKS='2', SLURM_PROCID=str(rank),
+                                       SLURM_LOCALID=str(rank), SLURM_NODELIST='localhost', MASTER_PORT=port))
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return subprocess.CompletedProcess(argv, max(p.returncode for p in procs), outputs[0][0], outputs[0][1])
+
+
+@pytest.mark.parametrize('launcher, evaluation', [('torchrun', []), ('slurm', ['--dist-eval'])])
+def test_two_gloo_processes_match_one_process(image_folder, one_process_run, tmp_path, launcher, evaluation):
+    two = launch_two(launcher, tiny_args(image_folder, tmp_path, *GLOO_RUN, *evaluation))
     assert two.returncode == 0, two.stderr
-    log_one = json.loads((tmp_path / 'one' / 'log.txt').read_text())
-    log_two = json.loads((tmp_path / 'two' / 'log.txt').read_text())
-    assert 'x 2' in two.stdout and 'x 1' in one.stdout
+    assert 'on cpu x 2' in two.stdout
+    log_one = json.loads((one_process_run / 'log.txt').read_text())
+    log_two = json.loads((tmp_path / 'log.txt').read_text())
     assert log_two['train_loss'] == pytest.approx(log_one['train_loss'], rel=1e-5)
     assert log_two['test_loss'] == pytest.approx(log_one['test_loss'], rel=1e-5)
-    assert_same_tensors(load(tmp_path / 'one' / 'checkpoint.pth')['model'],
-                        load(tmp_path / 'two' / 'checkpoint.pth')['model'], atol=1e-5)
+    assert log_two['test_num_images'] == log_one['test_num_images'] == 6  # each image counted once
+    assert_same_tensors(load(one_process_run / 'checkpoint.pth')['model'], load(tmp_path / 'checkpoint.pth')['model'],
+                        atol=1e-5)
 
 
 def test_metric_logger_prints_progress_with_eta(image_folder, tmp_path, capsys):
@@ -184,3 +205,20 @@ def test_metric_logger_prints_progress_with_eta(image_folder, tmp_path, capsys):
     # 6 steps, printed at 0, 2, 4 and the last one
     assert [re.search(r'\[\s*(\d+)/6\]', line).group(1) for line in lines] == ['0', '2', '4', '5']
     assert all(re.search(r'eta: \d+:\d\d:\d\d', line) and 'loss:' in line and 'lr:' in line for line in lines)
+
+
+@pytest.mark.parametrize('exempt_ssm', [False, True])
+def test_weight_decay_groups(exempt_ssm):
+    model = tiny_model()
+    args = trainer.get_args_parser().parse_args(['--weight-decay', '0.05'] + ['--ssm-no-weight-decay'] * exempt_ssm)
+    optimizer = trainer.build_optimizer(model, args, lr=1e-3)
+    decay_of = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+    names = dict(model.named_parameters())
+    assert len(decay_of) == len(names)
+    for name, param in names.items():
+        leaf = name.rsplit('.', 1)[-1]
+        if name in ('pos_embed', 'cls_token') or param.ndim == 1 or (exempt_ssm and leaf in ('A_log', 'A_b_log')):
+            assert decay_of[id(param)] == 0.0, name
+        else:  # includes the 2-D A_log / A_b_log of the original recipe
+            assert decay_of[id(param)] == 0.05, name
+    assert any(n.endswith('.A_log') for n in names)
