@@ -156,12 +156,12 @@ def test_reverse_equals_flipped_scan():
 
 
 def test_backward_without_saved_checkpoints_and_noncontiguous():
-    """Strided inputs (z from a chunk of xz, B/C transposed) and grads that only reach some inputs."""
+    """Strided inputs (z from a chunk of xz, delta and B/C transposed) and grads that reach only u."""
     batch, dim, L, N = 2, 8, 80, 16
     xz = torch.randn(batch, 2 * dim, L)
     u, z = xz.chunk(2, dim=1)
     u = u.clone().requires_grad_()
-    delta = torch.rand(batch, dim, L) * 0.5
+    delta = (torch.rand(batch, L, dim) * 0.5).transpose(1, 2)  # position stride != 1
     A = -(0.5 + torch.rand(dim, N))
     B = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)
     C = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)

@@ -459,9 +459,14 @@ SS_DISPATCHED(gate_bwd_rows, (int L, const float* dout, const float* z, float* d
 // ------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------
+// Row of a (batch, dim, seqlen) operand to fp32; any position stride (e.g. delta = (x W^T)^T).
 template <typename T>
-SS_INLINE void load_row(const T* src, float* dst, int L) {
-  for (int t = 0; t < L; ++t) dst[t] = static_cast<float>(src[t]);
+SS_INLINE void load_row(const T* src, int64_t stride, float* dst, int L) {
+  if (stride == 1) {
+    for (int t = 0; t < L; ++t) dst[t] = static_cast<float>(src[t]);
+  } else {
+    for (int t = 0; t < L; ++t) dst[t] = static_cast<float>(src[t * stride]);
+  }
 }
 template <typename T>
 SS_INLINE void store_row(const float* src, T* dst, int L) {
@@ -472,8 +477,7 @@ at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* nam
   TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan_cpu: ", name, " must have u's shape ", u.sizes(), ", got ",
               t.sizes());
   TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: ", name, " must be a CPU tensor");
-  at::Tensor r = t.scalar_type() == u.scalar_type() ? t : t.to(u.scalar_type());
-  return r.stride(2) == 1 ? r : r.contiguous();
+  return t.scalar_type() == u.scalar_type() ? t : t.to(u.scalar_type());
 }
 
 at::Tensor f32_vec(const OptTensor& t, int64_t dim, const char* name) {
@@ -517,7 +521,7 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   TORCH_CHECK(B.device().is_cpu() && C.device().is_cpu() && A.device().is_cpu(),
               "selective_scan_cpu: A, B, C must be CPU tensors");
   r.nchunks = (r.L + kChunk - 1) / kChunk;
-  r.u = u.stride(2) == 1 ? u : u.contiguous();
+  r.u = u;
   r.delta = seq_operand(delta, u, "delta");
   if (z.has_value()) r.z = seq_operand(*z, u, "z");
   r.A = A.to(at::kFloat).contiguous();
@@ -552,8 +556,8 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
     float *fu = buf.data(), *fd = fu + L, *fz = fd + L, *dt = fz + L, *sig = dt + L, *dtu = sig + L, *y = dtu + L;
     for (int64_t bd = begin; bd < end; ++bd) {
       const int64_t b = bd / dim, d = bd % dim, g = d / per_group;
-      load_row(u + b * us0 + d * us1, fu, L);
-      load_row(delta + b * ds0 + d * ds1, fd, L);
+      load_row(u + b * us0 + d * us1, p.u.stride(2), fu, L);
+      load_row(delta + b * ds0 + d * ds1, p.delta.stride(2), fd, L);
       prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
       FwdChannel a;
       a.L = L;
@@ -568,7 +572,7 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
       a.last = last ? last + bd * N : nullptr;
       a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
       fwd_channel(a);
-      if (z) load_row(z + b * zs0 + d * zs1, fz, L);
+      if (z) load_row(z + b * zs0 + d * zs1, p.z.stride(2), fz, L);
       finish_rows(L, y, fu, Dp ? Dp[d] : 0.0f, z ? fz : nullptr);
       store_row(y, o + bd * L, L);
     }
@@ -668,13 +672,13 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
           float* dCt = dCpp + w * p.L * N;
           for (int64_t d = d0; d < d1; ++d) {
             const int64_t bd = b * dim + d;
-            load_row(up + b * us0 + d * us1, fu, L);
-            load_row(dp + b * ds0 + d * ds1, fd, L);
-            load_row(gp + b * gs0 + d * gs1, fg, L);
+            load_row(up + b * us0 + d * us1, p.u.stride(2), fu, L);
+            load_row(dp + b * ds0 + d * ds1, p.delta.stride(2), fd, L);
+            load_row(gp + b * gs0 + d * gs1, dout_c.stride(2), fg, L);
             const float Dv = Dp ? Dp[d] : 0.0f;
             prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
             if (zp) {
-              load_row(zp + b * zs0 + d * zs1, fz, L);
+              load_row(zp + b * zs0 + d * zs1, p.z.stride(2), fz, L);
               gate_bwd_rows(L, fg, fz, dy, dsilu);
             } else {
               std::copy(fg, fg + L, dy);
