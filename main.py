@@ -31,7 +31,7 @@ from engine import TrainingDiverged, evaluate, train_one_epoch
 from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
                             model_state_dict, restore_rng_state, save_atomic)
 from vim.losses import DistillationLoss
-from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest
+from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_stop_signals
 from vim.samplers import ResumableSampler, SeededDataset
 from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process
 
@@ -257,7 +257,7 @@ def train_loader(dataset, args, seed, pin_memory):
     # The loader's own generator keeps iterator creation from consuming the global random stream.
     loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
                         num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps
 
 
@@ -266,7 +266,7 @@ def eval_loader(dataset, args, pin_memory):
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      generator=torch.Generator().manual_seed(0))
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(0))
 
 
 def report_accuracy(stats, label='network'):
@@ -339,7 +339,7 @@ def main(args):
                      label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
     criterion = build_criterion(args, num_classes, device)
 
-    start_epoch, start_step, max_accuracy = args.start_epoch, 0, 0.0
+    start_epoch, start_step, max_accuracy = args.start_epoch, 0, -1.0  # -1: no best checkpoint yet
     if checkpoint is not None and 'optimizer' in checkpoint and 'epoch' in checkpoint:
         start_epoch, start_step, max_accuracy = restore_training_state(
             checkpoint, resume, optimizer=optimizer, lr_scheduler=lr_scheduler, model_ema=model_ema, scaler=scaler,
@@ -383,15 +383,15 @@ def main(args):
                 steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
                 model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
             start_step = 0
-            test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval)
+            # the bare model: DDP's forward could wait on processes that hold fewer test batches
+            test_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype, args.dist_eval)
             report_accuracy(test_stats)
-            best_path = os.path.join(args.output_dir, 'best_checkpoint.pth')
-            improved = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)
+            improved = test_stats['acc1'] > max_accuracy  # the same on every process
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             print(f'Max accuracy: {max_accuracy:.2f}%', flush=True)
             save_checkpoint(epoch, steps_per_epoch)
             if improved and checkpoint_path:
-                save_checkpoint(epoch, steps_per_epoch, best_path)
+                save_checkpoint(epoch, steps_per_epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
             if stop_request.requested:
                 raise Preempted(f'stopped after epoch {epoch}')
@@ -424,7 +424,7 @@ def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model
         print(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
               f'restart from --seed', flush=True)
     print(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}', flush=True)
-    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', 0.0)
+    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0)
 
 
 def tensorboard_writer(output_dir):

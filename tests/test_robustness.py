@@ -22,11 +22,13 @@ def image_folder(tmp_path_factory):
 def popen(argv):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_path, signum):
+# SIGTERM to the trainer alone (torchrun forwards it so); SIGUSR1 to the whole process group, loader
+# workers included (as a cluster scheduler may), whose augmentations must not depend on the worker.
+@pytest.mark.parametrize('signum, workers, whole_group', [(signal.SIGTERM, '0', False), (signal.SIGUSR1, '2', True)])
+def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_path, signum, workers, whole_group):
     common = ['--epochs', '2', '--batch-size', '2', '--print-freq', '1', '--drop-path', '0.1',
               '--model-ema-decay', '0.9', '--warmup-epochs', '1']
     straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
@@ -36,10 +38,10 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     finally:
         torch.set_num_threads(os.cpu_count())
 
-    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common)])
+    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
     for line in proc.stdout:
         if line.startswith('Epoch: [0]  [ 2/24]'):
-            proc.send_signal(signum)
+            os.killpg(proc.pid, signum) if whole_group else proc.send_signal(signum)
             break
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr
@@ -47,7 +49,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     checkpoint = load(stopped / 'checkpoint.pth')
     assert checkpoint['epoch'] == -1 and 0 < checkpoint['step_in_epoch'] < 24  # stopped inside epoch 0
 
-    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common)])
+    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert f'step {checkpoint["step_in_epoch"]}' in stdout.split('resuming', 1)[1].splitlines()[0]

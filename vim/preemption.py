@@ -6,6 +6,13 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def ignore_stop_signals(worker_id=None):
+    """Data-loader worker init: a scheduler may signal every process of the job, and the workers must
+    outlive the step that the main process finishes before saving."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Preempted(Exception):
     """Raised after the checkpoint of a signalled run is written."""
 
