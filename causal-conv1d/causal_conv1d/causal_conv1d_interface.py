@@ -22,16 +22,27 @@ def _check_inputs(x, weight, bias, activation):
         raise ValueError(f"bias must be ({x.shape[1]},), got shape {tuple(bias.shape)}")
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None):
+def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     """out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k], then the activation.
 
-    x: (batch, dim, seqlen); weight: (dim, width); positions before 0 count as zeros.
-    Computed in the weight's dtype, returned in x's dtype.
+    x: (batch, dim, seqlen); weight: (dim, width); positions before 0 count as zeros. reverse=True gives
+    the anti-causal conv, the causal conv of the flipped sequence flipped back. Computed in the weight's
+    dtype, returned in x's dtype.
     """
     _check_inputs(x, weight, bias, activation)
-    width = weight.shape[1]
-    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])
-    out = out[..., : x.shape[-1]]
+    width, seqlen = weight.shape[1], x.shape[-1]
+    # A sum of `width` shifted copies: far faster on CPUs than a grouped F.conv1d with one channel a group.
+    if reverse:
+        padded = F.pad(x.to(weight.dtype), (0, width - 1))
+        taps = [padded[..., width - 1 - k:width - 1 - k + seqlen] for k in range(width)]
+    else:
+        padded = F.pad(x.to(weight.dtype), (width - 1, 0))
+        taps = [padded[..., k:k + seqlen] for k in range(width)]
+    out = taps[0] * weight[:, :1]
+    for k in range(1, width):
+        out = torch.addcmul(out, taps[k], weight[:, k:k + 1])
+    if bias is not None:
+        out = out + bias[:, None]
     if activation is not None:
         out = F.silu(out)
     return out.to(x.dtype)
@@ -49,9 +60,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reve
     _check_inputs(x, weight, bias, activation)
     use_kernel = backend == "cuda" or (backend == "auto" and x.is_cuda and cuda_ops.available())
     if not use_kernel:
-        if reverse:
-            return causal_conv1d_ref(x.flip(-1), weight, bias, activation).flip(-1)
-        return causal_conv1d_ref(x, weight, bias, activation)
+        return causal_conv1d_ref(x, weight, bias, activation, reverse)
     cuda_ops.require()
     if not x.is_cuda:
         raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
