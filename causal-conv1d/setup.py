@@ -89,5 +89,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "einops"],
+    install_requires=["torch>=2.6"],
 )

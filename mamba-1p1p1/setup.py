@@ -5,6 +5,8 @@
 Environment switches:
   MAMBA_SKIP_CUDA_BUILD=TRUE   never compile the extension (pure-PyTorch fallback only)
   MAMBA_FORCE_BUILD=TRUE       compile even when no GPU is visible (CI, build machines)
+  MAMBA_SKIP_CPU_BUILD=TRUE    do not compile the fused CPU scan `selective_scan_cpu` (built by default
+                               wherever a C++ compiler is; without it the CPU runs the PyTorch reference)
   TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   GPU architectures to compile for, in torch's format; this is
                                        also the default (sm_80 and sm_90, plus PTX of the newest)
   MAX_JOBS                             parallel compile jobs (read by torch's ninja builder)
@@ -26,6 +28,8 @@ SOURCES = ["csrc/selective_scan/selective_scan.cpp"] + [
     f"csrc/selective_scan/ss_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")
 ]
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+CPU_EXT_NAME = "selective_scan_cpu"
+CPU_SOURCES = ["csrc/selective_scan_cpu/selective_scan_cpu.cpp"]
 
 
 def env_true(name):
@@ -81,7 +85,26 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
+def cpu_extensions():
+    """The fused CPU selective scan `selective_scan_cpu`: built wherever torch and a C++ compiler are."""
+    if env_true("SKIP_CPU_BUILD"):
+        print(f"{CPU_EXT_NAME}: skipping the CPU build ({PREFIX}SKIP_CPU_BUILD is set)")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as error:
+        print(f"{CPU_EXT_NAME}: skipping the CPU build (torch is not importable: {error})")
+        return [], {}
+    # -ffp-contract=fast only fuses multiply-adds (no fast-math); the ISA is chosen at run time.
+    flags = ["/O2"] if sys.platform == "win32" else ["-O3", "-ffp-contract=fast"]
+    ext = CppExtension(name=CPU_EXT_NAME, sources=[os.path.join(HERE, s) for s in CPU_SOURCES],
+                       extra_compile_args={"cxx": flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+cuda_modules, cuda_cmdclass = cuda_extensions()
+cpu_modules, cpu_cmdclass = cpu_extensions()
+ext_modules, cmdclass = cpu_modules + cuda_modules, {**cpu_cmdclass, **cuda_cmdclass}
 
 setup(
     name="mamba_ssm",
@@ -91,5 +114,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "einops"],
+    install_requires=["torch>=2.6"],
 )

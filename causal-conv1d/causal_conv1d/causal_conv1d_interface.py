@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from causal_conv1d import cuda_ops
 
 ACTIVATIONS = (None, "silu", "swish")
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu" runs the reference: no CPU kernel is needed
 
 
 def _check_inputs(x, weight, bias, activation):
@@ -53,7 +53,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reve
 
     reverse=True gives the anti-causal conv, conv(x.flip(-1)).flip(-1), without flipped copies on the
     kernel. backend: "auto" (kernel when the input is on a GPU and the extension is built), "cuda" (the
-    kernel, or an error saying how to build it), or "reference".
+    kernel, or an error saying how to build it), "cpu" or "reference" (the reference).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn
-from mamba_ssm.ops import cuda_ops
+from mamba_ssm.ops import cpu_ops, cuda_ops
 
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "cpu", "reference")
 # Elements of one (chunk, batch, dim, dstate) block the reference materialises at a time: blocks that
 # stay in the CPU's cache ran fastest (2**18 beat 2**20 and 2**22 by 2-3x on 2 cores at Vim-tiny size).
 _REFERENCE_CHUNK_ELEMENTS = 1 << 18
@@ -130,36 +130,40 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return out
 
 
-def _use_kernel(backend, u):
+def _kernel_for(backend, u, B, C):
+    """The kernel bridge (cuda_ops or cpu_ops) that runs this scan, or None for the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    per_step = B.dim() > 2 and C.dim() > 2
     if backend == "reference":
-        return False
+        return None
     if backend == "auto":
-        return u.is_cuda and cuda_ops.available()
-    cuda_ops.require()
-    if not u.is_cuda:
-        raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
-    return True
+        if u.is_cuda and cuda_ops.available() and per_step:
+            return cuda_ops
+        return cpu_ops if cpu_ops.supports(u, B, C) else None
+    bridge = cuda_ops if backend == "cuda" else cpu_ops
+    bridge.require()
+    if u.device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend.upper()} tensors, got {u.device.type} ones; "
+                         "move them or use backend='auto'")
+    if not per_step:
+        raise ValueError("the scan kernels take per-step B and C only; use backend='reference' for (dim, dstate)")
+    return bridge
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, backend="auto", reverse=False):
-    """The selective scan (see selective_scan_ref) on the compiled kernel for CUDA tensors with per-step
-    B and C, else on the reference. reverse=True scans from the last position to the first (the scan of
-    the flipped inputs, flipped back; no flipped copies on the kernel). backend: "auto", "cuda" (the
-    kernel or an error saying how to build it) or "reference"."""
+    """The selective scan (see selective_scan_ref) on a compiled kernel where one is built for the input's
+    device (CUDA; CPU for fp32/fp16/bf16), else on the reference. reverse=True scans from the last
+    position to the first (the scan of the flipped inputs, flipped back; the kernels index backwards).
+    backend: "auto", "cuda" or "cpu" (that kernel, or an error saying how to build it) or "reference"."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    use_kernel = _use_kernel(backend, u)
-    if use_kernel and (B.dim() == 2 or C.dim() == 2):
-        if backend == "cuda":
-            raise ValueError("the CUDA scan takes per-step B and C only; use backend='reference' for (dim, dstate)")
-        use_kernel = False
-    if use_kernel:
+    bridge = _kernel_for(backend, u, B, C)
+    if bridge is not None:
         B = B.unsqueeze(1) if B.dim() == 3 else B
         C = C.unsqueeze(1) if C.dim() == 3 else C
-        return cuda_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                       reverse)
+        return bridge.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     reverse)
     if not reverse:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
@@ -248,7 +252,7 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
         directions.append(dict(u=u, delta=delta, A=params["A"], B=B, C=C, D=params["D"],
                                delta_bias=params["delta_bias"]))
     forward, backward = directions
-    if _use_kernel(backend, x):
+    if _kernel_for(backend, x, forward["B"], forward["C"]) is cuda_ops:
         kernel_args = []
         for d in directions:
             kernel_args += [d["u"], d["delta"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"],
