@@ -1,12 +1,13 @@
 """Checkpoint files: atomic writes, safe loads (original-format files included) and weight loading."""
-import argparse
 import os
 import random
 import sys
+import urllib.parse
 
 import numpy as np
 import torch
 
+from vim.models_mamba import load_checkpoint as load_allowlisted
 from vim.utils import UserError
 
 
@@ -32,19 +33,22 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint with `weights_only=True`.
+    """Load a checkpoint file or URL with `weights_only=True`.
 
-    Files written by the original trainer store `args` as an argparse.Namespace; that one class is
-    allow-listed. Nothing is ever unpickled with `weights_only=False`: arbitrary objects in a file
-    could run code.
+    Files written by the original trainer store `args` as an argparse.Namespace; the model package's
+    loader allow-lists that one class. Nothing is ever unpickled with `weights_only=False`: arbitrary
+    objects in a file could run code.
     """
     if path.startswith(('https://', 'http://')):
-        return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=False, weights_only=True)
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(path).path))
+        if not os.path.isfile(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(path, cached)
+        path = cached
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune/--teacher-path')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        return load_allowlisted(path)
     except Exception as err:  # torch raises several types for unreadable files
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f'cannot load checkpoint {path} ({first_line}): it is truncated, not a PyTorch '
