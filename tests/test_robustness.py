@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_trainer import REPO, TINY_MODEL, load, make_image_folder, run_trainer, tiny_args, tiny_model
+from test_trainer import one_thread  # noqa: F401  (autouse fixture)
 from vim.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -32,11 +33,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     common = ['--epochs', '2', '--batch-size', '2', '--print-freq', '1', '--drop-path', '0.1',
               '--model-ema-decay', '0.9', '--warmup-epochs', '1']
     straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
-    torch.set_num_threads(1)  # the subprocesses run on one thread too: identical float rounding
-    try:
-        assert run_trainer(tiny_args(image_folder, straight, *common)) == 0
-    finally:
-        torch.set_num_threads(os.cpu_count())
+    assert run_trainer(tiny_args(image_folder, straight, *common)) == 0  # one thread, as the subprocesses
 
     proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
     for line in proc.stdout:

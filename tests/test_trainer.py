@@ -64,6 +64,16 @@ def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('images'))
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models gain nothing from more threads, and spinning OpenMP threads slow down many-fold on a
+    shared machine; the trainer subprocesses get OMP_NUM_THREADS=1 as well (same float rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_one_epoch_writes_weights_only_checkpoint_and_log(image_folder, tmp_path):
     assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1')) == 0
     checkpoint = load(tmp_path / 'checkpoint.pth')  # would raise on any pickled object
