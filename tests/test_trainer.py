@@ -92,11 +92,13 @@ def test_one_epoch_writes_weights_only_checkpoint_and_log(image_folder, tmp_path
     assert record['test_num_images'] == 6 and 0 <= record['test_acc1'] <= 100
 
 
-def test_two_epochs_equal_one_then_resume(image_folder, tmp_path):
+@pytest.mark.parametrize('precision', [[], ['--if_amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
+def test_two_epochs_equal_one_then_resume(image_folder, tmp_path, precision):
     # A step schedule decays every epoch independently of --epochs, so both runs share one schedule;
-    # mixup, repeated augmentation, drop-path and EMA all draw on the random streams that must resume.
+    # mixup, repeated augmentation, drop-path and EMA all draw on the random streams that must resume;
+    # fp16's loss scale (halved on overflow) must resume too.
     common = ['--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5', '--warmup-epochs', '0',
-              '--drop-path', '0.1', '--model-ema-decay', '0.9']
+              '--drop-path', '0.1', '--model-ema-decay', '0.9', *precision]
     straight, split = tmp_path / 'straight', tmp_path / 'split'
     assert run_trainer(tiny_args(image_folder, straight, '--epochs', '2', *common)) == 0
     assert run_trainer(tiny_args(image_folder, split, '--epochs', '1', *common)) == 0
@@ -107,6 +109,7 @@ def test_two_epochs_equal_one_then_resume(image_folder, tmp_path):
     assert a['epoch'] == b['epoch'] == 1
     assert_same_tensors(a['model'], b['model'])
     assert_same_tensors(a['model_ema'], b['model_ema'])
+    assert a['scaler'] == b['scaler'] and (a['scaler'] is None) == (not precision)
     assert a['optimizer']['param_groups'][0]['lr'] == b['optimizer']['param_groups'][0]['lr']
     assert a['optimizer']['param_groups'][0]['lr'] == pytest.approx(after_one['optimizer']['param_groups'][0]['lr'] / 2)
     assert any(not torch.equal(after_one['model'][k], b['model'][k]) for k in b['model'])  # epoch 2 did train
