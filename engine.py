@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from vim.preemption import Preempted
-from vim.utils import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized
+from vim.utils import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized, log
 
 
 class TrainingDiverged(Exception):
@@ -60,8 +60,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
 
         if nonfinite:
             consecutive_nonfinite += 1
-            print(f'step {global_step} (epoch {epoch}, iteration {step}): loss {loss.item()} / gradient norm '
-                  f'{grad_norm.item()} not finite, step skipped ({consecutive_nonfinite} in a row)', flush=True)
+            log(f'step {global_step} (epoch {epoch}, iteration {step}): loss {loss.item()} / gradient norm '
+                f'{grad_norm.item()} not finite, step skipped ({consecutive_nonfinite} in a row)')
             if consecutive_nonfinite >= args.max_nonfinite_steps and not args.if_continue_inf:
                 raise TrainingDiverged(
                     f'{consecutive_nonfinite} consecutive steps up to step {global_step} (epoch {epoch}, iteration '
@@ -95,7 +95,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
             raise Preempted(f'stopped after step {global_step} (epoch {epoch}, iteration {step})')
 
     metric_logger.synchronize_between_processes(device)
-    print('Averaged stats:', metric_logger, flush=True)
+    log('Averaged stats:', metric_logger)
     stats = metric_logger.global_averages()
     # every process skips the same steps, and the synchronised total counted them once per process
     stats['skipped_steps'] = metric_logger.meters['skipped_steps'].total / get_world_size()
@@ -125,5 +125,5 @@ def evaluate(data_loader, model, device, amp_dtype=None, split_across_processes=
     loss_sum, top1, top5, count = sums.tolist()
     stats = {'loss': loss_sum / count, 'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count,
              'num_images': int(count)}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}', flush=True)
+    log(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
     return stats

@@ -33,7 +33,7 @@ from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint
 from vim.losses import DistillationLoss
 from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_stop_signals
 from vim.samplers import ResumableSampler, SeededDataset
-from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process
+from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 SSM_PARAMETERS = ('A_log', 'A_b_log', 'D', 'D_b')
@@ -270,7 +270,7 @@ def eval_loader(dataset, args, pin_memory):
 
 
 def report_accuracy(stats, label='network'):
-    print(f'Accuracy of the {label} on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%', flush=True)
+    log(f'Accuracy of the {label} on the {stats["num_images"]} test images: {stats["acc1"]:.1f}%')
 
 
 def main(args):
@@ -282,8 +282,7 @@ def main(args):
         torch.backends.cudnn.benchmark = True
     use_amp = args.if_amp if args.if_amp is not None else device.type == 'cuda'
     amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
-    print(f'{args.model} on {device} x {get_world_size()}, {"autocast " + args.amp_dtype if use_amp else "fp32"}',
-          flush=True)
+    log(f'{args.model} on {device} x {get_world_size()}, {"autocast " + args.amp_dtype if use_amp else "fp32"}')
 
     dataset_val, num_classes = build_dataset(False, args)
     pin_memory = args.pin_mem and device.type == 'cuda'
@@ -292,7 +291,7 @@ def main(args):
                          img_size=args.input_size, **dict(args.model_kwargs))
     check_input_size(model, args.model, args.input_size)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'number of params: {n_parameters}', flush=True)
+    log(f'number of params: {n_parameters}')
 
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
     resume = args.resume or (checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else '')
@@ -301,11 +300,10 @@ def main(args):
         weights = model_state_dict(checkpoint)
         check_compatible(weights, model, args.model, resume)
         model.load_state_dict(weights)
-        print(f'loaded {resume}', flush=True)
+        log(f'loaded {resume}')
     elif args.finetune:
         dropped = load_finetune_weights(model, load_checkpoint(args.finetune), args.finetune)
-        print(f'fine-tuning from {args.finetune}' + (f'; re-initialised {", ".join(dropped)}' if dropped else ''),
-              flush=True)
+        log(f'fine-tuning from {args.finetune}' + (f'; re-initialised {", ".join(dropped)}' if dropped else ''))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -367,13 +365,13 @@ def main(args):
                 state['model_ema'] = model_ema.module.state_dict()
             save_atomic(state, path)
             if path == checkpoint_path:
-                print(f'saved {path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)', flush=True)
+                log(f'saved {path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)')
         if args.distributed:
             dist.barrier()  # nobody exits (and gets the others killed by torchrun) before the file is complete
 
     writer = tensorboard_writer(args.output_dir) if args.output_dir and is_main_process() else None
-    print(f'training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}; '
-          f'{steps_per_epoch} steps of {global_batch} images per epoch; lr {lr:.3g}', flush=True)
+    log(f'training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}; '
+        f'{steps_per_epoch} steps of {global_batch} images per epoch; lr {lr:.3g}')
     start_time = time.time()
     with StopRequest() as stop_request:
         for epoch in range(start_epoch, args.epochs):
@@ -388,14 +386,14 @@ def main(args):
             report_accuracy(test_stats)
             improved = test_stats['acc1'] > max_accuracy  # the same on every process
             max_accuracy = max(max_accuracy, test_stats['acc1'])
-            print(f'Max accuracy: {max_accuracy:.2f}%', flush=True)
+            log(f'Max accuracy: {max_accuracy:.2f}%')
             save_checkpoint(epoch, steps_per_epoch)
             if improved and checkpoint_path:
                 save_checkpoint(epoch, steps_per_epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
             if stop_request.requested:
                 raise Preempted(f'stopped after epoch {epoch}')
-    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}', flush=True)
+    log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
 
 def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model_ema, scaler, global_batch,
@@ -407,7 +405,7 @@ def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model
         if checkpoint.get('model_ema') is not None:
             model_ema.module.load_state_dict(checkpoint['model_ema'])
         else:
-            print(f'{source} has no model_ema: the EMA restarts from the loaded weights', flush=True)
+            log(f'{source} has no model_ema: the EMA restarts from the loaded weights')
     if scaler is not None and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     start_step = 0
@@ -415,15 +413,15 @@ def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model
         samples_done = checkpoint['step_in_epoch'] * checkpoint.get('global_batch', global_batch)
         start_step = min(samples_done // global_batch, steps_per_epoch)
         if samples_done % global_batch:
-            print(f'global batch changed from {checkpoint["global_batch"]} to {global_batch}: resuming at step '
-                  f'{start_step}, a few images of this epoch are seen twice', flush=True)
+            log(f'global batch changed from {checkpoint["global_batch"]} to {global_batch}: resuming at step '
+                f'{start_step}, a few images of this epoch are seen twice')
     rng_states = checkpoint.get('rng_state') or []
     if len(rng_states) == get_world_size():
         restore_rng_state(rng_states[get_rank()])
     else:
-        print(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
-              f'restart from --seed', flush=True)
-    print(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}', flush=True)
+        log(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
+            f'restart from --seed')
+    log(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}')
     return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0)
 
 
@@ -463,14 +461,14 @@ def cli(argv=None):
         main(args)
         code = 0
     except UserError as err:
-        print(f'error: {first_line_of(err)}', file=sys.stderr, flush=True)
+        print(f'error: {first_line_of(err)}', file=sys.stderr)
         code = 2
     except TrainingDiverged as err:
-        print(f'error: {err}', file=sys.stderr, flush=True)
+        print(f'error: {err}', file=sys.stderr)
         code = 3
     except Preempted as err:
         saved = 'checkpoint saved, rerun the same command to continue' if args.output_dir else 'nothing saved (no --output_dir)'
-        print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr, flush=True)
+        print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
     finally:
         if dist.is_available() and dist.is_initialized():

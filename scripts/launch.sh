@@ -21,10 +21,7 @@ while [ $# -gt 0 ]; do
 done
 given() { for a in "${args[@]}"; do [ "$a" = "$1" ] || [ "${a%%=*}" = "$1" ] && return 0; done; return 1; }
 
-if ! given --data-path; then
-  [ -n "${DATA_PATH:-}" ] || { echo "error: no data: pass --data-path DIR or set DATA_PATH" >&2; exit 2; }
-  args+=(--data-path "$DATA_PATH")
-fi
+if [ -n "${DATA_PATH:-}" ] && ! given --data-path; then args+=(--data-path "$DATA_PATH"); fi
 given --output_dir || args+=(--output_dir "${OUTPUT_DIR:-$repo/output/$recipe}")
 if [ -z "$gpus" ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

@@ -32,6 +32,12 @@ def is_main_process():
     return get_rank() == 0
 
 
+def log(*values):
+    """print() on the main process only: every process would print the same progress lines."""
+    if is_main_process():
+        print(*values, flush=True)
+
+
 def first_slurm_host(nodelist):
     """First host name of a SLURM node list such as `gpu[07-09,12],cpu3` (-> `gpu07`)."""
     match = re.match(r'([^,\[]+)(?:\[([^\]]+)\])?', nodelist.strip())
@@ -160,9 +166,9 @@ class MetricLogger:
                          f'time: {iter_time}', f'data: {data_time}']
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB')
-                print(self.delimiter.join(p for p in parts if p), flush=True)
+                log(self.delimiter.join(p for p in parts if p))
             i += 1
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - begin))
         steps = max(i - start, 1)
-        print(f'{header} Total time: {elapsed} ({(time.time() - begin) / steps:.4f} s / it)', flush=True)
+        log(f'{header} Total time: {elapsed} ({(time.time() - begin) / steps:.4f} s / it)')
