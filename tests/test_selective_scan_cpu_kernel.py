@@ -189,11 +189,11 @@ def test_opcheck(reverse):
     t = make(batch=2, dim=4, seqlen=70, dstate=8, groups=2)
     f = {k: v.float().requires_grad_() for k, v in t.items()}
     args = tuple(f[k] for k in NAMES) + (True, True, True, reverse)
-    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_cpu_fwd.default, args)
-    out, last, ckpt = torch.ops.mamba_ssm.selective_scan_cpu_fwd(*args)
+    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_fwd.default, args)
+    out, last, ckpt = torch.ops.mamba_ssm.selective_scan_fwd(*args)
     bargs = tuple(f[k].detach() for k in NAMES) + (torch.randn_like(out), torch.randn_like(last), ckpt.detach(),
                                                    True, reverse)
-    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_cpu_bwd.default, bargs)
+    torch.library.opcheck(torch.ops.mamba_ssm.selective_scan_bwd.default, bargs)
 
 
 def test_bad_inputs():

@@ -4,17 +4,17 @@ The extension is optional: without it every op falls back to the PyTorch
 reference in ``selective_scan_interface``. This module is the only place that
 imports the extension.
 
-The kernels are exposed as differentiable ``torch.library`` custom ops under ``mamba_ssm::``
-(``selective_scan_fwd`` with its backward ``selective_scan_bwd``), so ``torch.compile``
-traces them without graph breaks. The forward saves the fp32 state before every chunk of
-32 positions (``ckpt``, 1/2 float per element at N = 16) when a gradient will be needed; the
-backward recomputes the states inside each chunk from it. All ops take a ``reverse`` flag:
-the scan runs from position L-1 down to 0 (the scan of the flipped sequence, in place).
+Its single-direction kernels serve the ``mamba_ssm::selective_scan_fwd`` / ``_bwd`` ops of
+``scan_ops`` for CUDA tensors (checkpoints every 32 positions, 16 state slots: 1/2 float per
+element at N = 16). The fused bidirectional scan of a Vim v2 block is its own differentiable op,
+``mamba_ssm::bimamba_scan_fwd`` / ``_bwd``, traced by ``torch.compile`` without graph breaks.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from mamba_ssm.ops import scan_ops
 
 try:
     import selective_scan_cuda as _ext
@@ -43,112 +43,18 @@ def require() -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Single direction
-# ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mamba_ssm::selective_scan_fwd", mutates_args=())
-def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
-              save_ckpt: bool, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (out in u's dtype, last_state fp32 (batch, dim, dstate) or empty, ckpt fp32 or empty)."""
-    require()
-    out, last, ckpt = torch.ops.selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                         return_last_state, save_ckpt, reverse)
-    return out, last, ckpt
-
-
-@_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, save_ckpt, reverse):
-    batch, dim, seqlen = u.shape
-    dstate = A.shape[1]
-    f32 = torch.float32
-    last = u.new_empty((batch, dim, dstate) if return_last_state else (0,), dtype=f32)
-    ckpt = u.new_empty((batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,), dtype=f32)
-    return u.new_empty(u.shape), last, ckpt
-
-
-@torch.library.custom_op("mamba_ssm::selective_scan_bwd", mutates_args=())
-def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-              delta_bias: Optional[Tensor], dout: Tensor, dlast: Optional[Tensor], ckpt: Tensor,
-              delta_softplus: bool, reverse: bool) -> list[Tensor]:
-    """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; absent ones (no D / z / delta_bias) are empty."""
-    require()
-    return list(torch.ops.selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt,
-                                                  delta_softplus, reverse))
-
-
-@_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, reverse):
-    f32 = torch.float32
-    dim = u.shape[1]
-    return [
-        u.new_empty(u.shape), u.new_empty(u.shape), u.new_empty(A.shape, dtype=f32),
-        u.new_empty(B.shape), u.new_empty(C.shape),
-        u.new_empty((dim,) if D is not None else (0,), dtype=f32),
-        u.new_empty(u.shape) if z is not None else u.new_empty((0,), dtype=f32),
-        u.new_empty((dim,) if delta_bias is not None else (0,), dtype=f32),
-    ]
-
-
-def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, save_ckpt, reverse = inputs
-    ckpt = output[2] if save_ckpt else None
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-    ctx.delta_softplus = delta_softplus
-    ctx.reverse = reverse
-
-
-def _scan_backward(ctx, dout, dlast, dckpt):
-    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-    if ckpt is None:  # the forward ran without saving checkpoints (e.g. under no_grad): recompute them
-        ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, False, True, ctx.reverse)[2]
-    if dlast is not None and dlast.numel() == 0:
-        dlast = None
-    du, ddelta, dA, dB, dC, dD, dz, ddb = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), dlast,
-                                                    ckpt, ctx.delta_softplus, ctx.reverse)
-    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            ddb if delta_bias is not None else None, None, None, None, None)
-
-
-_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _normalise(u, delta, A, B, C, D, z, delta_bias):
-    """Cast to the kernels' dtypes (differentiably): sequences in u's dtype, parameters in fp32."""
-    dt = u.dtype
-    delta, B, C = delta.to(dt), B.to(dt), C.to(dt)
-    z = z.to(dt) if z is not None else None
-    A = A.to(torch.float32)
-    D = D.to(torch.float32) if D is not None else None
-    delta_bias = delta_bias.to(torch.float32) if delta_bias is not None else None
-    return u, delta, A, B, C, D, z, delta_bias
+if _ext is not None:
+    scan_ops.register_kernels("cuda", torch.ops.selective_scan_cuda, CHUNK, MAX_STATE)
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,
                    reverse: bool = False):
-    """Differentiable CUDA selective scan.
-
-    u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real; B, C: (batch, groups, dstate, seqlen);
-    D, delta_bias: (dim,) or None; z may be None. Returns out (batch, dim, seqlen) in u's dtype,
-    and with return_last_state also the fp32 state (batch, dim, dstate) after the last position.
-    u: float32/float16/bfloat16 (delta, B, C, z are cast to it; A, D, delta_bias to fp32);
-    dstate <= 16. reverse=True scans positions L-1 .. 0 (= the scan of the flipped inputs,
-    flipped back); its last state is then the state after position 0.
-    """
+    """Differentiable CUDA selective scan (scan_ops.selective_scan) for dstate <= 16."""
     require()
     if A.dim() != 2 or not 1 <= A.shape[1] <= MAX_STATE:
         raise ValueError(f"selective_scan: the CUDA kernels support dstate 1..{MAX_STATE} (A is (dim, dstate)); "
                          f"got A of shape {tuple(A.shape)}")
-    u, delta, A, B, C, D, z, delta_bias = _normalise(u, delta, A, B, C, D, z, delta_bias)
-    save_ckpt = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
-    out, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state),
-                             save_ckpt, bool(reverse))
-    return (out, last) if return_last_state else out
+    return scan_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +152,9 @@ def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A
     if u_b.shape != u_f.shape or z.shape != u_f.shape:
         raise ValueError(f"bimamba_scan: u_f, u_b and z must have one shape, got {tuple(u_f.shape)}, "
                          f"{tuple(u_b.shape)}, {tuple(z.shape)}")
-    u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f = _normalise(u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f)
+    u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f = scan_ops.normalise(u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f)
     u_b = u_b.to(u_f.dtype)
-    u_b, delta_b, A_b, B_b, C_b, D_b, _, delta_bias_b = _normalise(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b)
+    u_b, delta_b, A_b, B_b, C_b, D_b, _, delta_bias_b = scan_ops.normalise(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b)
     tensors = (u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z)
-    out, _, _, _ = _bi_fwd(*tensors, bool(delta_softplus), _needs_grad(*tensors))
+    out, _, _, _ = _bi_fwd(*tensors, bool(delta_softplus), scan_ops.needs_grad(*tensors))
     return out
