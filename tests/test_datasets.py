@@ -57,6 +57,14 @@ def test_digits_without_scikit_learn(tmp_path, monkeypatch):
     assert torch.equal(from_file.targets, with_sklearn.targets)
 
 
+def test_cifar_is_downloaded_only_when_asked(tmp_path):
+    args = argparse.Namespace(data_set='CIFAR10', data_path=str(tmp_path), input_size=32, download=False,
+                              eval_crop_ratio=0.875)
+    with pytest.raises(UserError, match='CIFAR10 at .*add --download to fetch it'):
+        build_dataset(False, args)
+    assert os.listdir(tmp_path) == []
+
+
 def test_inaturalist_layout(tmp_path):
     # Two species (ids 7 and 3) -> classes 0 (id 3) and 1 (id 7), in sorted id order.
     os.makedirs(tmp_path / 'img')

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 import main as trainer
+from datasets import build_dataset
 from vim.checkpoint import load_finetune_weights
+from vim.samplers import ResumableSampler, SeededDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ['--model', 'vim_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=32', '--input-size', '32']
@@ -235,3 +237,29 @@ def test_weight_decay_groups(exempt_ssm):
         else:  # includes the 2-D A_log / A_b_log of the original recipe
             assert decay_of[id(param)] == 0.05, name
     assert any(n.endswith('.A_log') for n in names)
+
+
+def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
+    # A teacher whose bias always picks class 2: with alpha 1 the loss is the cross-entropy against
+    # class 2 alone, whatever the labels; its first-step value is checked against a direct computation.
+    teacher = trainer.create_model('resnet10t', num_classes=3)
+    weights = teacher.state_dict()
+    weights['fc.weight'].zero_()
+    weights['fc.bias'].copy_(torch.tensor([0.0, 0.0, 50.0]))
+    torch.save({'model': weights}, tmp_path / 'teacher.pth')
+    argv = tiny_args(image_folder, tmp_path / 'out', '--epochs', '1', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+                     '--teacher-model', 'resnet10t', '--teacher-path', tmp_path / 'teacher.pth',
+                     '--distillation-type', 'hard', '--distillation-alpha', '1.0', '--drop-path', '0', '--print-freq', '1')
+    assert run_trainer(argv) == 0
+    first_loss = float(re.search(r'\[0/6\].*?loss: ([\d.]+)', capsys.readouterr().out).group(1))
+
+    # the same first batch through the same initial student
+    args = trainer.get_args_parser().parse_args([str(a) for a in argv])
+    trainer.seed_everything(args.seed)
+    student = trainer.create_model('vim_tiny_patch16_224', num_classes=3, img_size=32, depth=2, embed_dim=32,
+                                   drop_rate=0.0, drop_path_rate=0.0)
+    dataset = SeededDataset(build_dataset(True, args)[0])
+    sampler = ResumableSampler(len(dataset), repeats=3, seed=args.seed)
+    batch = torch.stack([dataset[key][0] for key in list(sampler)[:4]])
+    expected = torch.nn.functional.cross_entropy(student(batch), torch.full((4,), 2)).item()
+    assert first_loss == pytest.approx(expected, abs=1e-4)
