@@ -97,11 +97,14 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in results["features"].items():
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, rows) in enumerate(results["features"].items()):
+        style = dict(marker="o", label=label, color=colors[i % len(colors)],
+                     linestyle="-" if label.startswith("vim") else "--")
         sizes = [r["img_size"] for r in rows if not r.get("oom")]
-        ax_speed.plot(sizes, [r["img_per_s"] for r in rows if not r.get("oom")], marker="o", label=label)
-        ax_mem.plot(sizes, [r["peak_gb"] for r in rows if not r.get("oom")], marker="o", label=label)
+        ax_speed.plot(sizes, [r["img_per_s"] for r in rows if not r.get("oom")], **style)
+        ax_mem.plot(sizes, [r["peak_gb"] for r in rows if not r.get("oom")], **style)
     ax_speed.set(xlabel="resolution", ylabel="img/s", yscale="log", title="feature extraction, batch %d" % results["batch"])
     ax_mem.set(xlabel="resolution", ylabel="peak GB", yscale="log", title="peak memory")
     ax_speed.legend(fontsize=7)
@@ -118,7 +121,12 @@ def main():
     parser.add_argument("--sizes-small", type=int, nargs="+", default=[224, 1248],
                         help="feature-extraction resolutions for the small models")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run's JSON into --out")
     args = parser.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), os.path.join(args.out, os.path.basename(args.plot_only).replace(".json", ".png")))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
 
