@@ -39,11 +39,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        if args.bce_loss:
-            targets = targets.gt(0.0).type(targets.dtype)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(samples)
+            if args.bce_loss:  # as DeiT III: a class is present when its (mixed) target is above 0
+                if targets.ndim == 1:  # plain labels (no mixup)
+                    logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+                    targets = F.one_hot(targets, logits.shape[-1])
+                targets = targets.gt(0.0).float()
             loss = criterion(samples, outputs, targets)
         if args.if_nan2num:
             loss = torch.nan_to_num(loss)

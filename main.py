@@ -146,7 +146,7 @@ def get_args_parser():
     g.add_argument('--dist-eval', action='store_true', help='split evaluation over the processes (default: every process evaluates everything)')
     g.add_argument('--print-freq', default=10, type=int, help='iterations between progress lines')
     g.add_argument('--save-every-steps', default=0, type=int, help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
-    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on (mixed) targets > 0 instead of cross-entropy')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy against (mixed) targets > 0, as DeiT III (use with --smoothing 0: smoothed targets are all > 0)')
 
     g = p.add_argument_group('precision and non-finite steps')
     g.add_argument('--if_amp', action='store_true', default=None, help='autocast mixed precision (default: on for CUDA, off for CPU)')

@@ -263,3 +263,13 @@ def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
     batch = torch.stack([dataset[key][0] for key in list(sampler)[:4]])
     expected = torch.nn.functional.cross_entropy(student(batch), torch.full((4,), 2)).item()
     assert first_loss == pytest.approx(expected, abs=1e-4)
+
+
+def test_bce_loss_without_mixup(image_folder, tmp_path, capsys):
+    # Logits start near 0 (head std 0.02), so the first binary cross-entropy is near ln 2 = 0.693
+    # (cross-entropy over 3 classes would be ln 3 = 1.099).
+    argv = tiny_args(image_folder, tmp_path, '--epochs', '1', '--bce-loss', '--mixup', '0', '--cutmix', '0',
+                     '--smoothing', '0', '--print-freq', '1')
+    assert run_trainer(argv) == 0
+    first_loss = float(re.search(r'\[0/6\].*?loss: ([\d.]+)', capsys.readouterr().out).group(1))
+    assert first_loss == pytest.approx(0.693, abs=0.05)
