@@ -10,11 +10,11 @@ import datetime
 import difflib
 import json
 import os
+import random
 import sys
 import time
 
 import numpy as np
-import random
 import torch
 import torch.distributed as dist
 import timm
@@ -62,18 +62,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_args_parser():
     p = argparse.ArgumentParser(prog='main.py', description='Vision Mamba training and evaluation.',
                                 formatter_class=HelpFormatter, epilog=__doc__)
-    p.add_argument('--batch-size', default=64, type=int, help='images per process and step (global batch = this x processes)')
-    p.add_argument('--eval-batch-size', default=None, type=int, help='images per process in evaluation (default: 2 x --batch-size)')
+    p.add_argument('--batch-size', default=64, type=int,
+                   help='images per process and step (global batch = this x processes)')
+    p.add_argument('--eval-batch-size', default=None, type=int,
+                   help='images per process in evaluation (default: 2 x --batch-size)')
     p.add_argument('--epochs', default=300, type=int, help='number of training epochs')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default=DEFAULT_MODEL, type=str, help='timm model name (the Vim names and their short aliases are registered by `import vim`)')
-    g.add_argument('--model-kwargs', nargs='*', default=[], type=model_kwargs, metavar='KEY=VALUE', help='extra model constructor arguments, e.g. depth=2 embed_dim=64')
+    g.add_argument('--model', default=DEFAULT_MODEL, type=str,
+                   help='timm model name (the Vim names and their short aliases are registered by `import vim`)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], type=model_kwargs, metavar='KEY=VALUE',
+                   help='extra model constructor arguments, e.g. depth=2 embed_dim=64')
     g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in the backward pass to save memory')
-    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average (EMA) of the weights (default)')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute activations in the backward pass to save memory')
+    g.add_argument('--model-ema', action='store_true',
+                   help='keep an exponential moving average (EMA) of the weights (default)')
     g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
     p.set_defaults(model_ema=True)
     g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
@@ -82,84 +88,129 @@ def get_args_parser():
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw', type=str, help='optimizer name (timm create_optimizer_v2)')
     g.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
-    g.add_argument('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
-    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value (off when unset)')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+',
+                   help='optimizer betas (default: the optimizer\'s)')
+    g.add_argument('--clip-grad', type=float, default=None,
+                   help='clip the gradient norm to this value (off when unset)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (not applied to biases, 1-D parameters, pos_embed, cls_token)')
-    g.add_argument('--ssm-no-weight-decay', action='store_true', help='also exempt the SSM parameters A_log, A_b_log, D, D_b from weight decay (the original recipe decayed the 2-D A_log/A_b_log)')
+    g.add_argument('--weight-decay', type=float, default=0.05,
+                   help='weight decay (not applied to biases, 1-D parameters, pos_embed, cls_token)')
+    g.add_argument('--ssm-no-weight-decay', action='store_true',
+                   help='also exempt the SSM parameters A_log, A_b_log, D, D_b from weight decay (the original recipe'
+                        ' decayed the 2-D A_log/A_b_log)')
 
     g = p.add_argument_group('learning-rate schedule (stepped every iteration)')
-    g.add_argument('--sched', default='cosine', type=str, help='schedule (timm create_scheduler_v2): cosine, step, tanh, poly, ...')
-    g.add_argument('--lr', type=float, default=5e-4, help='learning rate for a global batch of 512; scaled by global batch / 512 unless --unscale-lr')
+    g.add_argument('--sched', default='cosine', type=str,
+                   help='schedule (timm create_scheduler_v2): cosine, step, tanh, poly, ...')
+    g.add_argument('--lr', type=float, default=5e-4,
+                   help='learning rate for a global batch of 512; scaled by global batch / 512 unless --unscale-lr')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as given, without linear scaling')
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
     g.add_argument('--min-lr', type=float, default=1e-5, help='lower bound of the cosine schedule')
     g.add_argument('--warmup-epochs', type=int, default=5, help='epochs of linear warm-up')
-    g.add_argument('--cooldown-epochs', type=int, default=10, help='epochs at --min-lr after the schedule (passed to timm; as in DeiT, training stops after --epochs, so these only run if --epochs exceeds the schedule)')
+    g.add_argument('--cooldown-epochs', type=int, default=10,
+                   help='epochs at --min-lr after the schedule (passed to timm; as in DeiT, training stops after '
+                        '--epochs, so these only run if --epochs exceeds the schedule)')
     g.add_argument('--decay-epochs', type=float, default=30, help='epochs between decays of the step schedule')
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='learning-rate factor per decay of the step schedule')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1,
+                   help='learning-rate factor per decay of the step schedule')
 
     g = p.add_argument_group('augmentation and regularisation')
-    g.add_argument('--color-jitter', type=float, default=0.3, help='colour jitter strength (not applied together with --aa)')
-    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='AutoAugment/RandAugment policy; "none" to disable')
+    g.add_argument('--color-jitter', type=float, default=0.3,
+                   help='colour jitter strength (not applied together with --aa)')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1',
+                   help='AutoAugment/RandAugment policy; "none" to disable')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', type=str, default='bicubic', help='training interpolation: random, bilinear, bicubic')
-    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (default): each image 3 times per epoch, augmented differently, on different processes')
+    g.add_argument('--train-interpolation', type=str, default='bicubic',
+                   help='training interpolation: random, bilinear, bicubic')
+    g.add_argument('--repeated-aug', action='store_true',
+                   help='repeated augmentation (default): each image 3 times per epoch, augmented differently, on '
+                        'different processes')
     g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
     p.set_defaults(repeated_aug=True)
     g.add_argument('--reprob', type=float, default=0.25, help='random-erasing probability')
     g.add_argument('--remode', type=str, default='pixel', help='random-erasing fill mode: const, rand, pixel')
     g.add_argument('--recount', type=int, default=1, help='random-erasing count')
-    g.add_argument('--resplit', action='store_true', default=False, help='accepted for DeiT compatibility; only matters with augmentation splits, which this trainer does not use')
+    g.add_argument('--resplit', action='store_true', default=False,
+                   help='accepted for DeiT compatibility; only matters with augmentation splits, which this trainer '
+                        'does not use')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
     g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max area ratio (overrides alpha)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                   help='cutmix min/max area ratio (overrides alpha)')
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of applying mixup or cutmix per batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup when both are on')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                   help='probability of cutmix instead of mixup when both are on')
     g.add_argument('--mixup-mode', type=str, default='batch', help='mixup parameters per "batch", "pair" or "elem"')
 
     g = p.add_argument_group('distillation')
     g.add_argument('--teacher-model', default='regnety_160', type=str, help='timm name of the teacher')
     g.add_argument('--teacher-path', type=str, default='', help='teacher weights (file or URL)')
-    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str, help='distillation loss')
+    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str,
+                   help='distillation loss')
     g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
     g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default='data', type=str, help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist folder; for DIGITS only read without scikit-learn (digits.npz)')
-    g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str, help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, upsampled (built in, no download)')
+    g.add_argument('--data-path', default='data', type=str,
+                   help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
+                        'folder; for DIGITS only read without scikit-learn (digits.npz)')
+    g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
+                   help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = '
+                        'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
+                        'upsampled (built in, no download)')
     g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
-    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='evaluation: resize to input-size / ratio, then centre crop')
+    g.add_argument('--eval-crop-ratio', default=0.875, type=float,
+                   help='evaluation: resize to input-size / ratio, then centre crop')
     g.add_argument('--num_workers', default=10, type=int, help='data-loader worker processes per training process')
-    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
+    g.add_argument('--pin-mem', action='store_true',
+                   help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
     p.set_defaults(pin_mem=True)
 
     g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='', help='where checkpoint.pth, best_checkpoint.pth, log.txt and tensorboard/ go; an existing checkpoint.pth there is resumed automatically')
+    g.add_argument('--output_dir', default='',
+                   help='where checkpoint.pth, best_checkpoint.pth, log.txt and tensorboard/ go; an existing '
+                        'checkpoint.pth there is resumed automatically')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     g.add_argument('--seed', default=0, type=int, help='random seed')
     g.add_argument('--resume', default='', help='checkpoint to resume from (all state) or, with --eval, to evaluate')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    g.add_argument('--finetune', default='', help='initialise from these weights: position embeddings resampled, a head of another shape dropped')
-    g.add_argument('--eval', action='store_true', help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
-    g.add_argument('--dist-eval', action='store_true', help='split evaluation over the processes (default: every process evaluates everything)')
+    g.add_argument('--finetune', default='',
+                   help='initialise from these weights: position embeddings resampled, a head of another shape '
+                        'dropped')
+    g.add_argument('--eval', action='store_true',
+                   help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
+    g.add_argument('--dist-eval', action='store_true',
+                   help='split evaluation over the processes (default: every process evaluates everything)')
     g.add_argument('--print-freq', default=10, type=int, help='iterations between progress lines')
-    g.add_argument('--save-every-steps', default=0, type=int, help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
-    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy against (mixed) targets > 0, as DeiT III (use with --smoothing 0: smoothed targets are all > 0)')
+    g.add_argument('--save-every-steps', default=0, type=int,
+                   help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
+    g.add_argument('--bce-loss', action='store_true',
+                   help='binary cross-entropy against (mixed) targets > 0, as DeiT III (use with --smoothing 0: '
+                        'smoothed targets are all > 0)')
 
     g = p.add_argument_group('precision and non-finite steps')
-    g.add_argument('--if_amp', action='store_true', default=None, help='autocast mixed precision (default: on for CUDA, off for CPU)')
+    g.add_argument('--if_amp', action='store_true', default=None,
+                   help='autocast mixed precision (default: on for CUDA, off for CPU)')
     g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
-    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
-    g.add_argument('--if_nan2num', action='store_true', help='replace a NaN/inf loss by a finite number (torch.nan_to_num) before backward')
-    g.add_argument('--if_continue_inf', action='store_true', help='never stop on non-finite steps (they are still skipped and counted)')
-    g.add_argument('--max-nonfinite-steps', default=20, type=int, help='stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, weights untouched)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
+                   help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does '
+                        'not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
+    g.add_argument('--if_nan2num', action='store_true',
+                   help='replace a NaN/inf loss by a finite number (torch.nan_to_num) before backward')
+    g.add_argument('--if_continue_inf', action='store_true',
+                   help='never stop on non-finite steps (they are still skipped and counted)')
+    g.add_argument('--max-nonfinite-steps', default=20, type=int,
+                   help='stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, '
+                        'weights untouched)')
 
     g = p.add_argument_group('distributed (set by torchrun or SLURM)')
-    g.add_argument('--world_size', default=1, type=int, help='number of processes (read from torchrun\'s WORLD_SIZE or SLURM_NTASKS)')
+    g.add_argument('--world_size', default=1, type=int,
+                   help='number of processes (read from torchrun\'s WORLD_SIZE or SLURM_NTASKS)')
     g.add_argument('--dist_url', default='env://', help='process-group rendezvous URL')
-    g.add_argument('--local-rank', '--local_rank', default=0, type=int, help='ignored: LOCAL_RANK / SLURM_LOCALID are read instead')
+    g.add_argument('--local-rank', '--local_rank', default=0, type=int,
+                   help='ignored: LOCAL_RANK / SLURM_LOCALID are read instead')
     return p
 
 
@@ -167,7 +218,8 @@ def resolve_model_name(name):
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f'close names: {", ".join(close)}' if close else 'list them with: python -c "import timm, vim; print(timm.list_models(\'vim*\'))"'
+    hint = (f'close names: {", ".join(close)}' if close
+            else 'list them with: python -c "import timm, vim; print(timm.list_models(\'vim*\'))"')
     raise UserError(f'unknown --model {name}; {hint}')
 
 
@@ -201,7 +253,8 @@ def check_args(args):
         raise UserError(f'--batch-size {args.batch_size} is odd, but mixup/cutmix pair up the images of a batch: '
                         f'use an even --batch-size or --mixup 0 --cutmix 0')
     if args.distillation_type != 'none' and not args.teacher_path:
-        raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path with the teacher\'s weights')
+        raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path with the weights of '
+                        f'--teacher-model')
     if args.finetune and args.eval:
         raise UserError('--finetune with --eval: evaluate a checkpoint with --eval --resume CHECKPOINT')
 
@@ -253,7 +306,8 @@ def train_loader(dataset, args, seed, pin_memory):
     steps = sampler.num_samples // args.batch_size
     if steps == 0:
         raise UserError(f'the training set has {len(dataset)} images, {sampler.num_samples} per process: too few for '
-                        f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); lower --batch-size')
+                        f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); '
+                        f'lower --batch-size')
     # The loader's own generator keeps iterator creation from consuming the global random stream.
     loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
                         num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
@@ -323,7 +377,8 @@ def main(args):
                            device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None
     model_without_ddp = model
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     global_batch = args.batch_size * get_world_size()
     lr = args.lr if args.unscale_lr else args.lr * global_batch / 512.0
     optimizer = build_optimizer(model_without_ddp, args, lr)
@@ -447,7 +502,7 @@ def log_epoch(output_dir, writer, epoch, n_parameters, train_stats, test_stats):
         writer.flush()
 
 
-def first_line_of(err):
+def user_message(err):
     # Errors raised in a data-loader worker come back with the worker's traceback prepended.
     line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
     return line.split(f'{type(err).__name__}: ', 1)[-1]
@@ -461,13 +516,14 @@ def cli(argv=None):
         main(args)
         code = 0
     except UserError as err:
-        print(f'error: {first_line_of(err)}', file=sys.stderr)
+        print(f'error: {user_message(err)}', file=sys.stderr)
         code = 2
     except TrainingDiverged as err:
         print(f'error: {err}', file=sys.stderr)
         code = 3
     except Preempted as err:
-        saved = 'checkpoint saved, rerun the same command to continue' if args.output_dir else 'nothing saved (no --output_dir)'
+        saved = ('checkpoint saved, rerun the same command to continue' if args.output_dir
+                 else 'nothing saved (no --output_dir)')
         print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
     finally:

@@ -173,7 +173,8 @@ def run_subprocess(argv, **kwargs):
 
 # Same global batch (2 x 4 = 8 against 1 x 8). Without mixup and drop-path nothing differs per process, so
 # the losses and the weights must agree up to the float rounding of DDP's gradient all-reduce.
-GLOO_RUN = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema', '--warmup-epochs', '0']
+GLOO_RUN = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema',
+            '--warmup-epochs', '0']
 
 
 @pytest.fixture(scope='module')
@@ -247,9 +248,10 @@ def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
     weights['fc.weight'].zero_()
     weights['fc.bias'].copy_(torch.tensor([0.0, 0.0, 50.0]))
     torch.save({'model': weights}, tmp_path / 'teacher.pth')
-    argv = tiny_args(image_folder, tmp_path / 'out', '--epochs', '1', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
-                     '--teacher-model', 'resnet10t', '--teacher-path', tmp_path / 'teacher.pth',
-                     '--distillation-type', 'hard', '--distillation-alpha', '1.0', '--drop-path', '0', '--print-freq', '1')
+    argv = tiny_args(image_folder, tmp_path / 'out', '--epochs', '1', '--mixup', '0', '--cutmix', '0',
+                     '--smoothing', '0', '--teacher-model', 'resnet10t', '--teacher-path', tmp_path / 'teacher.pth',
+                     '--distillation-type', 'hard', '--distillation-alpha', '1.0', '--drop-path', '0',
+                     '--print-freq', '1')
     assert run_trainer(argv) == 0
     first_loss = float(re.search(r'\[0/6\].*?loss: ([\d.]+)', capsys.readouterr().out).group(1))
 

@@ -32,8 +32,9 @@ class DistillationLoss(torch.nn.Module):
             teacher_outputs = self.teacher(inputs)
         if self.distillation_type == 'soft':
             t = self.tau
-            distillation_loss = F.kl_div(F.log_softmax(outputs_kd / t, dim=1), F.log_softmax(teacher_outputs / t, dim=1),
-                                         reduction='sum', log_target=True) * (t * t) / outputs_kd.numel()
+            distillation_loss = F.kl_div(
+                F.log_softmax(outputs_kd / t, dim=1), F.log_softmax(teacher_outputs / t, dim=1),
+                reduction='sum', log_target=True) * (t * t) / outputs_kd.numel()
         else:
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
