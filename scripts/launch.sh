@@ -4,7 +4,7 @@
 #   scripts/<recipe>.sh --data-path /path/to/imagenet [--output_dir DIR] [--gpus N] [other main.py flags]
 #
 # Environment instead of flags: DATA_PATH, OUTPUT_DIR (default output/<recipe>), NUM_GPUS (default: all
-# GPUs of the node). Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun names them.
+# GPUs of the node), PRETRAINED (--finetune, required by the ft-* recipes). Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun names them.
 # Flags given on the command line come after the recipe's, so they override it.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +22,10 @@ done
 given() { for a in "${args[@]}"; do [ "$a" = "$1" ] || [ "${a%%=*}" = "$1" ] && return 0; done; return 1; }
 
 if [ -n "${DATA_PATH:-}" ] && ! given --data-path; then args+=(--data-path "$DATA_PATH"); fi
+if [ -n "${PRETRAINED:-}" ] && ! given --finetune; then args+=(--finetune "$PRETRAINED"); fi
+case $recipe in  # fine-tuning from scratch would silently train another recipe
+  ft-*) given --finetune || { echo "error: $recipe needs --finetune PRETRAINED.pth (or PRETRAINED=...)" >&2; exit 2; } ;;
+esac
 given --output_dir || args+=(--output_dir "${OUTPUT_DIR:-$repo/output/$recipe}")
 if [ -z "$gpus" ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

@@ -94,6 +94,18 @@ def test_one_epoch_writes_weights_only_checkpoint_and_log(image_folder, tmp_path
     assert record['test_num_images'] == 6 and 0 <= record['test_acc1'] <= 100
 
 
+def test_tensorboard_scalars_match_the_log(image_folder, tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1')) == 0
+    record = json.loads((tmp_path / 'log.txt').read_text())
+    events = EventAccumulator(str(tmp_path / 'tensorboard'))
+    events.Reload()
+    assert {'train/loss', 'train/lr', 'test/acc1', 'test/loss'} <= set(events.Tags()['scalars'])
+    assert events.Scalars('train/loss')[0].value == pytest.approx(record['train_loss'])
+    assert events.Scalars('test/acc1')[0].value == pytest.approx(record['test_acc1'])
+
+
 @pytest.mark.parametrize('precision', [[], ['--if_amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
 def test_two_epochs_equal_one_then_resume(image_folder, tmp_path, precision):
     # A step schedule decays every epoch independently of --epochs, so both runs share one schedule;
@@ -166,15 +178,16 @@ def test_finetune_stride16_into_stride8(image_folder, tmp_path, capsys):
     assert load(tmp_path / 'ft' / 'checkpoint.pth')['model']['pos_embed'].shape == (1, 10, 32)
 
 
-def run_subprocess(argv, **kwargs):
+def run_subprocess(argv):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run([str(a) for a in argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 # Same global batch (2 x 4 = 8 against 1 x 8). Without mixup and drop-path nothing differs per process, so
-# the losses and the weights must agree up to the float rounding of DDP's gradient all-reduce.
+# the losses and the weights must agree up to the float rounding of DDP's gradient all-reduce. The flags
+# override all of the recipe's that matter when launched through scripts/pt-vim-t.sh.
 GLOO_RUN = ['--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema',
-            '--warmup-epochs', '0']
+            '--warmup-epochs', '0', '--weight-decay', '0.05']
 
 
 @pytest.fixture(scope='module')
@@ -187,10 +200,9 @@ def one_process_run(image_folder, tmp_path_factory):
 
 
 def launch_two(launcher, argv):
-    port = str(29500 + os.getpid() % 1000 + (launcher == 'slurm'))
-    if launcher == 'torchrun':
-        return run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                               '--master_port', port, 'main.py', *argv])
+    if launcher == 'torchrun':  # through the recipe launcher, as users start it
+        return run_subprocess(['bash', 'scripts/pt-vim-t.sh', '--gpus', '2', *argv])
+    port = str(29500 + os.getpid() % 1000)
     # srun starts one task per process and sets these variables
     procs = [subprocess.Popen([sys.executable, 'main.py', *argv], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
