@@ -20,10 +20,15 @@ import torch.distributed as dist
 import timm
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
+
+try:
+    from timm.optim import param_groups_weight_decay
+except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
+    from timm.optim.optim_factory import param_groups_weight_decay
 
 import vim  # noqa: F401  (registers the Vim models with timm)
 from datasets import DATA_SETS, build_dataset
