@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_ref, selective_scan_ref
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "checkpoint_keys.json"
+SPEC = Path(__file__).parent / "data" / "checkpoint_keys.json"  # copy of shared/spec/checkpoint_keys.json
 MODELS = {
     192: "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
     384: "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
