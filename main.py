@@ -179,7 +179,9 @@ def get_args_parser():
                         'checkpoint.pth there is resumed automatically')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='', help='checkpoint to resume from (all state) or, with --eval, to evaluate')
+    g.add_argument('--resume', default='',
+                   help='checkpoint to resume from (all state) or, with --eval, to evaluate; when --output_dir '
+                        'already has checkpoint.pth, training resumes that one instead')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     g.add_argument('--finetune', default='',
                    help='initialise from these weights: position embeddings resampled, a head of another shape '
@@ -353,7 +355,9 @@ def main(args):
     log(f'number of params: {n_parameters}')
 
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
-    resume = args.resume or (checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else '')
+    own = checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else ''
+    # A restarted run continues from its own latest checkpoint, even when --resume names another file.
+    resume = (args.resume or own) if args.eval else (own or args.resume)
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
         weights = model_state_dict(checkpoint)

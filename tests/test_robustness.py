@@ -33,7 +33,10 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     common = ['--epochs', '2', '--batch-size', '2', '--print-freq', '1', '--drop-path', '0.1',
               '--model-ema-decay', '0.9', '--warmup-epochs', '1']
     straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
-    assert run_trainer(tiny_args(image_folder, straight, *common)) == 0  # one thread, as the subprocesses
+    # the uninterrupted run in a fresh process too, so that no state left by earlier tests can differ
+    proc = popen(['main.py', *tiny_args(image_folder, straight, *common)])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
 
     proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
     for line in proc.stdout:

@@ -287,3 +287,13 @@ def test_bce_loss_without_mixup(image_folder, tmp_path, capsys):
     assert run_trainer(argv) == 0
     first_loss = float(re.search(r'\[0/6\].*?loss: ([\d.]+)', capsys.readouterr().out).group(1))
     assert first_loss == pytest.approx(0.693, abs=0.05)
+
+
+def test_restart_prefers_its_own_checkpoint_over_resume(image_folder, tmp_path, capsys):
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    assert run_trainer(tiny_args(image_folder, first, '--epochs', '1')) == 0
+    command = tiny_args(image_folder, second, '--epochs', '2', '--resume', first / 'checkpoint.pth')
+    assert run_trainer(command) == 0
+    assert f'resuming {first / "checkpoint.pth"} at epoch 1' in capsys.readouterr().out
+    assert run_trainer(command) == 0  # the same command again, e.g. after preemption
+    assert f'resuming {second / "checkpoint.pth"} at epoch 2' in capsys.readouterr().out
