@@ -14,7 +14,7 @@ from PIL import Image
 
 import main as trainer
 from datasets import build_dataset
-from vim.checkpoint import load_finetune_weights
+from vim.checkpoint import load_checkpoint, load_finetune_weights
 from vim.samplers import ResumableSampler, SeededDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_finetune_stride16_into_stride8(image_folder, tmp_path, capsys):
     torch.save({'model': source.state_dict(), 'args': argparse.Namespace(model='vim_tiny')}, path)
 
     target = trainer.create_model('vim_tiny_patch16_stride8_224', num_classes=3, img_size=32, depth=2, embed_dim=32)
-    dropped = load_finetune_weights(target, torch.load(path, weights_only=False), str(path))
+    dropped = load_finetune_weights(target, load_checkpoint(str(path)), str(path))
     assert dropped == ['head.bias', 'head.weight']
     old, new = source.state_dict(), target.state_dict()
     # 32 px: a 2x2 grid at stride 16 (5 tokens), a 3x3 grid at stride 8 (10 tokens), class token in the middle
