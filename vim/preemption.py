@@ -23,12 +23,10 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        self.signal_name = None
         self._previous = {}
 
     def _handle(self, signum, frame):
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self):
         for signum in STOP_SIGNALS:
