@@ -36,7 +36,7 @@ from engine import TrainingDiverged, evaluate, train_one_epoch
 from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
                             model_state_dict, restore_rng_state, save_atomic)
 from vim.losses import DistillationLoss
-from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_stop_signals
+from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
 from vim.samplers import ResumableSampler, SeededDataset
 from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 
@@ -318,7 +318,7 @@ def train_loader(dataset, args, seed, pin_memory):
     # The loader's own generator keeps iterator creation from consuming the global random stream.
     loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
                         num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
+                        worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps
 
 
@@ -327,7 +327,7 @@ def eval_loader(dataset, args, pin_memory):
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(0))
+                      worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
 
 
 def report_accuracy(stats, label='network'):

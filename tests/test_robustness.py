@@ -31,7 +31,8 @@ def popen(argv):
 
 
 # SIGTERM to the trainer alone (torchrun forwards it so); SIGUSR1 to the whole process group, loader
-# workers included (as a cluster scheduler may), whose augmentations must not depend on the worker.
+# workers included (as SLURM may send its warning signal), whose augmentations must not depend on the
+# worker.
 @pytest.mark.parametrize('signum, workers, whole_group', [(signal.SIGTERM, '0', False), (signal.SIGUSR1, '2', True)])
 def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_path, signum, workers, whole_group):
     common = ['--epochs', '2', '--batch-size', '2', '--print-freq', '1', '--drop-path', '0.1',

@@ -6,11 +6,11 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def ignore_stop_signals(worker_id=None):
-    """Data-loader worker init: a scheduler may signal every process of the job, and the workers must
-    outlive the step that the main process finishes before saving."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def ignore_warning_signal(worker_id=None):
+    """Data-loader worker init: SLURM's warning signal may reach every process of the job, and the
+    workers must outlive the step that the main process finishes before saving. (SIGTERM cannot be
+    ignored there: the loader and multiprocessing end their workers with it.)"""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class Preempted(Exception):
