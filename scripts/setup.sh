@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the runtime requirements and the two kernel packages (editable). Without a GPU the kernel
-# packages install without compiling and run their pure-PyTorch reference ops.
+# Installs the runtime requirements and the two kernel packages (editable). Without a GPU the CUDA
+# kernels are not compiled: the scan runs on the fused C++ CPU kernel, everything else on PyTorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r vim_requirements.txt
