@@ -27,8 +27,6 @@ MODELS = {
 def build(name, img_size, fused_attn=True):
     timm.layers.set_fused_attn(fused_attn)
     kwargs = dict(img_size=img_size) if img_size != 224 else {}
-    if name.startswith("vim"):
-        kwargs["dynamic_img_size"] = False
     return timm.create_model(name, **kwargs).cuda()
 
 

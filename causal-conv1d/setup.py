@@ -15,7 +15,6 @@ visible or FORCE_BUILD is set; otherwise a one-line message says why it was skip
 Nothing is downloaded.
 """
 import os
-import sys
 
 from setuptools import find_packages, setup
 

@@ -1,6 +1,5 @@
 """CPU tests of the Mamba mixer module: parameters, initialisation, checkpoint keys and the bidirectional composition."""
 import json
-import math
 from pathlib import Path
 
 import pytest

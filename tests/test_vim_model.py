@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import timm
 
 import vim  # noqa: F401  (registers the models)
-from vim.models_mamba import VisionMamba, checkpoint_filter_fn, load_checkpoint, resample_pos_embed
+from vim.models_mamba import checkpoint_filter_fn, load_checkpoint, resample_pos_embed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vim_reference as ref  # noqa: E402

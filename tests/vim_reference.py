@@ -5,7 +5,6 @@ deliberately written in another style than the model: explicit patch extraction 
 an explicit-loop causal conv, a token-by-token recurrence for the selective scan, and the backward
 direction computed literally on the flipped sequence.
 """
-import math
 
 import torch
 import torch.nn.functional as F

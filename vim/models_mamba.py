@@ -5,7 +5,7 @@ checkpoint adaptation, pretrained configs, registration.
 """
 import argparse
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -261,10 +261,9 @@ class VisionMamba(nn.Module):
             if not 0 < indices <= self.depth:
                 raise ValueError(f"indices={indices}: take the last n blocks with 1 <= n <= {self.depth}")
             return list(range(self.depth - indices, self.depth))
-        take = [i % self.depth for i in indices]
         if any(not -self.depth <= i < self.depth for i in indices):
             raise ValueError(f"block indices must lie in [-{self.depth}, {self.depth}), got {list(indices)}")
-        return take
+        return [i % self.depth for i in indices]
 
     @staticmethod
     def _patch_map(tokens, grid, output_fmt):

@@ -3,7 +3,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn_no_out_proj,
