@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causal_conv1d.layout import empty_in_layout
+
 try:
     import causal_conv1d_cuda as _ext
 except ImportError as error:
@@ -47,7 +49,7 @@ def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, rev
 
 @_conv_fwd.register_fake
 def _(x, weight, bias, silu, reverse):
-    return x.new_empty(x.shape)
+    return empty_in_layout(x)
 
 
 @torch.library.custom_op("causal_conv1d::bwd", mutates_args=())
@@ -62,7 +64,7 @@ def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor, s
 @_conv_bwd.register_fake
 def _(x, weight, bias, dout, silu, reverse):
     dbias_shape = (x.shape[1],) if bias is not None else (0,)
-    return (x.new_empty(x.shape), x.new_empty(weight.shape, dtype=torch.float32),
+    return (empty_in_layout(x), x.new_empty(weight.shape, dtype=torch.float32),
             x.new_empty(dbias_shape, dtype=torch.float32))
 
 
@@ -88,7 +90,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, rever
     out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]), act = SiLU if silu.
     x: float32/float16/bfloat16 (any batch/channel strides); weight and bias of any float dtype
     (computed in fp32); width 2..4. reverse=True gives the anti-causal conv
-    (= conv(x.flip(-1)).flip(-1)). Returns a contiguous tensor in x's dtype.
+    (= conv(x.flip(-1)).flip(-1)). Returns a tensor in x's dtype and layout (causal_conv1d.layout).
     """
     require()
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or not 2 <= weight.shape[1] <= 4:

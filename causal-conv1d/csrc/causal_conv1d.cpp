@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -34,6 +35,29 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "causal_conv1d: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
+// Token-major: channel stride 1 (a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)). The same
+// rule as causal_conv1d.layout.is_token_major, which the ops' fake implementations use.
+bool is_token_major(const at::Tensor& t) {
+  return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1;
+}
+
+// A new (batch, dim, seqlen) tensor in the layout of `like`: (batch, seqlen, dim) contiguous, transposed,
+// for token-major inputs, else contiguous.
+at::Tensor empty_in_layout(const at::Tensor& like) {
+  if (is_token_major(like)) {
+    return at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+  }
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// `t` (same shape) with exactly the strides of `like`, keeping t's dtype; a copy only when they differ.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  at::Tensor r = at::empty_strided(like.sizes(), like.strides(), t.options());
+  r.copy_(t);
+  return r;
+}
+
 struct Prepared {
   at::Tensor x, weight, bias;  // weight / bias as contiguous fp32
   ConvParams p{};
@@ -49,7 +73,8 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   TORCH_CHECK(width >= 2 && width <= 4, "causal_conv1d: width must be 2, 3 or 4, got ", width);
   TORCH_CHECK(weight.device() == x_in.device(), "causal_conv1d: weight must be on x's device");
   Prepared r;
-  r.x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const bool token_major = is_token_major(x_in);
+  r.x = token_major || x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   r.weight = weight.to(at::kFloat).contiguous();
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == dim, "causal_conv1d: bias must be (dim,)");
@@ -63,6 +88,8 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   p.bias = r.bias.defined() ? r.bias.data_ptr<float>() : nullptr;
   p.x_batch_stride = r.x.stride(0);
   p.x_dim_stride = r.x.stride(1);
+  p.x_seq_stride = r.x.stride(2);
+  p.token_major = token_major;
   p.batch = int(batch);
   p.dim = int(dim);
   p.seqlen = int(seqlen);
@@ -72,8 +99,12 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   return r;
 }
 
-// One block per (channel, batch split): split the batch until there are ~1024 blocks.
+// Channel-major: one block per (channel, batch split), splitting the batch until there are ~1024
+// blocks. Token-major: one partial per block of the (channel, seqlen, batch) grid.
 int num_splits(const ConvParams& p) {
+  if (p.token_major) {
+    return p.batch * ((p.seqlen + kTokenMajorBlockPositions - 1) / kTokenMajorBlockPositions);
+  }
   const int want = (1024 + std::max(p.dim, 1) - 1) / std::max(p.dim, 1);
   return std::max(1, std::min(p.batch, want));
 }
@@ -82,7 +113,7 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::op
                     bool silu, bool reverse) {
   c10::cuda::CUDAGuard guard(x.device());
   Prepared r = prepare(x, weight, bias, silu, reverse);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_in_layout(r.x);
   if (out.numel() == 0) return out;
   r.p.out = out.data_ptr();
   r.p.splits = num_splits(r.p);
@@ -96,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, con
   c10::cuda::CUDAGuard guard(x.device());
   Prepared r = prepare(x, weight, bias, silu, reverse);
   TORCH_CHECK(dout.sizes() == x.sizes(), "causal_conv1d: dout must have x's shape");
-  at::Tensor dout_c = dout.to(x.scalar_type()).contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = empty_in_layout(r.x);
+  at::Tensor dout_c = in_layout_of(dout.to(x.scalar_type()), dx);
   const int splits = num_splits(r.p);
   at::Tensor partial = at::empty({splits, r.p.dim, r.p.width + 1}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) {

@@ -11,6 +11,11 @@
 // registers; the backward keeps the weight/bias gradient partial sums in registers, reduces
 // them over the block once and writes one partial per (split, channel): the final sum over
 // splits (done by the caller) is deterministic.
+//
+// Token-major inputs (channel stride 1) use their own kernels: lane = channel (coalesced), warp =
+// a segment of kSegTM positions walked in order with the W-1 previous inputs sliding through
+// registers; a block is 32 channels x kWarps segments of one batch element, and its partial
+// weight/bias gradients are reduced over the warps and written once per (block, channel).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -193,6 +198,155 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Token-major layout
+// ------------------------------------------------------------------------------------------
+constexpr int kSegTM = 16;  // positions per warp
+static_assert(kWarps * kSegTM == kTokenMajorBlockPositions, "host and kernels must agree on the grid");
+
+struct TokenMajorGeo {
+  int b, d, seg, seg_end;
+  bool active;
+};
+
+__device__ __forceinline__ TokenMajorGeo token_major_geo(const ConvParams& p) {
+  TokenMajorGeo g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  g.b = blockIdx.z;
+  g.d = blockIdx.x * 32 + lane;
+  g.seg = (blockIdx.y * kWarps + warp) * kSegTM;
+  g.seg_end = min(g.seg + kSegTM, p.seqlen);
+  g.active = g.d < p.dim && g.seg < p.seqlen;
+  return g;
+}
+
+// x (or dout) of channel d at logical position s, 0 outside [0, L).
+template <typename T>
+__device__ __forceinline__ float load_tm(const T* base, int64_t seq_stride, int s, int L, bool reverse) {
+  return (s >= 0 && s < L) ? to_float(base[int64_t(phys_pos(s, L, reverse)) * seq_stride]) : 0.f;
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_fwd_tm_kernel(const ConvParams p) {
+  const TokenMajorGeo g = token_major_geo(p);
+  if (!g.active) return;
+  const int L = p.seqlen;
+  const int64_t out_seq = p.dim;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
+  const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
+  const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
+  T* outr = reinterpret_cast<T*>(p.out) + int64_t(g.b) * L * p.dim + g.d;
+  float win[W];  // win[k] = x[s - (W-1) + k]
+#pragma unroll
+  for (int k = 0; k < W - 1; ++k) win[k] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + k, L, p.reverse);
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {
+    const int s = g.seg + i;
+    if (s >= g.seg_end) break;
+    win[W - 1] = load_tm(xr, p.x_seq_stride, s, L, p.reverse);
+    float acc = bias;
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], win[k], acc);
+    if (p.silu) acc = acc / (1.f + __expf(-acc));
+    outr[phys_pos(s, L, p.reverse) * out_seq] = from_float<T>(acc);
+#pragma unroll
+    for (int k = 0; k < W - 1; ++k) win[k] = win[k + 1];
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_bwd_tm_kernel(const ConvParams p) {
+  const TokenMajorGeo g = token_major_geo(p);
+  const int L = p.seqlen;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float dw[W], db = 0.f;
+#pragma unroll
+  for (int k = 0; k < W; ++k) dw[k] = 0.f;
+  if (g.active) {
+    float w[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
+    const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
+    const int64_t row = int64_t(g.b) * L * p.dim + g.d;  // dout and dx: (batch, seqlen, dim) contiguous
+    const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
+    const T* dr = reinterpret_cast<const T*>(p.dout) + row;
+    T* dxr = reinterpret_cast<T*>(p.dx) + row;
+    // Walk t = seg .. seg_end + W - 2: g[t] = dout[t] * act'(pre[t]) needs x[t-W+1 .. t]; once g[t] is
+    // known, dx[t-(W-1)] = sum_k w[k] g[t-k] is complete.
+    float xw[W], gw[W];  // xw[k] = x[t - (W-1) + k], gw[k] = g[t - (W-1) + k]
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      xw[k] = k < W - 1 ? load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + k, L, p.reverse) : 0.f;
+      gw[k] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kSegTM + W - 1; ++i) {
+      const int t = g.seg + i;
+      if (t >= g.seg_end + W - 1) break;
+      xw[W - 1] = load_tm(xr, p.x_seq_stride, t, L, p.reverse);
+      float xk[W];  // xk[k] = x[t - k], the order grad_pre takes
+#pragma unroll
+      for (int k = 0; k < W; ++k) xk[k] = xw[W - 1 - k];
+      const float gt = t < L ? grad_pre<W>(load_tm(dr, p.dim, t, L, p.reverse), xk, w, bias, p.silu) : 0.f;
+      gw[W - 1] = gt;
+      if (t < g.seg_end) {
+        db += gt;
+#pragma unroll
+        for (int k = 0; k < W; ++k) dw[k] = fmaf(gt, xw[k], dw[k]);
+      }
+      const int target = t - (W - 1);
+      if (target >= g.seg) {
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc = fmaf(w[k], gw[W - 1 - k], acc);
+        dxr[int64_t(phys_pos(target, L, p.reverse)) * p.dim] = from_float<T>(acc);
+      }
+#pragma unroll
+      for (int k = 0; k < W - 1; ++k) {
+        xw[k] = xw[k + 1];
+        gw[k] = gw[k + 1];
+      }
+    }
+  }
+  // Sum the warps' partials of each channel (lane) and write one partial per (block, channel).
+  __shared__ float red[kWarps][W + 1][32];
+#pragma unroll
+  for (int k = 0; k <= W; ++k) red[warp][k][lane] = k < W ? dw[k] : db;
+  __syncthreads();
+  if (warp == 0 && g.d < p.dim) {
+    const int split = blockIdx.z * gridDim.y + blockIdx.y;
+#pragma unroll
+    for (int k = 0; k <= W; ++k) {
+      float v = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) v += red[i][k][lane];
+      p.dw_partial[(int64_t(split) * p.dim + g.d) * (W + 1) + k] = v;
+    }
+  }
+}
+
+inline dim3 token_major_grid(const ConvParams& p) {
+  constexpr int per_block = kTokenMajorBlockPositions;
+  return dim3((p.dim + 31) / 32, (p.seqlen + per_block - 1) / per_block, p.batch);
+}
+
+template <typename T>
+cudaError_t conv_tm_launch(const ConvParams& p, bool backward, cudaStream_t stream) {
+  const dim3 grid = token_major_grid(p);
+  switch (p.width) {
+    case 2: backward ? conv_bwd_tm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p)
+                     : conv_fwd_tm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: backward ? conv_bwd_tm_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p)
+                     : conv_fwd_tm_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: backward ? conv_bwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p)
+                     : conv_fwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 template <typename T, int kE>
 cudaError_t conv_fwd_launch_e(const ConvParams& p, cudaStream_t stream) {
   dim3 grid(p.dim, p.splits);
@@ -207,6 +361,7 @@ cudaError_t conv_fwd_launch_e(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t conv_fwd_launch_impl(const ConvParams& p, cudaStream_t stream) {
+  if (p.token_major) return conv_tm_launch<T>(p, false, stream);
   return p.seqlen >= 128 ? conv_fwd_launch_e<T, 8>(p, stream) : conv_fwd_launch_e<T, 2>(p, stream);
 }
 
@@ -226,6 +381,7 @@ cudaError_t conv_bwd_launch_e(const ConvParams& p, cudaStream_t stream) {
 // at (128, 384, 197), 0.52 vs 0.39 ms at (128, 384, 785)); its register use halves the resident warps.
 template <typename T>
 cudaError_t conv_bwd_launch_impl(const ConvParams& p, cudaStream_t stream) {
+  if (p.token_major) return conv_tm_launch<T>(p, true, stream);
   return conv_bwd_launch_e<T, 2>(p, stream);
 }
 

@@ -20,13 +20,16 @@ def _ref(x, weight, bias, silu, reverse):
     return causal_conv1d_ref(x, weight, bias, act)
 
 
-def _run_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, reverse=False, strided=False):
+def _run_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, reverse=False, strided=False,
+              token_major=False):
     from causal_conv1d import cuda_ops
 
     seed = fresh_seed()
     dev = "cuda"
     if strided:  # x as the first half of a (batch, 2*dim, seqlen) tensor, like Vim's xz.chunk(2)
         x = torch.randn(batch, 2 * dim, seqlen, device=dev, dtype=dtype)[:, :dim]
+    elif token_major:  # channel stride 1: a (batch, seqlen, dim) tensor transposed
+        x = torch.randn(batch, seqlen, dim, device=dev, dtype=dtype).transpose(1, 2)
     else:
         x = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
     weight = (torch.randn(dim, width, device=dev) / width ** 0.5).to(dtype)
@@ -49,6 +52,8 @@ def _run_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, revers
     olo.backward(dout)
 
     assert out.dtype == dtype and out.shape == x.shape
+    if seqlen > 1:  # out and dx keep x's layout
+        assert (out.stride(1) == 1) == (xs[0].grad.stride(1) == 1) == token_major
     check_bound("out", out, o64, olo, dtype, seed)
     for name, a, b, c in zip(("dx", "dweight", "dbias"), xs, r64, rlo):
         assert a.grad.dtype == a.dtype
@@ -68,6 +73,15 @@ def test_conv_matches_float64(batch, seqlen, dtype):
                                                    (False, False, True)])
 def test_conv_variants(width, silu, has_bias, reverse):
     _run_case(2, 64, 197, width, torch.float32, silu=silu, has_bias=has_bias, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("seqlen", [1, 5, 197, 2049])
+@pytest.mark.parametrize("width,reverse,silu,has_bias", [(4, False, True, True), (4, True, True, True),
+                                                         (3, True, False, False), (2, False, True, False)])
+def test_conv_token_major(seqlen, width, reverse, silu, has_bias, dtype):
+    dim = 384 if seqlen != 5 else 40  # 40: a partial block of channels
+    _run_case(3, dim, seqlen, width, dtype, silu=silu, has_bias=has_bias, reverse=reverse, token_major=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -108,6 +122,10 @@ def test_conv_opcheck():
     torch.library.opcheck(torch.ops.causal_conv1d.fwd.default, (x, w, None, False, True))
     dout = torch.randn(2, 16, 37, device="cuda")
     torch.library.opcheck(torch.ops.causal_conv1d.bwd.default, (x.detach(), w.detach(), b.detach(), dout, True, False))
+    # Token-major input: the fake implementations must give the kernels' output strides.
+    xt = torch.randn(2, 37, 16, device="cuda").transpose(1, 2).requires_grad_()
+    torch.library.opcheck(torch.ops.causal_conv1d.fwd.default, (xt, w, b, True, True))
+    torch.library.opcheck(torch.ops.causal_conv1d.bwd.default, (xt.detach(), w.detach(), b.detach(), dout, True, True))
 
 
 def test_conv_torch_compile_fullgraph():

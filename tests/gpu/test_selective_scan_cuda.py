@@ -53,6 +53,18 @@ def make_inputs(batch, dim, seqlen, dstate, dtype, groups=1, has_z=True, has_D=T
     return [u, delta, A, B, C, D, z, delta_bias]
 
 
+def to_token_major(inputs):
+    """The same values with channel stride 1, as a Vim block produces them: u, delta, z as (batch, seqlen, dim)
+    tensors transposed, B and C as (batch, seqlen, groups, dstate) ones permuted."""
+    out = list(inputs)
+    for i in (0, 1, 6):
+        if out[i] is not None:
+            out[i] = out[i].transpose(1, 2).contiguous().transpose(1, 2)
+    for i in (3, 4):
+        out[i] = out[i].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    return out
+
+
 def run_case(batch, dim, seqlen, dtype, dstate=16, groups=1, has_z=True, has_D=True, has_bias=True,
              softplus=True, reverse=False, last_state=False, inputs=None):
     from mamba_ssm.ops import cuda_ops
@@ -87,6 +99,8 @@ def run_case(batch, dim, seqlen, dtype, dstate=16, groups=1, has_z=True, has_D=T
 
     out_k = res_k[0] if last_state else res_k
     assert out_k.dtype == dtype and out_k.shape == inputs[0].shape
+    if seqlen > 1:  # outputs and du keep u's layout (token-major when u is)
+        assert (out_k.stride(1) == 1) == (k_in[0].grad.stride(1) == 1) == (inputs[0].stride(1) == 1)
     check_bound("out", out_k, res_64[0] if last_state else res_64, res_lo[0] if last_state else res_lo, dtype, seed)
     if last_state:
         assert res_k[1].dtype == torch.float32
@@ -128,6 +142,14 @@ def test_scan_channels_not_multiple_of_block():
     run_case(1, 3 * 20, 65, torch.float32, groups=3)  # 20 channels per group
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("seqlen,reverse", [(1, False), (197, False), (730, True)])
+def test_scan_token_major_inputs(seqlen, reverse, dtype):
+    inputs = to_token_major(make_inputs(3, 384, seqlen, 16, dtype))
+    run_case(3, 384, seqlen, dtype, reverse=reverse, inputs=inputs)
+    run_case(2, 40, seqlen, dtype, inputs=to_token_major(make_inputs(2, 40, seqlen, 16, dtype, groups=2)))
+
+
 def test_scan_strided_inputs():
     """x and z as halves of one (batch, 2*dim, L) tensor (Vim's xz), delta not contiguous in L."""
     batch, dim, seqlen = 2, 64, 150
@@ -155,10 +177,12 @@ def test_scan_rejects_large_dstate():
         cuda_ops.selective_scan(*inputs, True, False)
 
 
-def test_scan_opcheck():
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+def test_scan_opcheck(token_major):
     from mamba_ssm.ops import cuda_ops  # noqa: F401  (registers the ops)
 
-    u, delta, A, B, C, D, z, bias = make_inputs(2, 8, 40, 4, torch.float32)
+    inputs = make_inputs(2, 8, 40, 4, torch.float32)
+    u, delta, A, B, C, D, z, bias = to_token_major(inputs) if token_major else inputs
     leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
     op = torch.ops.mamba_ssm.selective_scan_fwd.default
     torch.library.opcheck(op, (*leaves, True, True, True, False))
@@ -184,13 +208,16 @@ def test_scan_backward_without_saved_checkpoints():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_and_scan_under_torch_compile():
-    """A Mamba-like inner op (conv -> silu -> scan with z gate) compiles without graph breaks."""
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+def test_conv_and_scan_under_torch_compile(token_major):
+    """A Mamba-like inner op (conv -> silu -> scan with z gate) compiles without graph breaks, and the
+    compiled code around the ops (which trusts their fake strides) computes the same values."""
     from causal_conv1d import cuda_ops as conv_ops
     from mamba_ssm.ops import cuda_ops
 
     batch, dim, seqlen, dstate = 2, 32, 70, 16
-    u, delta, A, B, C, D, z, bias = make_inputs(batch, dim, seqlen, dstate, torch.float32)
+    inputs = make_inputs(batch, dim, seqlen, dstate, torch.float32)
+    u, delta, A, B, C, D, z, bias = to_token_major(inputs) if token_major else inputs
     w = torch.randn(dim, 4, device="cuda")
     params = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias, w)]
 
@@ -226,12 +253,14 @@ def _bi_ref(f_in, b_in, z, softplus):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("batch,dim,seqlen", [(3, 384, 197), (1, 768, 730), (2, 64, 1), (1, 96, 2049)])
-def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype):
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major):
     from mamba_ssm.ops import cuda_ops
 
     seed = fresh_seed()
-    f_in = make_inputs(batch, dim, seqlen, 16, dtype)
-    b_in = make_inputs(batch, dim, seqlen, 16, dtype)
+    layout = to_token_major if token_major else list
+    f_in = layout(make_inputs(batch, dim, seqlen, 16, dtype))
+    b_in = layout(make_inputs(batch, dim, seqlen, 16, dtype))
     z = f_in[6]
     dout = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
 
@@ -258,6 +287,8 @@ def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype):
     (olo.double() * dout.double()).sum().backward()
 
     assert out.dtype == dtype
+    if seqlen > 1:
+        assert (out.stride(1) == 1) == token_major and (kf[0].grad.stride(1) == 1) == token_major
     check_bound("out", out, o64, olo, dtype, seed)
     for tag, ks, rs, ls in (("f", kf, rf, lf), ("b", kb, rb, lb)):
         for name, a, b, c in zip(NAMES, ks, rs, ls):
@@ -285,11 +316,13 @@ def test_bimamba_scan_equals_two_single_scans():
     torch.testing.assert_close(out, (y_f + y_b) * F.silu(z), rtol=1e-5, atol=1e-5)
 
 
-def test_bimamba_opcheck_and_compile():
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+def test_bimamba_opcheck_and_compile(token_major):
     from mamba_ssm.ops import cuda_ops
 
-    f_in = make_inputs(2, 8, 40, 4, torch.float32)
-    b_in = make_inputs(2, 8, 40, 4, torch.float32)
+    layout = to_token_major if token_major else list
+    f_in = layout(make_inputs(2, 8, 40, 4, torch.float32))
+    b_in = layout(make_inputs(2, 8, 40, 4, torch.float32))
     tensors = [t.requires_grad_() for t in (*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
                                              *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], f_in[6])]
     torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, True, True))

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -47,13 +48,35 @@ cudaError_t launch_bwd(at::ScalarType t, const ScanParams& p, cudaStream_t s) {
   return cudaErrorInvalidValue;
 }
 
-// (batch, dim, seqlen) operand: u's dtype, last-dim stride 1 (copies otherwise).
-at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {
+// Token-major: channel stride 1 (a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)). The same
+// rule as causal_conv1d.layout.is_token_major, which the ops' fake implementations use.
+bool is_token_major(const at::Tensor& t) {
+  return t.dim() == 3 && t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1;
+}
+
+// A new (batch, dim, seqlen) tensor: (batch, seqlen, dim) contiguous, transposed, when token-major.
+at::Tensor empty_seq(int64_t batch, int64_t dim, int64_t seqlen, bool token_major, const at::TensorOptions& opt) {
+  if (token_major) return at::empty({batch, seqlen, dim}, opt).transpose(1, 2);
+  return at::empty({batch, dim, seqlen}, opt);
+}
+
+// (batch, dim, seqlen) operand in u's dtype with unit stride along channels (token-major) or along
+// positions (channel-major); copied only when it has neither.
+at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, bool token_major, const char* name) {
   TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan: ", name, " must have u's shape ", u.sizes(), ", got ",
               t.sizes());
   TORCH_CHECK(t.device() == u.device(), "selective_scan: ", name, " must be on u's device");
   at::Tensor r = t.scalar_type() == u.scalar_type() ? t : t.to(u.scalar_type());
+  if (token_major) return r.stride(1) == 1 ? r : r.transpose(1, 2).contiguous().transpose(1, 2);
   return r.stride(2) == 1 ? r : r.contiguous();
+}
+
+// `t` (same shape) with exactly the strides of `like`, keeping t's dtype; a copy only when they differ.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  at::Tensor r = at::empty_strided(like.sizes(), like.strides(), t.options());
+  r.copy_(t);
+  return r;
 }
 
 at::Tensor f32_param(const at::Tensor& t, const at::Tensor& u, const char* name) {
@@ -67,9 +90,10 @@ struct Prepared {
   ScanParams p{};
 };
 
+// token_major: the layout the kernel runs in (that of u, or of the other direction's u).
 Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                  const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
-                 bool delta_softplus, bool reverse) {
+                 bool delta_softplus, bool reverse, bool token_major) {
   TORCH_CHECK(u.is_cuda(), "selective_scan: u must be a CUDA tensor");
   TORCH_CHECK(u.dim() == 3, "selective_scan: u must be (batch, dim, seqlen), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2);
@@ -90,13 +114,13 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   TORCH_CHECK(seqlen < (int64_t(1) << 30) && dim < (int64_t(1) << 24), "selective_scan: input too large");
 
   Prepared r;
-  r.u = u.stride(2) == 1 ? u : u.contiguous();
-  r.delta = seq_operand(delta, u, "delta");
-  if (z.has_value()) r.z = seq_operand(*z, u, "z");
+  r.u = seq_operand(u, u, token_major, "u");
+  r.delta = seq_operand(delta, u, token_major, "delta");
+  if (z.has_value()) r.z = seq_operand(*z, u, token_major, "z");
   r.A = f32_param(A, u, "A");
   TORCH_CHECK(B.device() == u.device() && C.device() == u.device(), "selective_scan: B, C must be on u's device");
-  r.B = B.to(u.scalar_type()).contiguous();
-  r.C = C.to(u.scalar_type()).contiguous();
+  r.B = B.to(u.scalar_type());
+  r.C = C.to(u.scalar_type());
   if (D.has_value()) {
     TORCH_CHECK(D->numel() == dim, "selective_scan: D must be (dim,)");
     r.D = f32_param(*D, u, "D").view({dim});
@@ -114,19 +138,35 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.nchunks = int((seqlen + kChunk - 1) / kChunk);
   p.delta_softplus = delta_softplus;
   p.reverse = reverse;
+  p.token_major = token_major;
   p.u = r.u.data_ptr();
   p.u_batch_stride = r.u.stride(0);
   p.u_dim_stride = r.u.stride(1);
+  p.u_seq_stride = r.u.stride(2);
   p.delta = r.delta.data_ptr();
   p.delta_batch_stride = r.delta.stride(0);
   p.delta_dim_stride = r.delta.stride(1);
+  p.delta_seq_stride = r.delta.stride(2);
   if (r.z.defined()) {
     p.z = r.z.data_ptr();
     p.z_batch_stride = r.z.stride(0);
     p.z_dim_stride = r.z.stride(1);
+    p.z_seq_stride = r.z.stride(2);
   }
   p.B = r.B.data_ptr();
+  p.B_batch_stride = r.B.stride(0);
+  p.B_group_stride = r.B.stride(1);
+  p.B_state_stride = r.B.stride(2);
+  p.B_seq_stride = r.B.stride(3);
   p.C = r.C.data_ptr();
+  p.C_batch_stride = r.C.stride(0);
+  p.C_group_stride = r.C.stride(1);
+  p.C_state_stride = r.C.stride(2);
+  p.C_seq_stride = r.C.stride(3);
+  // The outputs, dout and ysum: the strides of empty_seq.
+  p.o_batch_stride = dim * seqlen;
+  p.o_dim_stride = token_major ? 1 : seqlen;
+  p.o_seq_stride = token_major ? dim : 1;
   p.A = r.A.data_ptr<float>();
   p.D = r.D.defined() ? r.D.data_ptr<float>() : nullptr;
   p.delta_bias = r.delta_bias.defined() ? r.delta_bias.data_ptr<float>() : nullptr;
@@ -142,10 +182,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
                                                         const OptTensor& delta_bias, bool delta_softplus,
                                                         bool return_last_state, bool save_ckpt, bool reverse) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, is_token_major(u));
   ScanParams& p = r.p;
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  at::Tensor out = empty_seq(p.batch, p.dim, p.seqlen, p.token_major, u.options());
   at::Tensor last = return_last_state ? at::empty({p.batch, p.dim, p.dstate}, f32) : empty0(u);
   at::Tensor ckpt = save_ckpt ? at::empty({p.batch, p.dim, p.nchunks, kMaxState}, f32) : empty0(u);
   if (out.numel() == 0) {
@@ -167,8 +207,8 @@ struct Grads {
 Grads alloc_grads(ScanParams& p, const at::Tensor& u, bool has_D, bool has_bias) {
   const auto f32 = u.options().dtype(at::kFloat);
   Grads g;
-  g.du = at::empty({p.batch, p.dim, p.seqlen}, u.options());
-  g.ddelta = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  g.du = empty_seq(p.batch, p.dim, p.seqlen, p.token_major, u.options());
+  g.ddelta = empty_seq(p.batch, p.dim, p.seqlen, p.token_major, u.options());
   g.dA = at::zeros({p.dim, p.dstate}, f32);
   g.dB = at::zeros({p.batch, p.ngroups, p.dstate, p.seqlen}, f32);
   g.dC = at::zeros({p.batch, p.ngroups, p.dstate, p.seqlen}, f32);
@@ -198,18 +238,18 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
                                  const OptTensor& delta_bias, const at::Tensor& dout, const OptTensor& dlast,
                                  const at::Tensor& ckpt, bool delta_softplus, bool reverse) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, is_token_major(u));
   ScanParams& p = r.p;
   at::Tensor ckpt_c = check_ckpt(ckpt, p);
   TORCH_CHECK(dout.sizes() == u.sizes(), "selective_scan: dout must have u's shape");
-  at::Tensor dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor dlast_c;
   if (dlast.has_value()) {
     TORCH_CHECK(dlast->numel() == int64_t(p.batch) * p.dim * p.dstate, "selective_scan: dlast must be (batch, dim, dstate)");
     dlast_c = dlast->to(at::kFloat).contiguous();
   }
   Grads g = alloc_grads(p, u, D.has_value(), delta_bias.has_value());
-  at::Tensor dz = z.has_value() ? at::empty({p.batch, p.dim, p.seqlen}, u.options()) : empty0(u);
+  at::Tensor dout_c = in_layout_of(dout.to(u.scalar_type()), g.du);
+  at::Tensor dz = z.has_value() ? empty_seq(p.batch, p.dim, p.seqlen, p.token_major, u.options()) : empty0(u);
   if (g.du.numel() > 0) {
     p.dout = dout_c.data_ptr();
     p.dlast = dlast_c.defined() ? dlast_c.data_ptr<float>() : nullptr;
@@ -248,13 +288,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
     const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
     const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, bool delta_softplus, bool save_ckpt) {
   c10::cuda::CUDAGuard guard(u_f.device());
-  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false);
-  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true);
+  const bool token_major = is_token_major(u_f);
+  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false, token_major);
+  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true, token_major);
   check_pair(rf, rb, u_f, u_b);
   ScanParams &pf = rf.p, &pb = rb.p;
   const auto f32 = u_f.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({pf.batch, pf.dim, pf.seqlen}, u_f.options());
-  at::Tensor ysum = at::empty({pf.batch, pf.dim, pf.seqlen}, f32);
+  at::Tensor out = empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, u_f.options());
+  at::Tensor ysum = empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, f32);
   at::Tensor ck_f = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   at::Tensor ck_b = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   if (out.numel() == 0) return {out, ysum, ck_f, ck_b};
@@ -279,18 +320,19 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
                                const at::Tensor& dout, const at::Tensor& ysum, const at::Tensor& ckpt_f,
                                const at::Tensor& ckpt_b, bool delta_softplus) {
   c10::cuda::CUDAGuard guard(u_f.device());
-  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, false);
-  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true);
+  const bool token_major = is_token_major(u_f);
+  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, false, token_major);
+  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true, token_major);
   check_pair(rf, rb, u_f, u_b);
   ScanParams &pf = rf.p, &pb = rb.p;
   at::Tensor cf = check_ckpt(ckpt_f, pf), cb = check_ckpt(ckpt_b, pb);
   TORCH_CHECK(dout.sizes() == u_f.sizes() && ysum.sizes() == u_f.sizes() && ysum.scalar_type() == at::kFloat,
               "bimamba_scan: dout and ysum must have u's shape (ysum fp32)");
-  at::Tensor dout_c = dout.to(u_f.scalar_type()).contiguous();
-  at::Tensor ysum_c = ysum.contiguous();
   Grads gf = alloc_grads(pf, u_f, D_f.has_value(), bias_f.has_value());
   Grads gb = alloc_grads(pb, u_b, D_b.has_value(), bias_b.has_value());
-  at::Tensor dz = at::empty({pf.batch, pf.dim, pf.seqlen}, u_f.options());
+  at::Tensor dout_c = in_layout_of(dout.to(u_f.scalar_type()), gf.du);
+  at::Tensor ysum_c = in_layout_of(ysum, gf.du);
+  at::Tensor dz = empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, u_f.options());
   if (dz.numel() > 0) {
     for (ScanParams* p : {&pf, &pb}) {
       p->dout = dout_c.data_ptr();

@@ -16,25 +16,35 @@ struct ScanParams {
   bool delta_softplus;
   bool reverse;  // scan positions L-1 .. 0 (the scan of the flipped sequence, in place)
 
-  // (batch, dim, seqlen) inputs with last-dim stride 1; strides in elements.
+  // Layout of the (batch, dim, seqlen) tensors: token-major (channel stride 1, e.g. the output of a
+  // linear layer as (batch, seqlen, dim)) or channel-major (seqlen stride 1). Element tiles are then
+  // loaded and stored with lanes along channels or along positions, so accesses stay coalesced.
+  bool token_major;
+  // Inputs; strides in elements.
   const void* u;
   const void* delta;
   const void* z;  // nullptr: no gate
-  int64_t u_batch_stride, u_dim_stride, delta_batch_stride, delta_dim_stride, z_batch_stride, z_dim_stride;
-  const void* B;  // (batch, ngroups, dstate, seqlen), contiguous, u's dtype
+  int64_t u_batch_stride, u_dim_stride, u_seq_stride;
+  int64_t delta_batch_stride, delta_dim_stride, delta_seq_stride;
+  int64_t z_batch_stride, z_dim_stride, z_seq_stride;
+  const void* B;  // (batch, ngroups, dstate, seqlen), any strides, u's dtype
   const void* C;
+  int64_t B_batch_stride, B_group_stride, B_state_stride, B_seq_stride;
+  int64_t C_batch_stride, C_group_stride, C_state_stride, C_seq_stride;
+  // Every other (batch, dim, seqlen) tensor (out, y_acc_*, dout, ysum, du, ddelta, dz) has these strides.
+  int64_t o_batch_stride, o_dim_stride, o_seq_stride;
   const float* A;           // (dim, dstate)
   const float* D;           // (dim,) or nullptr
   const float* delta_bias;  // (dim,) or nullptr
 
-  // Forward outputs (all contiguous).
+  // Forward outputs.
   void* out;          // (batch, dim, seqlen) u's dtype, = (y [+ y_acc_in]) * silu(z); nullptr: not written
   float* ckpt;        // (batch, dim, nchunks, kMaxState): state before each chunk; nullptr: not saved
   float* last_state;  // (batch, dim, dstate) or nullptr
   const float* y_acc_in;  // fp32 (batch, dim, seqlen) added to y before the gate (fused bidirectional)
   float* y_acc_out;       // fp32 (batch, dim, seqlen): receives y (+ y_acc_in), ungated; may equal y_acc_in
 
-  // Backward (all contiguous).
+  // Backward (dB, dC, dA, dD, ddelta_bias contiguous).
   const void* dout;      // (batch, dim, seqlen), u's dtype
   const float* dlast;    // (batch, dim, dstate) gradient of last_state, or nullptr
   const float* ysum;     // if set with z: dz = dout * ysum * silu'(z) instead of the recomputed y

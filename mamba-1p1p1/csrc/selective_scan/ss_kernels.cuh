@@ -39,7 +39,7 @@ constexpr int kBRow = 20;                 // padded row of the (position x state
 constexpr int kDbcRow = kCh * kMaxState + 4;  // padded row of the dB/dC reduction buffer
 constexpr int kElems = kCh * kT / kThreads;   // elements per thread in element-wise stages (8)
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kT == 32, "element-wise stages map one warp to one 32-position row");
+static_assert(kT == 32 && kCh == 32, "element-wise stages map a warp's lanes to a 32-element tile row");
 
 template <DType> struct TypeOf;
 template <> struct TypeOf<DType::kFloat32> { using type = float; };
@@ -82,6 +82,25 @@ __device__ __forceinline__ BlockGeo block_geo(const ScanParams& p) {
 
 __device__ __forceinline__ int phys(const ScanParams& p, int s) { return p.reverse ? p.seqlen - 1 - s : s; }
 
+// Element (r = channel row, j = position) of a (kCh x kT) tile handled by this thread in step i of the
+// element-wise stages: lanes run along positions (channel-major) or along channels (token-major), so
+// global accesses are coalesced either way; the padded shared-memory rows keep both conflict-free.
+__device__ __forceinline__ void tile_elem(const ScanParams& p, int i, int& r, int& j) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (p.token_major) {
+    r = lane;
+    j = warp + 4 * i;
+  } else {
+    r = warp + 4 * i;
+    j = lane;
+  }
+}
+
+// Offset of (batch b, channel d, position pos) in the output-layout tensors.
+__device__ __forceinline__ int64_t out_off(const ScanParams& p, int b, int d, int pos) {
+  return int64_t(b) * p.o_batch_stride + int64_t(d) * p.o_dim_stride + int64_t(pos) * p.o_seq_stride;
+}
+
 // B and C of one chunk, (position x state), zero past the end and for n >= dstate. Lane mapping:
 // 8 consecutive positions x 4 states per warp (32-byte segments in global memory, conflict-free
 // shared-memory stores with the row padding of 20). Loaded into registers first (prefetch).
@@ -96,18 +115,17 @@ __device__ __forceinline__ void bc_index(int i, int& j, int& n) {
 template <typename T>
 __device__ __forceinline__ void load_bc_regs(const ScanParams& p, const BlockGeo& geo, int s0, int len,
                                              float (&pb)[kBC], float (&pc)[kBC]) {
-  const int64_t base = (int64_t(geo.b) * p.ngroups + geo.g) * p.dstate * p.seqlen;
-  const T* Bp = reinterpret_cast<const T*>(p.B) + base;
-  const T* Cp = reinterpret_cast<const T*>(p.C) + base;
+  const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
+  const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
 #pragma unroll
   for (int i = 0; i < kBC; ++i) {
     int j, n;
     bc_index(i, j, n);
     pb[i] = pc[i] = 0.f;
     if (n < p.dstate && j < len) {
-      const int64_t off = int64_t(n) * p.seqlen + phys(p, s0 + j);
-      pb[i] = to_float(Bp[off]);
-      pc[i] = to_float(Cp[off]);
+      const int64_t pos = phys(p, s0 + j);
+      pb[i] = to_float(Bp[n * p.B_state_stride + pos * p.B_seq_stride]);
+      pc[i] = to_float(Cp[n * p.C_state_stride + pos * p.C_seq_stride]);
     }
   }
 }
@@ -148,7 +166,7 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
 
   const BlockGeo geo = block_geo(p);
   const int L = p.seqlen;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int ch = tid / kPart, part = tid % kPart;
   const int d = geo.d0 + ch;
   const bool ch_ok = ch < geo.nch;
@@ -173,16 +191,15 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
       float* dst = p.ckpt + ((int64_t(geo.b) * p.dim + d) * p.nchunks + c) * kMaxState + part * kSt;
       *reinterpret_cast<float4*>(dst) = make_float4(h[0], h[1], h[2], h[3]);
     }
-    // Element tiles: warp w handles rows w, w+4, ...; lane = position in the chunk.
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
-      const int r = warp + 4 * i, j = lane;
+      int r, j;
+      tile_elem(p, i, r, j);
       float uv = 0.f, dv = 0.f;
       if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r;
-        const int pos = phys(p, s0 + j);
-        uv = to_float(u[int64_t(dr) * p.u_dim_stride + pos]);
-        dv = to_float(delta[int64_t(dr) * p.delta_dim_stride + pos]);
+        const int64_t dr = geo.d0 + r, pos = phys(p, s0 + j);
+        uv = to_float(u[dr * p.u_dim_stride + pos * p.u_seq_stride]);
+        dv = to_float(delta[dr * p.delta_dim_stride + pos * p.delta_seq_stride]);
         if (p.delta_bias != nullptr) dv += p.delta_bias[dr];
         if (p.delta_softplus) dv = softplus(dv);
       }
@@ -216,18 +233,19 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
     // Outputs of the chunk.
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
-      const int r = warp + 4 * i, j = lane;
+      int r, j;
+      tile_elem(p, i, r, j);
       if (r < geo.nch && j < len) {
         const int dr = geo.d0 + r;
         const int pos = phys(p, s0 + j);
         float y = sY[r * kRow + j];
         if (p.D != nullptr) y = fmaf(p.D[dr], sU[r * kRow + j], y);
-        const int64_t o = (int64_t(geo.b) * p.dim + dr) * L + pos;
+        const int64_t o = out_off(p, geo.b, dr, pos);
         if (p.y_acc_in != nullptr) y += p.y_acc_in[o];
         if (p.y_acc_out != nullptr) p.y_acc_out[o] = y;
         if (p.out != nullptr) {
           if (z != nullptr) {
-            const float zv = to_float(z[int64_t(dr) * p.z_dim_stride + pos]);
+            const float zv = to_float(z[int64_t(dr) * p.z_dim_stride + int64_t(pos) * p.z_seq_stride]);
             y *= zv * sigmoid(zv);
           }
           reinterpret_cast<T*>(p.out)[o] = from_float<T>(y);
@@ -267,7 +285,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 
   const BlockGeo geo = block_geo(p);
   const int L = p.seqlen;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int ch = tid / kPart, part = tid % kPart;
   const int d = geo.d0 + ch;
   const bool ch_ok = ch < geo.nch;
@@ -290,20 +308,19 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
   const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
   const T* z = has_z ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
-  const int64_t row0 = int64_t(geo.b) * p.dim * L;  // contiguous outputs / dout / ysum
 
   for (int c = p.nchunks - 1; c >= 0; --c) {
     const int s0 = c * kT;
     const int len = min(kT, L - s0);
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
-      const int r = warp + 4 * i, j = lane;
+      int r, j;
+      tile_elem(p, i, r, j);
       float uv = 0.f, dtv = 0.f, dyv = 0.f, zfv = 0.f, sgv = 0.f;
       if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r;
-        const int pos = phys(p, s0 + j);
-        uv = to_float(u[int64_t(dr) * p.u_dim_stride + pos]);
-        float draw = to_float(delta[int64_t(dr) * p.delta_dim_stride + pos]);
+        const int64_t dr = geo.d0 + r, pos = phys(p, s0 + j);
+        uv = to_float(u[dr * p.u_dim_stride + pos * p.u_seq_stride]);
+        float draw = to_float(delta[dr * p.delta_dim_stride + pos * p.delta_seq_stride]);
         if (p.delta_bias != nullptr) draw += p.delta_bias[dr];
         if (p.delta_softplus) {
           dtv = softplus(draw);
@@ -312,10 +329,10 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
           dtv = draw;
           sgv = 1.f;
         }
-        const int64_t o = row0 + int64_t(dr) * L + pos;
+        const int64_t o = out_off(p, geo.b, int(dr), int(pos));
         const float go = to_float(reinterpret_cast<const T*>(p.dout)[o]);
         if (has_z) {
-          const float zv = to_float(z[int64_t(dr) * p.z_dim_stride + pos]);
+          const float zv = to_float(z[dr * p.z_dim_stride + pos * p.z_seq_stride]);
           const float sz = sigmoid(zv);
           dyv = go * zv * sz;
           zfv = go * sz * (1.f + zv * (1.f - sz));
@@ -446,10 +463,10 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     // Element-wise gradients of the chunk.
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
-      const int r = warp + 4 * i, j = lane;
+      int r, j;
+      tile_elem(p, i, r, j);
       if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r;
-        const int64_t o = row0 + int64_t(dr) * L + phys(p, s0 + j);
+        const int64_t o = out_off(p, geo.b, geo.d0 + r, phys(p, s0 + j));
         reinterpret_cast<T*>(p.du)[o] = from_float<T>(sm.u[r * kRow + j]);
         reinterpret_cast<T*>(p.ddelta)[o] = from_float<T>(sm.dt[r * kRow + j]);
         if (has_z && p.write_dz) reinterpret_cast<T*>(p.dz)[o] = from_float<T>(sm.zf[r * kRow + j]);

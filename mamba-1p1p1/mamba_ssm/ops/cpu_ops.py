@@ -44,7 +44,8 @@ def supports(u: Tensor, B: Tensor, C: Tensor) -> bool:
 
 
 if _ext is not None:
-    scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu, CHUNK)
+    scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu,
+                              scan_ops.KernelTraits(CHUNK, state_slots=None, keeps_layout=False))
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,

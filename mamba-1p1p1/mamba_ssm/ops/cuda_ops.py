@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causal_conv1d.layout import empty_in_layout
 from mamba_ssm.ops import scan_ops
 
 try:
@@ -44,7 +45,8 @@ def require() -> None:
 
 
 if _ext is not None:
-    scan_ops.register_kernels("cuda", torch.ops.selective_scan_cuda, CHUNK, MAX_STATE)
+    scan_ops.register_kernels("cuda", torch.ops.selective_scan_cuda,
+                              scan_ops.KernelTraits(CHUNK, state_slots=MAX_STATE, keeps_layout=True))
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,
@@ -83,7 +85,7 @@ def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_
     batch, dim, seqlen = u_f.shape
     f32 = torch.float32
     ck_shape = (batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,)
-    return (u_f.new_empty(u_f.shape), u_f.new_empty(u_f.shape, dtype=f32), u_f.new_empty(ck_shape, dtype=f32),
+    return (empty_in_layout(u_f), empty_in_layout(u_f, f32), u_f.new_empty(ck_shape, dtype=f32),
             u_f.new_empty(ck_shape, dtype=f32))
 
 
@@ -106,11 +108,11 @@ def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_
     dim = u_f.shape[1]
     grads = []
     for A, B, C, D, bias in ((A_f, B_f, C_f, D_f, delta_bias_f), (A_b, B_b, C_b, D_b, delta_bias_b)):
-        grads += [u_f.new_empty(u_f.shape), u_f.new_empty(u_f.shape), u_f.new_empty(A.shape, dtype=f32),
+        grads += [empty_in_layout(u_f), empty_in_layout(u_f), u_f.new_empty(A.shape, dtype=f32),
                   u_f.new_empty(B.shape), u_f.new_empty(C.shape),
                   u_f.new_empty((dim,) if D is not None else (0,), dtype=f32),
                   u_f.new_empty((dim,) if bias is not None else (0,), dtype=f32)]
-    return grads + [u_f.new_empty(u_f.shape)]
+    return grads + [empty_in_layout(u_f)]
 
 
 def _bi_setup_context(ctx, inputs, output):

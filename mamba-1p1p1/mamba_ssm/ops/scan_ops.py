@@ -7,13 +7,25 @@ extensions share the calling convention: the forward saves the fp32 state before
 positions (``ckpt``) when a gradient will be needed, and the backward recomputes the states inside each
 chunk from it; ``reverse=True`` scans from position L-1 down to 0 on natural-order inputs.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-# device type -> (positions per checkpoint, state slots per checkpoint or None for dstate)
-_CKPT_LAYOUT = {}
+from causal_conv1d.layout import empty_in_layout
+
+
+class KernelTraits(NamedTuple):
+    chunk: int                  # positions per checkpoint
+    state_slots: Optional[int]  # state slots per checkpoint, None for dstate
+    keeps_layout: bool          # sequence outputs follow u's layout (causal_conv1d.layout), else contiguous
+
+
+_KERNEL_TRAITS = {}  # device type -> KernelTraits
+
+
+def _empty_seq(u, traits, dtype=None):
+    return empty_in_layout(u, dtype) if traits.keeps_layout else u.new_empty(u.shape, dtype=dtype)
 
 
 @torch.library.custom_op("mamba_ssm::selective_scan_fwd", mutates_args=())
@@ -28,11 +40,12 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, save_ckpt, reverse):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    chunk, state_slots = _CKPT_LAYOUT[u.device.type]
+    traits = _KERNEL_TRAITS[u.device.type]
     f32 = torch.float32
     last = u.new_empty((batch, dim, dstate) if return_last_state else (0,), dtype=f32)
-    ckpt_shape = (batch, dim, (seqlen + chunk - 1) // chunk, state_slots or dstate) if save_ckpt else (0,)
-    return u.new_empty(u.shape), last, u.new_empty(ckpt_shape, dtype=f32)
+    ckpt_shape = (batch, dim, (seqlen + traits.chunk - 1) // traits.chunk, traits.state_slots or dstate) \
+        if save_ckpt else (0,)
+    return _empty_seq(u, traits), last, u.new_empty(ckpt_shape, dtype=f32)
 
 
 @torch.library.custom_op("mamba_ssm::selective_scan_bwd", mutates_args=())
@@ -47,11 +60,12 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, reverse):
     f32 = torch.float32
     dim = u.shape[1]
+    traits = _KERNEL_TRAITS[u.device.type]
     return [
-        u.new_empty(u.shape), u.new_empty(u.shape), u.new_empty(A.shape, dtype=f32),
+        _empty_seq(u, traits), _empty_seq(u, traits), u.new_empty(A.shape, dtype=f32),
         u.new_empty(B.shape), u.new_empty(C.shape),
         u.new_empty((dim,) if D is not None else (0,), dtype=f32),
-        u.new_empty(u.shape) if z is not None else u.new_empty((0,), dtype=f32),
+        _empty_seq(u, traits) if z is not None else u.new_empty((0,), dtype=f32),
         u.new_empty((dim,) if delta_bias is not None else (0,), dtype=f32),
     ]
 
@@ -82,9 +96,9 @@ def _scan_backward(ctx, dout, dlast, dckpt):
 _scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-def register_kernels(device_type, extension_ops, chunk, state_slots=None):
+def register_kernels(device_type, extension_ops, traits: KernelTraits):
     """Run the scan on `device_type` tensors through a built extension's `fwd` / `bwd` raw ops."""
-    _CKPT_LAYOUT[device_type] = (chunk, state_slots)
+    _KERNEL_TRAITS[device_type] = traits
     _scan_fwd.register_kernel(device_type)(lambda *args: tuple(extension_ops.fwd(*args)))
     _scan_bwd.register_kernel(device_type)(lambda *args: list(extension_ops.bwd(*args)))
 

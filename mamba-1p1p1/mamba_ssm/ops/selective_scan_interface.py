@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn
+from causal_conv1d.layout import is_token_major
 from mamba_ssm.ops import cpu_ops, cuda_ops
 
 BACKENDS = ("auto", "cuda", "cpu", "reference")
@@ -177,6 +178,16 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return result.flip(-1)
 
 
+def _split_xz(xz):
+    """x and z, the two channel halves of xz (batch, 2 * d_inner, seqlen). A token-major xz (the in_proj
+    output, transposed) is split along its contiguous channel dim, so that the gradient of xz is built in
+    that same layout and in_proj's backward needs no copy."""
+    if is_token_major(xz):
+        x, z = xz.transpose(1, 2).chunk(2, dim=-1)
+        return x.transpose(1, 2), z.transpose(1, 2)
+    return xz.chunk(2, dim=1)
+
+
 def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, dstate, B=None, C=None,
                 B_proj_bias=None, C_proj_bias=None, backend="auto", reverse=False):
     """Conv (SiLU; anti-causal when reverse) of x, then x_proj -> [dt | B | C] per position and
@@ -209,7 +220,7 @@ def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, de
     then the selective scan with softplus(delta + delta_bias), skip D and gate silu(z).
     Returns (batch, d_inner, seqlen).
     """
-    x, z = xz.chunk(2, dim=1)
+    x, z = _split_xz(xz)
     x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
                                  B, C, B_proj_bias, C_proj_bias, backend)
     return selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -226,7 +237,7 @@ def bimamba_v1_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weigh
     """The "v1" bidirectional mixer before its output projection: one conv and one set of projections
     (forward direction); a second scan with A_b runs over their outputs from the end. Returns the sum
     of both directions in natural position order, (batch, d_inner, seqlen)."""
-    x, z = xz.chunk(2, dim=1)
+    x, z = _split_xz(xz)
     x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
                                  backend=backend)
     scan = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend)
@@ -243,7 +254,7 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     natural-order tensors. On CUDA both scans run in one fused kernel. Returns y_forward + y_backward,
     (batch, d_inner, seqlen).
     """
-    x, z = xz.chunk(2, dim=1)
+    x, z = _split_xz(xz)
     directions = []
     for params, reverse in ((forward_params, False), (backward_params, True)):
         u, delta, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
