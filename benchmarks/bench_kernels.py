@@ -1,5 +1,8 @@
 """Benchmark of our CUDA kernels (selective scan, causal conv1d) against the PyTorch references,
-with a device-to-device copy measured in the same run as the bandwidth ceiling.
+with a device-to-device copy measured in the same run as the bandwidth ceiling; and of the whole inner
+op of a Vim v2 block (both directions' conv, x_proj, dt_proj, scan and their combination, as the
+model calls it) against the unfused composition of our single-direction ops (the original's way:
+flipped copies) and against the PyTorch reference path.
 
     python benchmarks/bench_kernels.py [--dtypes float32 bfloat16] [--json $OUT/bench_kernels.json]
 
@@ -26,6 +29,11 @@ SHAPES = [  # (name, batch, d_inner, seqlen): performance.md
 ORIGINAL_H200 = {
     "tiny@224": (0.405, 1.60, 0.32), "small@224": (0.403, 1.59, 0.35), "base@224": (0.800, 3.04, 0.48),
     "tiny-stride8": (1.45, 5.70, 0.45), "tiny@1248": (0.69, 2.74, 0.32),
+}
+# The original's whole inner op of one direction, fwd and fwd+bwd (ms; H200, fp32, performance.md).
+ORIGINAL_INNER_H200 = {
+    "tiny@224": (0.79, 2.60), "small@224": (0.73, 2.57), "base@224": (1.21, 4.58),
+    "tiny-stride8": (2.02, 7.75), "tiny@1248": (1.02, 3.96),
 }
 DSTATE = 16
 
@@ -79,6 +87,46 @@ def scan_inputs(batch, dim, seqlen, dtype, requires_grad):
     return ts
 
 
+def inner_op_row(name, batch, dim, seqlen, dtype, with_reference):
+    """Times of the bidirectional inner op on the input the model gives it: xz = in_proj(x), transposed."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+    from mamba_ssm.ops.selective_scan_interface import bimamba_inner_fn_no_out_proj, mamba_inner_fn_no_out_proj
+
+    mixer = Mamba(dim // 2, bimamba_type="v2").cuda()
+    leaves = [p for n, p in mixer.named_parameters() if not n.startswith(("in_proj", "out_proj"))]
+    xz = torch.randn(batch, seqlen, 2 * dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    dout = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2)
+
+    def fused(backend="auto"):
+        return bimamba_inner_fn_no_out_proj(xz, mixer._direction_params(""), mixer._direction_params("_b"),
+                                            backend=backend)
+
+    def unfused():  # two single-direction inner ops, the reverse one on flipped copies
+        f, b = mixer._direction_params(""), mixer._direction_params("_b")
+        return mamba_inner_fn_no_out_proj(xz, **f) + mamba_inner_fn_no_out_proj(xz.flip(-1), **b).flip(-1)
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(), [xz, *leaves], dout)
+
+    es = torch.finfo(dtype).bits // 8
+    row = {"shape": name, "batch": batch, "dim": dim, "seqlen": seqlen, "dtype": str(dtype).split(".")[-1]}
+    for label, fn in (("fused", fused), ("unfused", unfused)):
+        with torch.no_grad():
+            row[f"{label}_fwd_ms"] = bench(fn)
+        row[f"{label}_fwdbwd_ms"] = bench(fwd_bwd(fn))
+    if with_reference:
+        with torch.no_grad():
+            row["reference_fwd_ms"] = bench(lambda: fused("reference"), rep=20)
+        row["reference_fwdbwd_ms"] = bench(fwd_bwd(lambda: fused("reference")), rep=20)
+    # Compulsory bytes: xz read and the output written (forward); dout read and dxz written (backward).
+    fwd_bytes = 3 * batch * dim * seqlen * es
+    row["fused_fwd_GBps"] = fwd_bytes / (row["fused_fwd_ms"] * 1e-3) / 1e9
+    row["fused_fwdbwd_GBps"] = 2 * fwd_bytes / (row["fused_fwdbwd_ms"] * 1e-3) / 1e9
+    if dtype == torch.float32:
+        row["original_two_inner_ops_h200_ms"] = [2 * t for t in ORIGINAL_INNER_H200[name]]
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -101,7 +149,7 @@ def main():
     info["copy_GBps"] = bw
     print(f"# {info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}; "
           f"device-to-device copy {bw:.0f} GB/s (read + write)")
-    rows = []
+    rows, inner_rows = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         es = torch.finfo(dtype).bits // 8
@@ -170,9 +218,9 @@ def main():
                 row["bi_fused_fwd_ms"] = bench(lambda: cuda_ops.bimamba_scan(*fb, True))
                 row["bi_unfused_fwd_ms"] = bench(unfused)
                 rawb = [t.detach() for t in fb]
-                row["gpu_bi_fwd_ms"] = graph_bench(lambda: ops.bi_fwd(*rawb, True, False))
-                _, ysum, ckf, ckb = ops.bi_fwd(*rawb, True, True)
-                row["gpu_bi_bwd_ms"] = graph_bench(lambda: ops.bi_bwd(*rawb, dout, ysum, ckf, ckb, True))
+                row["gpu_bi_fwd_ms"] = graph_bench(lambda: ops.bi_fwd(*rawb, None, None, True, False))
+                _, ysum, ckf, ckb = ops.bi_fwd(*rawb, None, None, True, True)
+                row["gpu_bi_bwd_ms"] = graph_bench(lambda: ops.bi_bwd(*rawb, None, None, dout, ysum, ckf, ckb, True))
             row["bi_fused_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(cuda_ops.bimamba_scan(*fb, True), fb, dout))
             row["bi_unfused_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(unfused(), fb, dout))
             bi_bytes = (7 * elems + 4 * bc) * es  # u, delta of both + z in, out; B, C of both
@@ -199,6 +247,8 @@ def main():
             rows.append(row)
             del ins, ins_g, x, w, b, dout, ckpt
             torch.cuda.empty_cache()
+            inner_rows.append(inner_op_row(name, batch, dim, seqlen, dtype, name in args.reference_shapes))
+            torch.cuda.empty_cache()
 
     print("Eager (what a PyTorch caller sees, incl. Python/autograd overhead); ms, medians:")
     print(f"{'shape':13s} {'dtype':9s} {'scan fwd':>8s} {'f+b':>7s} {'conv f+b':>8s} {'bi fused':>8s} {'f+b':>7s} "
@@ -219,9 +269,21 @@ def main():
         print(f"{r['shape']:13s} {r['dtype']:9s} {r['gpu_scan_fwd_ms']:8.3f} {gbs:5.0f} {r['scan_fwd_floor_ms']:6.3f} "
               f"{r['gpu_scan_bwd_ms']:8.3f} {r['gpu_conv_fwd_ms']:8.3f} {r['gpu_conv_bwd_ms']:8.3f} "
               f"{r['gpu_bi_fwd_ms']:7.3f} {r['gpu_bi_fwd_GBps']:5.0f} {r['gpu_bi_fwd_floor_ms']:6.3f} {r['gpu_bi_bwd_ms']:7.3f}")
+    print("Whole bidirectional inner op (eager, as the model calls it; ms, medians); GB/s of its compulsory bytes "
+          "(xz in, output out; twice that for fwd+bwd) and their share of the copy bandwidth:")
+    print(f"{'shape':13s} {'dtype':9s} {'fused fwd':>9s} {'f+b':>7s} {'GB/s':>11s} {'of copy':>9s} {'unfused fwd':>11s} "
+          f"{'f+b':>7s} {'ref fwd':>8s} {'ref f+b':>8s} {'orig 2x(fwd/f+b)':>17s}")
+    for r in inner_rows:
+        o = r.get("original_two_inner_ops_h200_ms")
+        ref = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8s}"  # noqa: E731
+        print(f"{r['shape']:13s} {r['dtype']:9s} {r['fused_fwd_ms']:9.3f} {r['fused_fwdbwd_ms']:7.3f} "
+              f"{r['fused_fwd_GBps']:5.0f}/{r['fused_fwdbwd_GBps']:<5.0f} "
+              f"{r['fused_fwd_GBps'] / bw:4.0%}/{r['fused_fwdbwd_GBps'] / bw:<4.0%} "
+              f"{r['unfused_fwd_ms']:11.3f} {r['unfused_fwdbwd_ms']:7.3f} {ref('reference_fwd_ms')} "
+              f"{ref('reference_fwdbwd_ms')} {(f'{o[0]:.2f}/{o[1]:.2f}' if o else '-'):>17s}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "inner_op_rows": inner_rows}, f, indent=1)
     print(f"wrote {args.json}")
 
 

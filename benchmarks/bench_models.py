@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 738, 1024, 1248])
     parser.add_argument("--sizes-small", type=int, nargs="+", default=[224, 1248],
                         help="feature-extraction resolutions for the small models")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run's JSON into --out")
     args = parser.parse_args()
@@ -134,7 +135,8 @@ def main():
         "copy_tb_per_s": copy_bandwidth(), "train": {}, "features": {},
     }
     lines = []
-    for size_name, (vim_name, deit_name) in MODELS.items():
+    for size_name in args.models:
+        vim_name, deit_name = MODELS[size_name]
         sizes = args.sizes if size_name == "tiny" else args.sizes_small
         variants = [(vim_name, True), (deit_name, True), (deit_name, False)]
         for dtype in ("fp32", "bf16"):

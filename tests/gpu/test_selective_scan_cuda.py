@@ -251,23 +251,46 @@ def _bi_ref(f_in, b_in, z, softplus):
         z.to(torch.promote_types(z.dtype, torch.float32)))
 
 
+def with_delta_projection(inputs, rank):
+    """The inputs with delta replaced by a low-rank dt (batch, rank, seqlen), token-major like a slice of
+    x_proj's output, plus a delta projection weight (dim, rank) as a 9th entry."""
+    batch, dim, seqlen = inputs[0].shape
+    out = list(inputs)
+    out[1] = torch.randn(batch, seqlen, rank, device="cuda", dtype=inputs[0].dtype).transpose(1, 2)
+    return out + [torch.randn(dim, rank, device="cuda") * 0.5 * rank ** -0.5]
+
+
+def _projected(inputs):
+    """Reference inputs: delta = W @ dt formed explicitly (in the inputs' precision) when W is present."""
+    if len(inputs) < 9 or inputs[8] is None:
+        return inputs[:8]
+    out = list(inputs[:8])
+    out[1] = torch.einsum("dr,brl->bdl", inputs[8].to(inputs[1].dtype), inputs[1])
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("batch,dim,seqlen", [(3, 384, 197), (1, 768, 730), (2, 64, 1), (1, 96, 2049)])
-@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
-def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major):
+@pytest.mark.parametrize("token_major,rank", [(False, 0), (True, 0), (True, 12), (False, 48)],
+                         ids=["channel_major", "token_major", "token_major_dt_proj12", "channel_major_dt_proj48"])
+def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major, rank):
+    """rank > 0: delta given as a low-rank dt and a projection weight, formed inside the kernels."""
     from mamba_ssm.ops import cuda_ops
 
     seed = fresh_seed()
     layout = to_token_major if token_major else list
     f_in = layout(make_inputs(batch, dim, seqlen, 16, dtype))
     b_in = layout(make_inputs(batch, dim, seqlen, 16, dtype))
+    if rank:
+        f_in, b_in = with_delta_projection(f_in, rank), with_delta_projection(b_in, rank)
     z = f_in[6]
     dout = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
 
     def leaves(cast):
-        fl = [cast(t).detach().clone().requires_grad_() if t is not None else None for t in f_in]
-        bl = [cast(t).detach().clone().requires_grad_() if t is not None else None for t in b_in]
-        fl[6] = cast(z).detach().clone().requires_grad_()
+        def leaf(t):
+            return cast(t).detach().clone().requires_grad_() if t is not None else None
+        fl, bl = [leaf(t) for t in f_in], [leaf(t) for t in b_in]
+        fl[6] = leaf(z)
         bl[6] = None
         return fl, bl
 
@@ -276,14 +299,15 @@ def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major):
 
     kf, kb = leaves(lambda t: t)
     poison_allocator()
-    out = cuda_ops.bimamba_scan(*args(kf, kb), True)
+    projections = dict(delta_proj_weight_f=kf[8], delta_proj_weight_b=kb[8]) if rank else {}
+    out = cuda_ops.bimamba_scan(*args(kf, kb), True, **projections)
     poison_allocator()
     (out.double() * dout.double()).sum().backward()
     rf, rb = leaves(lambda t: t.double())
-    o64 = _bi_ref(rf, rb, rf[6], True)
+    o64 = _bi_ref(_projected(rf), _projected(rb), rf[6], True)
     (o64 * dout.double()).sum().backward()
     lf, lb = leaves(lambda t: t)
-    olo = _bi_ref(lf, lb, lf[6], True).to(dtype)
+    olo = _bi_ref(_projected(lf), _projected(lb), lf[6], True).to(dtype)
     (olo.double() * dout.double()).sum().backward()
 
     assert out.dtype == dtype
@@ -291,19 +315,21 @@ def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major):
         assert (out.stride(1) == 1) == token_major and (kf[0].grad.stride(1) == 1) == token_major
     check_bound("out", out, o64, olo, dtype, seed)
     for tag, ks, rs, ls in (("f", kf, rf, lf), ("b", kb, rb, lb)):
-        for name, a, b, c in zip(NAMES, ks, rs, ls):
+        for name, a, b, c in zip(NAMES + ("delta_proj_weight",), ks, rs, ls):
             if a is None:
                 continue
             assert a.grad is not None and a.grad.dtype == a.dtype, f"d{name}_{tag}"
             check_bound(f"d{name}_{tag}", a.grad, b.grad, c.grad, dtype, seed)
 
 
-def test_bimamba_scan_equals_two_single_scans():
-    """Same function as the two single-direction kernels (reverse flag) combined."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bimamba_scan_equals_two_single_scans(dtype):
+    """Same function as the two single-direction kernels (reverse flag) combined; without gradients the
+    fused op accumulates y_f in its fp32 output (float32) or in a scratch buffer (bfloat16)."""
     from mamba_ssm.ops import cuda_ops
 
-    f_in = make_inputs(2, 64, 300, 16, torch.float32)
-    b_in = make_inputs(2, 64, 300, 16, torch.float32)
+    f_in = make_inputs(2, 64, 300, 16, dtype)
+    b_in = make_inputs(2, 64, 300, 16, dtype)
     z = f_in[6]
     out = cuda_ops.bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
                                 z, True)
@@ -313,7 +339,9 @@ def test_bimamba_scan_equals_two_single_scans():
     b_nz[6] = None
     y_f = cuda_ops.selective_scan(*f_nz, True, False)
     y_b = cuda_ops.selective_scan(*b_nz, True, False, reverse=True)
-    torch.testing.assert_close(out, (y_f + y_b) * F.silu(z), rtol=1e-5, atol=1e-5)
+    expected = (y_f.float() + y_b.float()) * F.silu(z.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
@@ -325,8 +353,14 @@ def test_bimamba_opcheck_and_compile(token_major):
     b_in = layout(make_inputs(2, 8, 40, 4, torch.float32))
     tensors = [t.requires_grad_() for t in (*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
                                              *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], f_in[6])]
-    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, True, True))
-    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, True, False))
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, None, None, True, True))
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, None, None, True, False))
+    # With the delta projections formed in the kernels (dt of rank 3 in place of delta).
+    f_dt, b_dt = with_delta_projection(f_in, 3), with_delta_projection(b_in, 3)
+    projected = [t.detach().requires_grad_() if t is not None else None for t in
+                 (*[f_dt[i] for i in (0, 1, 2, 3, 4, 5, 7)], *[b_dt[i] for i in (0, 1, 2, 3, 4, 5, 7)], f_dt[6],
+                  f_dt[8], b_dt[8])]
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*projected, True, True))
 
     def f(*ts):
         return cuda_ops.bimamba_scan(*ts, True).square().sum()

@@ -86,14 +86,15 @@ at::Tensor f32_param(const at::Tensor& t, const at::Tensor& u, const char* name)
 
 // Holds the tensors that the raw pointers in `p` point into.
 struct Prepared {
-  at::Tensor u, delta, z, A, B, C, D, delta_bias;
+  at::Tensor u, delta, z, A, B, C, D, delta_bias, dt_proj;
   ScanParams p{};
 };
 
-// token_major: the layout the kernel runs in (that of u, or of the other direction's u).
+// token_major: the layout the kernel runs in (that of u, or of the other direction's u). With dt_proj
+// (dim, rank), `delta` is the low-rank dt (batch, rank, seqlen) and the kernels form delta themselves.
 Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                  const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
-                 bool delta_softplus, bool reverse, bool token_major) {
+                 bool delta_softplus, bool reverse, bool token_major, const OptTensor& dt_proj = std::nullopt) {
   TORCH_CHECK(u.is_cuda(), "selective_scan: u must be a CUDA tensor");
   TORCH_CHECK(u.dim() == 3, "selective_scan: u must be (batch, dim, seqlen), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2);
@@ -115,7 +116,20 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 
   Prepared r;
   r.u = seq_operand(u, u, token_major, "u");
-  r.delta = seq_operand(delta, u, token_major, "delta");
+  if (dt_proj.has_value()) {
+    TORCH_CHECK(delta.dim() == 3 && delta.size(0) == batch && delta.size(2) == seqlen && delta.size(1) >= 1 &&
+                    delta.size(1) <= kMaxDeltaRank,
+                "bimamba_scan: with delta_proj_weight, delta must be the low-rank dt (batch, rank, seqlen) with "
+                "rank <= ", kMaxDeltaRank, "; got ", delta.sizes());
+    TORCH_CHECK(dt_proj->dim() == 2 && dt_proj->size(0) == dim && dt_proj->size(1) == delta.size(1),
+                "bimamba_scan: delta_proj_weight must be (dim, rank) = (", dim, ", ", delta.size(1), "), got ",
+                dt_proj->sizes());
+    TORCH_CHECK(delta.device() == u.device(), "bimamba_scan: delta must be on u's device");
+    r.delta = delta.to(u.scalar_type());
+    r.dt_proj = f32_param(*dt_proj, u, "delta_proj_weight");
+  } else {
+    r.delta = seq_operand(delta, u, token_major, "delta");
+  }
   if (z.has_value()) r.z = seq_operand(*z, u, token_major, "z");
   r.A = f32_param(A, u, "A");
   TORCH_CHECK(B.device() == u.device() && C.device() == u.device(), "selective_scan: B, C must be on u's device");
@@ -143,10 +157,19 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.u_batch_stride = r.u.stride(0);
   p.u_dim_stride = r.u.stride(1);
   p.u_seq_stride = r.u.stride(2);
-  p.delta = r.delta.data_ptr();
-  p.delta_batch_stride = r.delta.stride(0);
-  p.delta_dim_stride = r.delta.stride(1);
-  p.delta_seq_stride = r.delta.stride(2);
+  if (r.dt_proj.defined()) {
+    p.dt_low = r.delta.data_ptr();
+    p.dt_low_batch_stride = r.delta.stride(0);
+    p.dt_low_rank_stride = r.delta.stride(1);
+    p.dt_low_seq_stride = r.delta.stride(2);
+    p.dt_proj = r.dt_proj.data_ptr<float>();
+    p.rank = int(r.delta.size(1));
+  } else {
+    p.delta = r.delta.data_ptr();
+    p.delta_batch_stride = r.delta.stride(0);
+    p.delta_dim_stride = r.delta.stride(1);
+    p.delta_seq_stride = r.delta.stride(2);
+  }
   if (r.z.defined()) {
     p.z = r.z.data_ptr();
     p.z_batch_stride = r.z.stride(0);
@@ -163,10 +186,6 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.C_group_stride = r.C.stride(1);
   p.C_state_stride = r.C.stride(2);
   p.C_seq_stride = r.C.stride(3);
-  // The outputs, dout and ysum: the strides of empty_seq.
-  p.o_batch_stride = dim * seqlen;
-  p.o_dim_stride = token_major ? 1 : seqlen;
-  p.o_seq_stride = token_major ? dim : 1;
   p.A = r.A.data_ptr<float>();
   p.D = r.D.defined() ? r.D.data_ptr<float>() : nullptr;
   p.delta_bias = r.delta_bias.defined() ? r.delta_bias.data_ptr<float>() : nullptr;
@@ -281,28 +300,36 @@ void check_pair(const Prepared& rf, const Prepared& rb, const at::Tensor& u_f, c
               "bimamba_scan: both directions need the same dstate and groups");
 }
 
-// -> (out, ysum = y_f + y_b in fp32 (ungated, saved for the backward), ckpt_f, ckpt_b)
+// -> (out, ysum = y_f + y_b in fp32 (ungated, for the backward), ckpt_f, ckpt_b); ysum and the
+// checkpoints are empty unless save_ckpt.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
     const at::Tensor& u_f, const at::Tensor& delta_f, const at::Tensor& A_f, const at::Tensor& B_f,
     const at::Tensor& C_f, const OptTensor& D_f, const OptTensor& bias_f, const at::Tensor& u_b,
     const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
-    const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, bool delta_softplus, bool save_ckpt) {
+    const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, const OptTensor& dt_proj_f,
+    const OptTensor& dt_proj_b, bool delta_softplus, bool save_ckpt) {
   c10::cuda::CUDAGuard guard(u_f.device());
   const bool token_major = is_token_major(u_f);
-  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false, token_major);
-  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true, token_major);
+  Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false, token_major,
+                        dt_proj_f);
+  Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true, token_major, dt_proj_b);
   check_pair(rf, rb, u_f, u_b);
   ScanParams &pf = rf.p, &pb = rb.p;
   const auto f32 = u_f.options().dtype(at::kFloat);
   at::Tensor out = empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, u_f.options());
-  at::Tensor ysum = empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, f32);
+  at::Tensor ysum = save_ckpt ? empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, f32) : empty0(u_f);
   at::Tensor ck_f = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   at::Tensor ck_b = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   if (out.numel() == 0) return {out, ysum, ck_f, ck_b};
-  pf.y_acc_out = ysum.data_ptr<float>();
+  // y_f goes to an fp32 buffer that the reverse pass adds to: ysum when the backward needs it, else
+  // the fp32 output itself (inference keeps one tensor less alive), else a scratch buffer.
+  at::Tensor acc = save_ckpt ? ysum
+                   : u_f.scalar_type() == at::kFloat ? out
+                                                     : empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, f32);
+  pf.y_acc_out = acc.data_ptr<float>();
   pf.ckpt = save_ckpt ? ck_f.data_ptr<float>() : nullptr;
-  pb.y_acc_in = ysum.data_ptr<float>();
-  pb.y_acc_out = ysum.data_ptr<float>();
+  pb.y_acc_in = acc.data_ptr<float>();
+  pb.y_acc_out = save_ckpt ? ysum.data_ptr<float>() : nullptr;
   pb.out = out.data_ptr();
   pb.ckpt = save_ckpt ? ck_b.data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -365,7 +392,8 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
   m.def(
       "bi_fwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
-      "Tensor z, bool delta_softplus, bool save_ckpt) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor z, Tensor? dt_proj_f, Tensor? dt_proj_b, bool delta_softplus, bool save_ckpt) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bi_bwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "

@@ -10,6 +10,7 @@ enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kChunk = 32;     // positions per chunk = checkpoint interval of the forward
 constexpr int kMaxState = 16;  // d_state supported (smaller values are zero-padded)
+constexpr int kMaxDeltaRank = 64;  // rank of a fused delta projection (Vim-base: 48)
 
 struct ScanParams {
   int batch, dim, seqlen, dstate, ngroups, nchunks;
@@ -31,8 +32,14 @@ struct ScanParams {
   const void* C;
   int64_t B_batch_stride, B_group_stride, B_state_stride, B_seq_stride;
   int64_t C_batch_stride, C_group_stride, C_state_stride, C_seq_stride;
-  // Every other (batch, dim, seqlen) tensor (out, y_acc_*, dout, ysum, du, ddelta, dz) has these strides.
-  int64_t o_batch_stride, o_dim_stride, o_seq_stride;
+  // Every other (batch, dim, seqlen) tensor (out, y_acc_*, dout, ysum, du, ddelta, dz) is new, in the same
+  // layout: (batch, seqlen, dim) contiguous when token_major, else (batch, dim, seqlen) contiguous.
+  // Fused delta projection (forward kernels only): when dt_low is set, delta[b, d, t] =
+  // sum_k dt_proj[d, k] * dt_low[b, k, t] is formed inside the kernel (delta is unused) and never stored.
+  const void* dt_low;     // (batch, rank, seqlen), any strides, u's dtype
+  int64_t dt_low_batch_stride, dt_low_rank_stride, dt_low_seq_stride;
+  const float* dt_proj;   // (dim, rank) fp32, contiguous
+  int rank;
   const float* A;           // (dim, dstate)
   const float* D;           // (dim,) or nullptr
   const float* delta_bias;  // (dim,) or nullptr

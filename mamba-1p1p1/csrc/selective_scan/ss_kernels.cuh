@@ -23,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "ss_common.h"
 
 namespace ssm {
@@ -62,7 +64,8 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+// For the SiLU gate and its derivative: __expf and a fast reciprocal (a few ulp), not IEEE division.
+__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + __expf(-x)); }
 
 struct BlockGeo {
   int b, g, d0, nch;  // batch, group, first channel, valid channels (<= kCh)
@@ -83,22 +86,27 @@ __device__ __forceinline__ BlockGeo block_geo(const ScanParams& p) {
 __device__ __forceinline__ int phys(const ScanParams& p, int s) { return p.reverse ? p.seqlen - 1 - s : s; }
 
 // Element (r = channel row, j = position) of a (kCh x kT) tile handled by this thread in step i of the
-// element-wise stages: lanes run along positions (channel-major) or along channels (token-major), so
-// global accesses are coalesced either way; the padded shared-memory rows keep both conflict-free.
-__device__ __forceinline__ void tile_elem(const ScanParams& p, int i, int& r, int& j) {
+// element-wise stages: lanes run along positions (channel-major) or along channels (token-major, kTM),
+// so global accesses are coalesced either way; the padded shared-memory rows keep both conflict-free.
+// The layout is a template parameter: no run-time branches or general stride arithmetic per element.
+template <bool kTM>
+__device__ __forceinline__ void tile_elem(int i, int& r, int& j) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (p.token_major) {
-    r = lane;
-    j = warp + 4 * i;
-  } else {
-    r = warp + 4 * i;
-    j = lane;
-  }
+  r = kTM ? lane : warp + 4 * i;
+  j = kTM ? warp + 4 * i : lane;
 }
 
-// Offset of (batch b, channel d, position pos) in the output-layout tensors.
+// Element (channel d, position pos) of an input row block: channel stride 1 (kTM) or position stride 1.
+template <bool kTM, typename T>
+__device__ __forceinline__ float load_seq(const T* base, int64_t dim_stride, int64_t seq_stride, int d, int pos) {
+  return to_float(kTM ? base[d + pos * seq_stride] : base[d * dim_stride + pos]);
+}
+
+// Offset of (batch b, channel d, position pos) in the output-layout tensors (strides of empty_seq).
+template <bool kTM>
 __device__ __forceinline__ int64_t out_off(const ScanParams& p, int b, int d, int pos) {
-  return int64_t(b) * p.o_batch_stride + int64_t(d) * p.o_dim_stride + int64_t(pos) * p.o_seq_stride;
+  const int64_t row = int64_t(b) * p.dim * p.seqlen;
+  return kTM ? row + int64_t(pos) * p.dim + d : row + int64_t(d) * p.seqlen + pos;
 }
 
 // B and C of one chunk, (position x state), zero past the end and for n >= dstate. Lane mapping:
@@ -155,10 +163,41 @@ __device__ __forceinline__ void unpack(float4 v, float (&r)[4]) {
   r[3] = v.w;
 }
 
+// Fused delta projection of the forward (p.dt_low set): delta[d, t] = sum_k dt_proj[d, k] dt_low[k, t] is
+// formed per element from two shared-memory tiles, the block's rows of dt_proj (rank x kCh, loaded once)
+// and the chunk's dt_low (rank x kRow), so the (batch, dim, seqlen) delta is never stored. (The backward
+// takes delta recomputed by a matmul: forming it in the backward kernel pushed that kernel, already at its
+// register limit, into spills and cost 17% of its time on an H200.) Dynamic shared memory.
+__host__ __device__ constexpr int delta_proj_smem_floats(int rank) { return rank * (kCh + kRow); }
+
+__device__ __forceinline__ void load_delta_proj_rows(const ScanParams& p, const BlockGeo& geo, float* w) {
+  for (int idx = threadIdx.x; idx < p.rank * kCh; idx += kThreads) {
+    const int k = idx / kCh, c = idx % kCh;
+    w[idx] = c < geo.nch ? p.dt_proj[int64_t(geo.d0 + c) * p.rank + k] : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_dt_low(const ScanParams& p, const BlockGeo& geo, int s0, float* low) {
+  const int len = min(kT, p.seqlen - s0);
+  const T* src = reinterpret_cast<const T*>(p.dt_low) + geo.b * p.dt_low_batch_stride;
+  for (int idx = threadIdx.x; idx < p.rank * kT; idx += kThreads) {
+    const int k = idx % p.rank, j = idx / p.rank;
+    low[k * kRow + j] =
+        j < len ? to_float(src[k * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ float projected_delta(const float* w, const float* low, int rank, int r, int j) {
+  float acc = 0.f;
+  for (int k = 0; k < rank; ++k) acc = fmaf(w[k * kCh + r], low[k * kRow + j], acc);
+  return acc;
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kTM>
 __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
   __shared__ float sU[kCh * kRow], sDT[kCh * kRow], sY[kCh * kRow];
   __shared__ __align__(16) float sB[kT * kBRow];
@@ -181,6 +220,15 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
   const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
   const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
   const T* z = p.z != nullptr ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
+  extern __shared__ __align__(16) float fwd_delta_proj_smem[];
+  const bool fused_delta = p.dt_low != nullptr;
+  float* sWdt = fwd_delta_proj_smem;
+  float* sLow = fwd_delta_proj_smem + p.rank * kCh;
+  if (fused_delta) {
+    load_delta_proj_rows(p, geo, sWdt);
+    load_dt_low<T>(p, geo, 0, sLow);
+    __syncthreads();
+  }
 
   // (A register prefetch of the next chunk was tried: 168 registers, 3 blocks per SM, and 0.30 ms
   // instead of 0.23 ms for tiny@224 fp32 on an H200. Plain loads with 5 resident blocks win.)
@@ -194,12 +242,13 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       int r, j;
-      tile_elem(p, i, r, j);
+      tile_elem<kTM>(i, r, j);
       float uv = 0.f, dv = 0.f;
       if (r < geo.nch && j < len) {
-        const int64_t dr = geo.d0 + r, pos = phys(p, s0 + j);
-        uv = to_float(u[dr * p.u_dim_stride + pos * p.u_seq_stride]);
-        dv = to_float(delta[dr * p.delta_dim_stride + pos * p.delta_seq_stride]);
+        const int dr = geo.d0 + r, pos = phys(p, s0 + j);
+        uv = load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
+        dv = fused_delta ? projected_delta(sWdt, sLow, p.rank, r, j)
+                         : load_seq<kTM>(delta, p.delta_dim_stride, p.delta_seq_stride, dr, pos);
         if (p.delta_bias != nullptr) dv += p.delta_bias[dr];
         if (p.delta_softplus) dv = softplus(dv);
       }
@@ -234,24 +283,25 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       int r, j;
-      tile_elem(p, i, r, j);
+      tile_elem<kTM>(i, r, j);
       if (r < geo.nch && j < len) {
         const int dr = geo.d0 + r;
         const int pos = phys(p, s0 + j);
         float y = sY[r * kRow + j];
         if (p.D != nullptr) y = fmaf(p.D[dr], sU[r * kRow + j], y);
-        const int64_t o = out_off(p, geo.b, dr, pos);
+        const int64_t o = out_off<kTM>(p, geo.b, dr, pos);
         if (p.y_acc_in != nullptr) y += p.y_acc_in[o];
         if (p.y_acc_out != nullptr) p.y_acc_out[o] = y;
         if (p.out != nullptr) {
           if (z != nullptr) {
-            const float zv = to_float(z[int64_t(dr) * p.z_dim_stride + int64_t(pos) * p.z_seq_stride]);
+            const float zv = load_seq<kTM>(z, p.z_dim_stride, p.z_seq_stride, dr, pos);
             y *= zv * sigmoid(zv);
           }
           reinterpret_cast<T*>(p.out)[o] = from_float<T>(y);
         }
       }
     }
+    if (fused_delta && c + 1 < p.nchunks) load_dt_low<T>(p, geo, s0 + kT, sLow);  // read after the barrier
     __syncthreads();
   }
   if (p.last_state != nullptr && ch_ok) {
@@ -278,7 +328,7 @@ struct BwdSmem {
   __align__(16) float dbc[2][kSub][kDbcRow];          // per-channel dB / dC of one sub-chunk
 };
 
-template <typename T>
+template <typename T, bool kTM>
 __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw);
@@ -315,24 +365,26 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       int r, j;
-      tile_elem(p, i, r, j);
+      tile_elem<kTM>(i, r, j);
       float uv = 0.f, dtv = 0.f, dyv = 0.f, zfv = 0.f, sgv = 0.f;
       if (r < geo.nch && j < len) {
-        const int64_t dr = geo.d0 + r, pos = phys(p, s0 + j);
-        uv = to_float(u[dr * p.u_dim_stride + pos * p.u_seq_stride]);
-        float draw = to_float(delta[dr * p.delta_dim_stride + pos * p.delta_seq_stride]);
+        const int dr = geo.d0 + r, pos = phys(p, s0 + j);
+        uv = load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
+        float draw = load_seq<kTM>(delta, p.delta_dim_stride, p.delta_seq_stride, dr, pos);
         if (p.delta_bias != nullptr) draw += p.delta_bias[dr];
         if (p.delta_softplus) {
-          dtv = softplus(draw);
-          sgv = sigmoid(draw);
+          // softplus and its derivative (the sigmoid) from one exp.
+          const float e = expf(draw);
+          dtv = draw > 20.f ? draw : log1pf(e);
+          sgv = draw > 20.f ? 1.f : e / (1.f + e);
         } else {
           dtv = draw;
           sgv = 1.f;
         }
-        const int64_t o = out_off(p, geo.b, int(dr), int(pos));
+        const int64_t o = out_off<kTM>(p, geo.b, dr, pos);
         const float go = to_float(reinterpret_cast<const T*>(p.dout)[o]);
         if (has_z) {
-          const float zv = to_float(z[dr * p.z_dim_stride + pos * p.z_seq_stride]);
+          const float zv = load_seq<kTM>(z, p.z_dim_stride, p.z_seq_stride, dr, pos);
           const float sz = sigmoid(zv);
           dyv = go * zv * sz;
           zfv = go * sz * (1.f + zv * (1.f - sz));
@@ -464,9 +516,9 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       int r, j;
-      tile_elem(p, i, r, j);
+      tile_elem<kTM>(i, r, j);
       if (r < geo.nch && j < len) {
-        const int64_t o = out_off(p, geo.b, geo.d0 + r, phys(p, s0 + j));
+        const int64_t o = out_off<kTM>(p, geo.b, geo.d0 + r, phys(p, s0 + j));
         reinterpret_cast<T*>(p.du)[o] = from_float<T>(sm.u[r * kRow + j]);
         reinterpret_cast<T*>(p.ddelta)[o] = from_float<T>(sm.dt[r * kRow + j]);
         if (has_z && p.write_dz) reinterpret_cast<T*>(p.dz)[o] = from_float<T>(sm.zf[r * kRow + j]);
@@ -487,32 +539,34 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 5) ss_fwd_kernel(const ScanParams p) {
-  ss_fwd_block<T>(p);
+// Forward occupancy: 6 blocks per SM fit the token-major kernels in 80 registers without spills; the
+// channel-major ones would spill there and keep 5.
+template <typename T, bool kTM>
+__global__ void __launch_bounds__(kThreads, kTM ? 6 : 5) ss_fwd_kernel(const ScanParams p) {
+  ss_fwd_block<T, kTM>(p);
 }
 
 // Both directions of a bidirectional block in one launch: each block runs the forward direction
 // for its channels (y into the fp32 buffer y_acc_out), then the reverse direction, which adds that
 // buffer before the gate. The buffer is written and read by the same block (visible after the
 // barrier) and mostly stays in L2.
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 5) ss_bifwd_kernel(const ScanParams pf, const ScanParams pb) {
-  ss_fwd_block<T>(pf);
+template <typename T, bool kTM>
+__global__ void __launch_bounds__(kThreads, kTM ? 6 : 5) ss_bifwd_kernel(const ScanParams pf, const ScanParams pb) {
+  ss_fwd_block<T, kTM>(pf);
   __syncthreads();
-  ss_fwd_block<T>(pb);
+  ss_fwd_block<T, kTM>(pb);
 }
 
-template <typename T>
+template <typename T, bool kTM>
 __global__ void __launch_bounds__(kThreads, 3) ss_bwd_kernel(const ScanParams p) {
-  ss_bwd_block<T>(p);
+  ss_bwd_block<T, kTM>(p);
 }
 
-template <typename T>
+template <typename T, bool kTM>
 __global__ void __launch_bounds__(kThreads, 3) ss_bibwd_kernel(const ScanParams pf, const ScanParams pb) {
-  ss_bwd_block<T>(pf);
+  ss_bwd_block<T, kTM>(pf);
   __syncthreads();
-  ss_bwd_block<T>(pb);
+  ss_bwd_block<T, kTM>(pb);
 }
 
 inline dim3 scan_grid(const ScanParams& p) {
@@ -520,34 +574,61 @@ inline dim3 scan_grid(const ScanParams& p) {
   return dim3(p.ngroups * ((dg + kCh - 1) / kCh), p.batch);
 }
 
+inline int fwd_dynamic_smem(const ScanParams& p) {
+  return p.dt_low != nullptr ? delta_proj_smem_floats(p.rank) * int(sizeof(float)) : 0;
+}
+
+template <typename T, bool kTM>
+cudaError_t ss_fwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
+  ss_fwd_kernel<T, kTM><<<scan_grid(p), kThreads, fwd_dynamic_smem(p), stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kTM>
+cudaError_t ss_bwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
+  const int smem = int(sizeof(BwdSmem));
+  cudaError_t err = cudaFuncSetAttribute(ss_bwd_kernel<T, kTM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  ss_bwd_kernel<T, kTM><<<scan_grid(p), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kTM>
+cudaError_t ss_bifwd_launch_layout(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
+  const int smem = std::max(fwd_dynamic_smem(pf), fwd_dynamic_smem(pb));
+  ss_bifwd_kernel<T, kTM><<<scan_grid(pf), kThreads, smem, stream>>>(pf, pb);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kTM>
+cudaError_t ss_bibwd_launch_layout(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
+  const int smem = int(sizeof(BwdSmem));
+  cudaError_t err = cudaFuncSetAttribute(ss_bibwd_kernel<T, kTM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  ss_bibwd_kernel<T, kTM><<<scan_grid(pf), kThreads, smem, stream>>>(pf, pb);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t ss_fwd_launch(const ScanParams& p, cudaStream_t stream) {
-  ss_fwd_kernel<T><<<scan_grid(p), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return p.token_major ? ss_fwd_launch_layout<T, true>(p, stream) : ss_fwd_launch_layout<T, false>(p, stream);
 }
 
 template <typename T>
 cudaError_t ss_bwd_launch(const ScanParams& p, cudaStream_t stream) {
-  const int smem = int(sizeof(BwdSmem));
-  cudaError_t err = cudaFuncSetAttribute(ss_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  ss_bwd_kernel<T><<<scan_grid(p), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return p.token_major ? ss_bwd_launch_layout<T, true>(p, stream) : ss_bwd_launch_layout<T, false>(p, stream);
 }
 
 template <typename T>
 cudaError_t ss_bifwd_launch(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
-  ss_bifwd_kernel<T><<<scan_grid(pf), kThreads, 0, stream>>>(pf, pb);
-  return cudaGetLastError();
+  return pf.token_major ? ss_bifwd_launch_layout<T, true>(pf, pb, stream)
+                        : ss_bifwd_launch_layout<T, false>(pf, pb, stream);
 }
 
 template <typename T>
 cudaError_t ss_bibwd_launch(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
-  const int smem = int(sizeof(BwdSmem));
-  cudaError_t err = cudaFuncSetAttribute(ss_bibwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  ss_bibwd_kernel<T><<<scan_grid(pf), kThreads, smem, stream>>>(pf, pb);
-  return cudaGetLastError();
+  return pf.token_major ? ss_bibwd_launch_layout<T, true>(pf, pb, stream)
+                        : ss_bibwd_launch_layout<T, false>(pf, pb, stream);
 }
 
 }  // namespace ssm

@@ -62,31 +62,35 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
 # ---------------------------------------------------------------------------------------------
 # Fused bidirectional scan (Vim v2 block): out = silu(z) * (y_f + y_b), where direction b runs
 # from position L-1 down to 0 over natural-order inputs: no flipped copies, one launch each way.
+# With a direction's delta projection weight W (dim, rank), its `delta` input is the low-rank dt
+# (batch, rank, seqlen): the forward kernel forms delta = W @ dt itself, so the full-size delta is
+# neither written by a matmul nor kept for the backward; the backward recomputes it with one matmul
+# (transient) and turns the kernel's ddelta into the gradients of dt and W.
 # ---------------------------------------------------------------------------------------------
-_BI_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+MAX_DELTA_RANK = 64  # kMaxDeltaRank in csrc/selective_scan/ss_common.h
 
 
 @torch.library.custom_op("mamba_ssm::bimamba_scan_fwd", mutates_args=())
 def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Optional[Tensor],
             delta_bias_f: Optional[Tensor], u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
-            D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, delta_softplus: bool,
-            save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (out in u's dtype, ysum = y_f + y_b fp32 (ungated), ckpt_f, ckpt_b (empty unless save_ckpt))."""
+            D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, dt_proj_f: Optional[Tensor],
+            dt_proj_b: Optional[Tensor], delta_softplus: bool, save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out in u's dtype, ysum = y_f + y_b fp32 (ungated), ckpt_f, ckpt_b); all but out empty unless save_ckpt."""
     require()
     out, ysum, ck_f, ck_b = torch.ops.selective_scan_cuda.bi_fwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-        delta_softplus, save_ckpt)
+        dt_proj_f, dt_proj_b, delta_softplus, save_ckpt)
     return out, ysum, ck_f, ck_b
 
 
 @_bi_fwd.register_fake
 def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-      delta_softplus, save_ckpt):
+      dt_proj_f, dt_proj_b, delta_softplus, save_ckpt):
     batch, dim, seqlen = u_f.shape
     f32 = torch.float32
     ck_shape = (batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,)
-    return (empty_in_layout(u_f), empty_in_layout(u_f, f32), u_f.new_empty(ck_shape, dtype=f32),
-            u_f.new_empty(ck_shape, dtype=f32))
+    ysum = empty_in_layout(u_f, f32) if save_ckpt else u_f.new_empty((0,), dtype=f32)
+    return empty_in_layout(u_f), ysum, u_f.new_empty(ck_shape, dtype=f32), u_f.new_empty(ck_shape, dtype=f32)
 
 
 @torch.library.custom_op("mamba_ssm::bimamba_scan_bwd", mutates_args=())
@@ -115,37 +119,64 @@ def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_
     return grads + [empty_in_layout(u_f)]
 
 
+def _by_direction(tensors):
+    """(u_f, ..., delta_bias_b, z, dt_proj_f, dt_proj_b) -> the 7 tensors of f and of b, each + its dt_proj."""
+    f, b, (_, dt_proj_f, dt_proj_b) = tensors[:7], tensors[7:14], tensors[14:]
+    return [*f, dt_proj_f], [*b, dt_proj_b]
+
+
 def _bi_setup_context(ctx, inputs, output):
     *tensors, delta_softplus, save_ckpt = inputs
     out, ysum, ck_f, ck_b = output
     ctx.mark_non_differentiable(ysum, ck_f, ck_b)
-    ctx.save_for_backward(*tensors, ysum, ck_f if save_ckpt else None, ck_b if save_ckpt else None)
+    ctx.save_for_backward(*tensors, *((ysum, ck_f, ck_b) if save_ckpt else (None, None, None)))
     ctx.delta_softplus = delta_softplus
+
+
+def _delta_proj_grads(ddelta, dt, weight):
+    """Gradients of dt (batch, rank, seqlen) and W (dim, rank) from that of delta = W @ dt."""
+    ddelta_t = ddelta.transpose(1, 2)  # (batch, seqlen, dim): contiguous for token-major inputs
+    ddt = torch.matmul(ddelta_t, weight.to(ddelta.dtype)).transpose(1, 2)
+    dweight = torch.matmul(ddelta_t.reshape(-1, ddelta.shape[1]).t(), dt.transpose(1, 2).reshape(-1, dt.shape[1]))
+    return ddt.to(dt.dtype), dweight.to(weight.dtype)
 
 
 def _bi_backward(ctx, dout, dysum, dck_f, dck_b):
     *tensors, ysum, ck_f, ck_b = ctx.saved_tensors
     if ck_f is None:  # forward ran without checkpoints: recompute them
         _, ysum, ck_f, ck_b = _bi_fwd(*tensors, ctx.delta_softplus, True)
-    g = _bi_bwd(*tensors, dout.contiguous(), ysum, ck_f, ck_b, ctx.delta_softplus)
-    f_opt, b_opt = tensors[5:7], tensors[12:14]  # (D, delta_bias) of each direction
-    gf = g[0:5] + [g[5] if f_opt[0] is not None else None, g[6] if f_opt[1] is not None else None]
-    gb = g[7:12] + [g[12] if b_opt[0] is not None else None, g[13] if b_opt[1] is not None else None]
-    return (*gf, *gb, g[14], None, None)
+    directions = _by_direction(tensors)
+    kernel_inputs = []
+    for u, delta, A, B, C, D, bias, dt_proj in directions:
+        if dt_proj is not None:  # the full-size delta, for this backward only
+            delta = torch.matmul(delta.transpose(1, 2), dt_proj.to(delta.dtype).t()).transpose(1, 2)
+        kernel_inputs += [u, delta, A, B, C, D, bias]
+    g = _bi_bwd(*kernel_inputs, tensors[14], dout, ysum, ck_f, ck_b, ctx.delta_softplus)
+    grads = []
+    for (u, delta, A, B, C, D, bias, dt_proj), gd in zip(directions, (g[0:7], g[7:14])):
+        ddelta, ddt_proj = gd[1], None
+        if dt_proj is not None:
+            ddelta, ddt_proj = _delta_proj_grads(ddelta, delta, dt_proj)
+        grads.append([gd[0], ddelta, *gd[2:5], gd[5] if D is not None else None, gd[6] if bias is not None else None,
+                      ddt_proj])
+    (*gf, ddt_proj_f), (*gb, ddt_proj_b) = grads
+    return (*gf, *gb, g[14], ddt_proj_f, ddt_proj_b, None, None)
 
 
 _bi_fwd.register_autograd(_bi_backward, setup_context=_bi_setup_context)
 
 
 def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-                 delta_softplus: bool):
+                 delta_softplus: bool, delta_proj_weight_f=None, delta_proj_weight_b=None):
     """Differentiable fused bidirectional selective scan of a Vim v2 block.
 
     Returns silu(z) * (y_f + y_b) in u's dtype (the sum: the caller divides by 2), where y_f is the scan
     of direction f (no gate) and y_b the scan of direction b run from position L-1 down to 0, i.e.
     flip(scan(flip(inputs_b))) without any flipped copy. All sequence inputs are in natural order, with
-    the shapes of `selective_scan` (B/C as (batch, groups, dstate, seqlen)); z is required. One kernel
-    launch for both directions forward, one for both backward.
+    the shapes of `selective_scan` (B/C as (batch, groups, dstate, seqlen)); z is required. With
+    delta_proj_weight_* (dim, rank), rank <= 64, that direction's delta is given as the low-rank dt
+    (batch, rank, seqlen) and delta = W @ dt is formed inside the kernels. One kernel launch for both
+    directions forward, one for both backward.
     """
     require()
     for A in (A_f, A_b):
@@ -154,9 +185,14 @@ def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A
     if u_b.shape != u_f.shape or z.shape != u_f.shape:
         raise ValueError(f"bimamba_scan: u_f, u_b and z must have one shape, got {tuple(u_f.shape)}, "
                          f"{tuple(u_b.shape)}, {tuple(z.shape)}")
+    for W in (delta_proj_weight_f, delta_proj_weight_b):
+        if W is not None and not (W.dim() == 2 and W.shape[0] == u_f.shape[1] and W.shape[1] <= MAX_DELTA_RANK):
+            raise ValueError(f"bimamba_scan: a delta projection weight must be (dim, rank) with dim = {u_f.shape[1]} "
+                             f"and rank <= {MAX_DELTA_RANK}; got {tuple(W.shape)}")
     u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f = scan_ops.normalise(u_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f)
     u_b = u_b.to(u_f.dtype)
     u_b, delta_b, A_b, B_b, C_b, D_b, _, delta_bias_b = scan_ops.normalise(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b)
-    tensors = (u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z)
+    tensors = (u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
+               delta_proj_weight_f, delta_proj_weight_b)
     out, _, _, _ = _bi_fwd(*tensors, bool(delta_softplus), scan_ops.needs_grad(*tensors))
     return out

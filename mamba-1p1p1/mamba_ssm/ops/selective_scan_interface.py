@@ -188,15 +188,15 @@ def _split_xz(xz):
     return xz.chunk(2, dim=1)
 
 
-def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, dstate, B=None, C=None,
-                B_proj_bias=None, C_proj_bias=None, backend="auto", reverse=False):
-    """Conv (SiLU; anti-causal when reverse) of x, then x_proj -> [dt | B | C] per position and
-    delta = delta_proj_weight @ dt. Returns (x, delta, B, C), sequences as (batch, channels, seqlen)."""
-    delta_rank = delta_proj_weight.shape[1]
+def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, dstate, delta_rank, B=None, C=None, B_proj_bias=None,
+                C_proj_bias=None, backend="auto", reverse=False):
+    """Conv (SiLU; anti-causal when reverse) of x, then x_proj -> [dt | B | C] per position. Returns
+    (x, dt, B, C): x (batch, channels, seqlen), the low-rank dt (batch, delta_rank, seqlen), B and C
+    (batch, dstate, seqlen) (where not given); all but x are views of the x_proj output."""
     conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
     x = causal_conv1d_fn(x, conv_weight, conv1d_bias, activation="silu", backend=backend, reverse=reverse)
     x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
-    delta = F.linear(x_dbl[..., :delta_rank], delta_proj_weight).transpose(1, 2)
+    dt = x_dbl[..., :delta_rank].transpose(1, 2)
     if B is None:
         B = x_dbl[..., delta_rank:delta_rank + dstate]
         if B_proj_bias is not None:
@@ -207,7 +207,12 @@ def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
         if C_proj_bias is not None:
             C = C + C_proj_bias
         C = C.transpose(1, 2)
-    return x, delta, B, C
+    return x, dt, B, C
+
+
+def _delta(dt, delta_proj_weight):
+    """delta = delta_proj_weight @ dt per position, (batch, dim, seqlen) in the linear layer's layout."""
+    return F.linear(dt.transpose(1, 2), delta_proj_weight).transpose(1, 2)
 
 
 def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
@@ -221,10 +226,10 @@ def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, de
     Returns (batch, d_inner, seqlen).
     """
     x, z = _split_xz(xz)
-    x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
-                                 B, C, B_proj_bias, C_proj_bias, backend)
-    return selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                             backend=backend)
+    x, dt, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, A.shape[1], delta_proj_weight.shape[1],
+                              B, C, B_proj_bias, C_proj_bias, backend)
+    return selective_scan_fn(x, _delta(dt, delta_proj_weight), A, B, C, D, z=z, delta_bias=delta_bias,
+                             delta_softplus=delta_softplus, backend=backend)
 
 
 def mamba_inner_ref(*args, **kwargs):
@@ -238,8 +243,9 @@ def bimamba_v1_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weigh
     (forward direction); a second scan with A_b runs over their outputs from the end. Returns the sum
     of both directions in natural position order, (batch, d_inner, seqlen)."""
     x, z = _split_xz(xz)
-    x, delta, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A.shape[1],
-                                 backend=backend)
+    x, dt, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, A.shape[1], delta_proj_weight.shape[1],
+                              backend=backend)
+    delta = _delta(dt, delta_proj_weight)
     scan = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend)
     return (selective_scan_fn(x, delta, A, B, C, **scan)
             + selective_scan_fn(x, delta, A_b, B, C, reverse=True, **scan))
@@ -251,23 +257,29 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     forward_params / backward_params: dicts with each direction's conv1d_weight, conv1d_bias,
     x_proj_weight, delta_proj_weight, A, D and delta_bias. The backward direction is the forward
     computation on the flipped sequence, flipped back: an anti-causal conv and a scan from the end, on
-    natural-order tensors. On CUDA both scans run in one fused kernel. Returns y_forward + y_backward,
-    (batch, d_inner, seqlen).
+    natural-order tensors. On CUDA both scans run in one fused kernel, which also forms delta from the
+    low-rank dt itself. Returns y_forward + y_backward, (batch, d_inner, seqlen).
     """
     x, z = _split_xz(xz)
     directions = []
     for params, reverse in ((forward_params, False), (backward_params, True)):
-        u, delta, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
-                                     params["delta_proj_weight"], params["A"].shape[1], backend=backend,
-                                     reverse=reverse)
-        directions.append(dict(u=u, delta=delta, A=params["A"], B=B, C=C, D=params["D"],
+        weight = params["delta_proj_weight"]
+        u, dt, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
+                                  params["A"].shape[1], weight.shape[1], backend=backend, reverse=reverse)
+        directions.append(dict(u=u, dt=dt, delta_proj_weight=weight, A=params["A"], B=B, C=C, D=params["D"],
                                delta_bias=params["delta_bias"]))
     forward, backward = directions
-    if _kernel_for(backend, x, forward["B"], forward["C"]) is cuda_ops:
+    if (_kernel_for(backend, x, forward["B"], forward["C"]) is cuda_ops
+            and max(d["dt"].shape[1] for d in directions) <= cuda_ops.MAX_DELTA_RANK):
         kernel_args = []
         for d in directions:
-            kernel_args += [d["u"], d["delta"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"],
-                            d["delta_bias"]]
-        return cuda_ops.bimamba_scan(*kernel_args, z, delta_softplus=True)
-    return (selective_scan_fn(**forward, z=z, delta_softplus=True, backend=backend)
-            + selective_scan_fn(**backward, z=z, delta_softplus=True, backend=backend, reverse=True))
+            kernel_args += [d["u"], d["dt"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"], d["delta_bias"]]
+        return cuda_ops.bimamba_scan(*kernel_args, z, delta_softplus=True,
+                                     delta_proj_weight_f=forward["delta_proj_weight"],
+                                     delta_proj_weight_b=backward["delta_proj_weight"])
+    ys = []
+    for d, reverse in ((forward, False), (backward, True)):
+        ys.append(selective_scan_fn(d["u"], _delta(d["dt"], d["delta_proj_weight"]), d["A"], d["B"], d["C"], d["D"],
+                                    z=z, delta_bias=d["delta_bias"], delta_softplus=True, backend=backend,
+                                    reverse=reverse))
+    return ys[0] + ys[1]
