@@ -353,14 +353,20 @@ def test_bimamba_opcheck_and_compile(token_major):
     b_in = layout(make_inputs(2, 8, 40, 4, torch.float32))
     tensors = [t.requires_grad_() for t in (*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
                                              *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], f_in[6])]
-    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, None, None, True, True))
-    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, None, None, True, False))
+    no_extras = (None,) * 6  # no fused delta projections, no fused convs
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, *no_extras, True, True))
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*tensors, *no_extras, True, False))
     # With the delta projections formed in the kernels (dt of rank 3 in place of delta).
     f_dt, b_dt = with_delta_projection(f_in, 3), with_delta_projection(b_in, 3)
     projected = [t.detach().requires_grad_() if t is not None else None for t in
                  (*[f_dt[i] for i in (0, 1, 2, 3, 4, 5, 7)], *[b_dt[i] for i in (0, 1, 2, 3, 4, 5, 7)], f_dt[6],
                   f_dt[8], b_dt[8])]
-    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*projected, True, True))
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, (*projected, *no_extras[2:], True, True))
+    # Inference with the convs fused as well (u is then the convs' input).
+    convs = [torch.randn(8, 4, device="cuda"), torch.randn(8, device="cuda"), torch.randn(8, 4, device="cuda"), None]
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default,
+                              (*[t.detach() if t is not None else None for t in projected], *convs, True, False))
 
     def f(*ts):
         return cuda_ops.bimamba_scan(*ts, True).square().sum()
@@ -394,3 +400,37 @@ except RuntimeError as e:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "raised" in res.stdout, (
         f"C++ error did not reach Python cleanly (rc {res.returncode}): {res.stderr[-2000:]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bimamba_inner_inference_fuses_conv(dtype):
+    """Without gradients the inner op runs the convs inside the scan kernel: same values as the training
+    path (separate conv kernels), and the op refuses the fused conv when a gradient is needed."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops.selective_scan_interface import bimamba_inner_fn_no_out_proj
+
+    torch.manual_seed(0)
+    mixer = Mamba(96, bimamba_type="v2").cuda()
+    with torch.no_grad():
+        for conv in (mixer.conv1d, mixer.conv1d_b):
+            conv.bias.add_(0.3 * torch.randn_like(conv.bias))
+    xz = torch.randn(3, 150, 2 * mixer.d_inner, device="cuda", dtype=dtype).transpose(1, 2)
+    params = mixer._direction_params(""), mixer._direction_params("_b")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as in the model
+        with torch.no_grad():
+            fused = bimamba_inner_fn_no_out_proj(xz, *params)
+        separate = bimamba_inner_fn_no_out_proj(xz.detach().requires_grad_(), *params)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused.float(), separate.detach().float(), rtol=tol, atol=tol)
+
+    u = xz[:, :mixer.d_inner].detach().requires_grad_()
+    args = [torch.randn(3, 12, 150, device="cuda") for _ in range(2)]
+    with pytest.raises(ValueError, match="inference"):
+        cuda_ops.bimamba_scan(u, args[0], params[0]["A"], torch.randn(3, 1, 16, 150, device="cuda"),
+                              torch.randn(3, 1, 16, 150, device="cuda"), None, None, u, args[1], params[1]["A"],
+                              torch.randn(3, 1, 16, 150, device="cuda"), torch.randn(3, 1, 16, 150, device="cuda"),
+                              None, None, xz[:, mixer.d_inner:], True,
+                              delta_proj_weight_f=params[0]["delta_proj_weight"],
+                              delta_proj_weight_b=params[1]["delta_proj_weight"],
+                              conv_f=(params[0]["conv1d_weight"].squeeze(1), None))

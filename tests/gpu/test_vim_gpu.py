@@ -38,7 +38,8 @@ def test_vim_tiny_kernels_match_float64_reference(name):
 
     reference = model.double()
     ref_images = images.double().requires_grad_()
-    ref_loss = torch.nn.functional.cross_entropy(reference(ref_images), labels)
+    ref_logits = reference(ref_images)
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits, labels)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
 
@@ -54,6 +55,8 @@ def test_vim_tiny_kernels_match_float64_reference(name):
     assert _rel_err(gpu_images.grad.cpu(), ref_images.grad) < 1e-3
     for pname, p in gpu_model.named_parameters():
         assert _rel_err(p.grad.cpu(), ref_grads[pname]) < 2e-3, pname
+    with torch.inference_mode():  # the inference path: convs fused into the scan kernel
+        assert _rel_err(gpu_model(images.cuda()).cpu(), ref_logits.detach()) < 1e-4
 
 
 def test_bf16_autocast_follows_fp32():

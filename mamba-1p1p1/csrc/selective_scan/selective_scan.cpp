@@ -86,7 +86,7 @@ at::Tensor f32_param(const at::Tensor& t, const at::Tensor& u, const char* name)
 
 // Holds the tensors that the raw pointers in `p` point into.
 struct Prepared {
-  at::Tensor u, delta, z, A, B, C, D, delta_bias, dt_proj;
+  at::Tensor u, delta, z, A, B, C, D, delta_bias, dt_proj, conv_weight, conv_bias;
   ScanParams p{};
 };
 
@@ -282,6 +282,23 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
 
 // ---- Fused bidirectional scan: out = silu(z) * (y_f + y_b), direction b scanned from the end ----
 
+// With conv_weight (dim, width) [and conv_bias (dim,)], the forward applies silu(conv(u)) itself.
+void set_conv(Prepared& r, const at::Tensor& u, const OptTensor& weight, const OptTensor& bias) {
+  if (!weight.has_value()) return;
+  TORCH_CHECK(weight->dim() == 2 && weight->size(0) == u.size(1) && weight->size(1) >= 1 && weight->size(1) <= 4,
+              "bimamba_scan: conv_weight must be (dim, width) with dim = ", u.size(1), " and width <= 4, got ",
+              weight->sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == u.size(1)),
+              "bimamba_scan: conv_bias must be (dim,)");
+  r.conv_weight = f32_param(*weight, u, "conv_weight");
+  r.p.conv_weight = r.conv_weight.data_ptr<float>();
+  r.p.conv_width = int(weight->size(1));
+  if (bias.has_value()) {
+    r.conv_bias = f32_param(*bias, u, "conv_bias");
+    r.p.conv_bias = r.conv_bias.data_ptr<float>();
+  }
+}
+
 template <typename Fn>
 cudaError_t dispatch_bi(at::ScalarType t, Fn&& fn) {
   switch (t) {
@@ -307,12 +324,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
     const at::Tensor& C_f, const OptTensor& D_f, const OptTensor& bias_f, const at::Tensor& u_b,
     const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
     const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, const OptTensor& dt_proj_f,
-    const OptTensor& dt_proj_b, bool delta_softplus, bool save_ckpt) {
+    const OptTensor& dt_proj_b, const OptTensor& conv_weight_f, const OptTensor& conv_bias_f,
+    const OptTensor& conv_weight_b, const OptTensor& conv_bias_b, bool delta_softplus, bool save_ckpt) {
   c10::cuda::CUDAGuard guard(u_f.device());
+  TORCH_CHECK(!(save_ckpt && (conv_weight_f.has_value() || conv_weight_b.has_value())),
+              "bimamba_scan: the fused conv is forward-only (inference); it cannot save checkpoints");
   const bool token_major = is_token_major(u_f);
   Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, std::nullopt, bias_f, delta_softplus, false, token_major,
                         dt_proj_f);
   Prepared rb = prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, true, token_major, dt_proj_b);
+  set_conv(rf, u_f, conv_weight_f, conv_bias_f);
+  set_conv(rb, u_b, conv_weight_b, conv_bias_b);
   check_pair(rf, rb, u_f, u_b);
   ScanParams &pf = rf.p, &pb = rb.p;
   const auto f32 = u_f.options().dtype(at::kFloat);
@@ -392,7 +414,8 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
   m.def(
       "bi_fwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
-      "Tensor z, Tensor? dt_proj_f, Tensor? dt_proj_b, bool delta_softplus, bool save_ckpt) "
+      "Tensor z, Tensor? dt_proj_f, Tensor? dt_proj_b, Tensor? conv_weight_f, Tensor? conv_bias_f, "
+      "Tensor? conv_weight_b, Tensor? conv_bias_b, bool delta_softplus, bool save_ckpt) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bi_bwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "

@@ -40,6 +40,11 @@ struct ScanParams {
   int64_t dt_low_batch_stride, dt_low_rank_stride, dt_low_seq_stride;
   const float* dt_proj;   // (dim, rank) fp32, contiguous
   int rank;
+  // Fused causal conv (forward kernels, inference only): when conv_weight is set, u is the conv's input x
+  // and the kernel applies silu(conv(x)) itself (see conv_silu).
+  const float* conv_weight;  // (dim, conv_width) fp32, contiguous
+  const float* conv_bias;    // (dim,) fp32 or nullptr
+  int conv_width;
   const float* A;           // (dim, dstate)
   const float* D;           // (dim,) or nullptr
   const float* delta_bias;  // (dim,) or nullptr

@@ -194,6 +194,20 @@ __device__ __forceinline__ float projected_delta(const float* w, const float* lo
   return acc;
 }
 
+// Fused causal conv of the forward (p.conv_weight set; inference): u holds the conv's input x, and
+// u_s = silu(bias + sum_k w[k] x[s - (width-1) + k]) in logical time (anti-causal in positions when
+// reverse), so the conv output never has to exist when the scan runs. Neighbours are L1 hits.
+template <bool kTM, typename T>
+__device__ __forceinline__ float conv_silu(const ScanParams& p, const T* x, int d, int s) {
+  float acc = p.conv_bias != nullptr ? p.conv_bias[d] : 0.f;
+  const float* w = p.conv_weight + int64_t(d) * p.conv_width;
+  for (int k = 0; k < p.conv_width; ++k) {
+    const int sk = s - (p.conv_width - 1) + k;
+    if (sk >= 0) acc = fmaf(w[k], load_seq<kTM>(x, p.u_dim_stride, p.u_seq_stride, d, phys(p, sk)), acc);
+  }
+  return acc / (1.f + __expf(-acc));
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
@@ -246,7 +260,8 @@ __device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
       float uv = 0.f, dv = 0.f;
       if (r < geo.nch && j < len) {
         const int dr = geo.d0 + r, pos = phys(p, s0 + j);
-        uv = load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
+        uv = p.conv_weight != nullptr ? conv_silu<kTM>(p, u, dr, s0 + j)
+                                      : load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
         dv = fused_delta ? projected_delta(sWdt, sLow, p.rank, r, j)
                          : load_seq<kTM>(delta, p.delta_dim_stride, p.delta_seq_stride, dr, pos);
         if (p.delta_bias != nullptr) dv += p.delta_bias[dr];

@@ -37,10 +37,9 @@ def require() -> None:
         )
 
 
-def supports(u: Tensor, B: Tensor, C: Tensor) -> bool:
-    """Whether the CPU kernel takes these inputs: CPU tensors, fp32/fp16/bf16, per-step B and C."""
-    return (available() and u.device.type == "cpu" and u.dtype in DTYPES and B.dim() >= 3 and C.dim() >= 3
-            and not B.is_complex() and not C.is_complex())
+def supports(u: Tensor) -> bool:
+    """Whether the CPU kernel takes a scan of u (with per-step real B and C): a CPU tensor, fp32/fp16/bf16."""
+    return available() and u.device.type == "cpu" and u.dtype in DTYPES
 
 
 if _ext is not None:

@@ -65,7 +65,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
 # With a direction's delta projection weight W (dim, rank), its `delta` input is the low-rank dt
 # (batch, rank, seqlen): the forward kernel forms delta = W @ dt itself, so the full-size delta is
 # neither written by a matmul nor kept for the backward; the backward recomputes it with one matmul
-# (transient) and turns the kernel's ddelta into the gradients of dt and W.
+# (transient) and turns the kernel's ddelta into the gradients of dt and W. For inference a direction's
+# conv weight and bias may be passed too: its `u` is then the conv's input, and the forward kernel
+# applies silu(conv(.)) itself, so the conv output never coexists with the scan's other tensors.
 # ---------------------------------------------------------------------------------------------
 MAX_DELTA_RANK = 64  # kMaxDeltaRank in csrc/selective_scan/ss_common.h
 
@@ -74,18 +76,20 @@ MAX_DELTA_RANK = 64  # kMaxDeltaRank in csrc/selective_scan/ss_common.h
 def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Optional[Tensor],
             delta_bias_f: Optional[Tensor], u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
             D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, dt_proj_f: Optional[Tensor],
-            dt_proj_b: Optional[Tensor], delta_softplus: bool, save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            dt_proj_b: Optional[Tensor], conv_weight_f: Optional[Tensor], conv_bias_f: Optional[Tensor],
+            conv_weight_b: Optional[Tensor], conv_bias_b: Optional[Tensor], delta_softplus: bool,
+            save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out in u's dtype, ysum = y_f + y_b fp32 (ungated), ckpt_f, ckpt_b); all but out empty unless save_ckpt."""
     require()
     out, ysum, ck_f, ck_b = torch.ops.selective_scan_cuda.bi_fwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-        dt_proj_f, dt_proj_b, delta_softplus, save_ckpt)
+        dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt)
     return out, ysum, ck_f, ck_b
 
 
 @_bi_fwd.register_fake
 def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-      dt_proj_f, dt_proj_b, delta_softplus, save_ckpt):
+      dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt):
     batch, dim, seqlen = u_f.shape
     f32 = torch.float32
     ck_shape = (batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,)
@@ -120,8 +124,8 @@ def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_
 
 
 def _by_direction(tensors):
-    """(u_f, ..., delta_bias_b, z, dt_proj_f, dt_proj_b) -> the 7 tensors of f and of b, each + its dt_proj."""
-    f, b, (_, dt_proj_f, dt_proj_b) = tensors[:7], tensors[7:14], tensors[14:]
+    """(u_f, ..., delta_bias_b, z, dt_proj_f, dt_proj_b, conv...) -> the 7 tensors of f and of b, each + its dt_proj."""
+    f, b, dt_proj_f, dt_proj_b = tensors[:7], tensors[7:14], tensors[15], tensors[16]
     return [*f, dt_proj_f], [*b, dt_proj_b]
 
 
@@ -160,14 +164,14 @@ def _bi_backward(ctx, dout, dysum, dck_f, dck_b):
         grads.append([gd[0], ddelta, *gd[2:5], gd[5] if D is not None else None, gd[6] if bias is not None else None,
                       ddt_proj])
     (*gf, ddt_proj_f), (*gb, ddt_proj_b) = grads
-    return (*gf, *gb, g[14], ddt_proj_f, ddt_proj_b, None, None)
+    return (*gf, *gb, g[14], ddt_proj_f, ddt_proj_b, None, None, None, None, None, None)
 
 
 _bi_fwd.register_autograd(_bi_backward, setup_context=_bi_setup_context)
 
 
 def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-                 delta_softplus: bool, delta_proj_weight_f=None, delta_proj_weight_b=None):
+                 delta_softplus: bool, delta_proj_weight_f=None, delta_proj_weight_b=None, conv_f=None, conv_b=None):
     """Differentiable fused bidirectional selective scan of a Vim v2 block.
 
     Returns silu(z) * (y_f + y_b) in u's dtype (the sum: the caller divides by 2), where y_f is the scan
@@ -175,8 +179,10 @@ def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A
     flip(scan(flip(inputs_b))) without any flipped copy. All sequence inputs are in natural order, with
     the shapes of `selective_scan` (B/C as (batch, groups, dstate, seqlen)); z is required. With
     delta_proj_weight_* (dim, rank), rank <= 64, that direction's delta is given as the low-rank dt
-    (batch, rank, seqlen) and delta = W @ dt is formed inside the kernels. One kernel launch for both
-    directions forward, one for both backward.
+    (batch, rank, seqlen) and delta = W @ dt is formed inside the kernels. Inference only: conv_* =
+    (weight (dim, width), bias or None) makes that direction's u the input of its causal conv (anti-causal
+    for b), which the kernel applies with SiLU. One kernel launch for both directions forward, one for
+    both backward.
     """
     require()
     for A in (A_f, A_b):
@@ -194,5 +200,10 @@ def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A
     u_b, delta_b, A_b, B_b, C_b, D_b, _, delta_bias_b = scan_ops.normalise(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b)
     tensors = (u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
                delta_proj_weight_f, delta_proj_weight_b)
-    out, _, _, _ = _bi_fwd(*tensors, bool(delta_softplus), scan_ops.needs_grad(*tensors))
+    convs = [t for conv in (conv_f, conv_b) for t in (conv if conv is not None else (None, None))]
+    save_ckpt = scan_ops.needs_grad(*tensors, *convs)
+    if save_ckpt and (conv_f is not None or conv_b is not None):
+        raise ValueError("bimamba_scan: the fused conv (conv_f / conv_b) is for inference; without it, apply "
+                         "causal_conv1d first, or run under torch.no_grad() / inference_mode()")
+    out, _, _, _ = _bi_fwd(*tensors, *convs, bool(delta_softplus), save_ckpt)
     return out

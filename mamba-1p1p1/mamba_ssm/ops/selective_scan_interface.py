@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn
 from causal_conv1d.layout import is_token_major
-from mamba_ssm.ops import cpu_ops, cuda_ops
+from mamba_ssm.ops import cpu_ops, cuda_ops, scan_ops
 
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 # Elements of one (chunk, batch, dim, dstate) block the reference materialises at a time: blocks that
@@ -131,17 +131,17 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return out
 
 
-def _kernel_for(backend, u, B, C):
-    """The kernel bridge (cuda_ops or cpu_ops) that runs this scan, or None for the reference."""
+def _kernel_for(backend, u, per_step):
+    """The kernel bridge (cuda_ops or cpu_ops) that runs a scan of u (per_step: with per-position B and C),
+    or None for the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    per_step = B.dim() > 2 and C.dim() > 2
     if backend == "reference":
         return None
     if backend == "auto":
         if u.is_cuda and cuda_ops.available() and per_step:
             return cuda_ops
-        return cpu_ops if cpu_ops.supports(u, B, C) else None
+        return cpu_ops if per_step and cpu_ops.supports(u) else None
     bridge = cuda_ops if backend == "cuda" else cpu_ops
     bridge.require()
     if u.device.type != backend:
@@ -159,7 +159,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     position to the first (the scan of the flipped inputs, flipped back; the kernels index backwards).
     backend: "auto", "cuda" or "cpu" (that kernel, or an error saying how to build it) or "reference"."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    bridge = _kernel_for(backend, u, B, C)
+    bridge = _kernel_for(backend, u, B.dim() > 2 and C.dim() > 2 and not (B.is_complex() or C.is_complex()))
     if bridge is not None:
         B = B.unsqueeze(1) if B.dim() == 3 else B
         C = C.unsqueeze(1) if C.dim() == 3 else C
@@ -261,22 +261,30 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     low-rank dt itself. Returns y_forward + y_backward, (batch, d_inner, seqlen).
     """
     x, z = _split_xz(xz)
+    weights = (forward_params["delta_proj_weight"], backward_params["delta_proj_weight"])
+    fused = _kernel_for(backend, x, per_step=True) is cuda_ops and max(w.shape[1] for w in weights) <= \
+        cuda_ops.MAX_DELTA_RANK
+    # Inference on the fused kernel: the conv runs again inside the scan, so each direction's conv
+    # output lives only until its x_proj has read it (peak memory at high resolution).
+    fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
     directions = []
     for params, reverse in ((forward_params, False), (backward_params, True)):
         weight = params["delta_proj_weight"]
         u, dt, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
                                   params["A"].shape[1], weight.shape[1], backend=backend, reverse=reverse)
-        directions.append(dict(u=u, dt=dt, delta_proj_weight=weight, A=params["A"], B=B, C=C, D=params["D"],
-                               delta_bias=params["delta_bias"]))
+        conv = (params["conv1d_weight"].reshape(x.shape[1], -1), params["conv1d_bias"]) if fuse_conv else None
+        directions.append(dict(u=x if fuse_conv else u, dt=dt, delta_proj_weight=weight, A=params["A"], B=B, C=C,
+                               D=params["D"], delta_bias=params["delta_bias"], conv=conv))
+        del u
     forward, backward = directions
-    if (_kernel_for(backend, x, forward["B"], forward["C"]) is cuda_ops
-            and max(d["dt"].shape[1] for d in directions) <= cuda_ops.MAX_DELTA_RANK):
+    if fused:
         kernel_args = []
         for d in directions:
             kernel_args += [d["u"], d["dt"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"], d["delta_bias"]]
         return cuda_ops.bimamba_scan(*kernel_args, z, delta_softplus=True,
                                      delta_proj_weight_f=forward["delta_proj_weight"],
-                                     delta_proj_weight_b=backward["delta_proj_weight"])
+                                     delta_proj_weight_b=backward["delta_proj_weight"],
+                                     conv_f=forward["conv"], conv_b=backward["conv"])
     ys = []
     for d, reverse in ((forward, False), (backward, True)):
         ys.append(selective_scan_fn(d["u"], _delta(d["dt"], d["delta_proj_weight"]), d["A"], d["B"], d["C"], d["D"],
