@@ -95,10 +95,17 @@ def cpu_extensions():
     except ImportError as error:
         print(f"{CPU_EXT_NAME}: skipping the CPU build (torch is not importable: {error})")
         return [], {}
-    # -ffp-contract=fast only fuses multiply-adds (no fast-math); the ISA is chosen at run time.
-    flags = ["/O2"] if sys.platform == "win32" else ["-O3", "-ffp-contract=fast"]
+    # -ffp-contract=fast only fuses multiply-adds (no fast-math); the ISA is chosen at run time. With
+    # torch's OpenMP backend at::parallel_for is an OpenMP pragma compiled into this extension: without
+    # -fopenmp it runs on one thread (Linux links the libgomp that torch already loaded).
+    if sys.platform == "win32":
+        flags, link_flags = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":  # Apple's clang has no OpenMP: one thread
+        flags, link_flags = ["-O3", "-ffp-contract=fast"], []
+    else:
+        flags, link_flags = ["-O3", "-ffp-contract=fast", "-fopenmp"], ["-fopenmp"]
     ext = CppExtension(name=CPU_EXT_NAME, sources=[os.path.join(HERE, s) for s in CPU_SOURCES],
-                       extra_compile_args={"cxx": flags})
+                       extra_compile_args={"cxx": flags}, extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -259,10 +259,13 @@ struct FwdChannel {
 };
 
 // States in vectors of 8 (V = v8f, N a multiple of 8) or one at a time (V = float, any N).
-template <class V>
+// kNV > 0 fixes the number of state vectors at compile time (N = 16: two of 8): the loops over them
+// unroll and the states stay in registers instead of a stack array on the recurrence's critical path
+// (1.5x faster for Vim's N = 16 on AVX2).
+template <class V, int kNV = 0>
 SS_INLINE void fwd_channel_t(const FwdChannel& a) {
   constexpr int W = sizeof(V) / sizeof(float);
-  const int N = a.N, NV = N / W, L = a.L;
+  const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L;
   V h[kMaxState / W];
   V Av[kMaxState / W];
   for (int k = 0; k < NV; ++k) {
@@ -294,6 +297,7 @@ SS_INLINE void fwd_channel_t(const FwdChannel& a) {
 
 SS_INLINE void fwd_channel_impl(const FwdChannel& a) {
 #if SS_VEC
+  if (a.N == 16) return fwd_channel_t<v8f, 2>(a);
   if (a.N % 8 == 0) return fwd_channel_t<v8f>(a);
 #endif
   fwd_channel_t<float>(a);
@@ -368,10 +372,10 @@ SS_INLINE float reduce(V v) {
 #endif
 }
 
-template <class V>
+template <class V, int kNV = 0>  // kNV: as in fwd_channel_t
 SS_INLINE void bwd_channel_t(const BwdChannel& a) {
   constexpr int W = sizeof(V) / sizeof(float);
-  const int N = a.N, NV = N / W, L = a.L;
+  const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L;
   const int nchunks = (L + kChunk - 1) / kChunk;
   V g[kMaxState / W];   // carried adjoint: a_{t+1} * g_{t+1}
   V dA[kMaxState / W];
@@ -438,6 +442,7 @@ SS_INLINE void bwd_channel_t(const BwdChannel& a) {
 
 SS_INLINE void bwd_channel_impl(const BwdChannel& a) {
 #if SS_VEC
+  if (a.N == 16) return bwd_channel_t<v8f, 2>(a);
   if (a.N % 8 == 0) return bwd_channel_t<v8f>(a);
 #endif
   bwd_channel_t<float>(a);
