@@ -42,11 +42,6 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(samples)
-            if args.bce_loss:  # as DeiT III: a class is present when its (mixed) target is above 0
-                if targets.ndim == 1:  # plain labels (no mixup)
-                    logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-                    targets = F.one_hot(targets, logits.shape[-1])
-                targets = targets.gt(0.0).float()
             loss = criterion(samples, outputs, targets)
         if args.if_nan2num:
             loss = torch.nan_to_num(loss)
@@ -56,7 +51,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
         grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
 
         flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)),
-                             torch.tensor(bool(stop_request and stop_request.requested), device=device)]).float()
+                             torch.full((), bool(stop_request and stop_request.requested), device=device)]).float()
         if is_dist_avail_and_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop = (bool(f) for f in flags.tolist())
@@ -122,7 +117,7 @@ def evaluate(data_loader, model, device, amp_dtype=None, split_across_processes=
         loss = F.cross_entropy(output.float(), target, reduction='sum')
         hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
         sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.sum().double(),
-                             torch.tensor(float(target.numel()), dtype=torch.float64, device=device)])
+                             torch.full((), float(target.numel()), dtype=torch.float64, device=device)])
     if split_across_processes and is_dist_avail_and_initialized():
         dist.all_reduce(sums)
     loss_sum, top1, top5, count = sums.tolist()

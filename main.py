@@ -5,7 +5,6 @@ Exit codes: 0 done, 2 user error (one line on stderr), 3 training diverged (non-
 """
 import argparse
 import ast
-import copy
 import datetime
 import difflib
 import json
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import timm
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -38,10 +37,10 @@ from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint
 from vim.losses import DistillationLoss
 from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
 from vim.samplers import ResumableSampler, SeededDataset
-from vim.utils import UserError, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from vim.utils import (UserError, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
+                       is_main_process, log)
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
-SSM_PARAMETERS = ('A_log', 'A_b_log', 'D', 'D_b')
 
 
 def model_kwargs(text):
@@ -277,8 +276,8 @@ def seed_everything(seed):
 
 
 def build_criterion(args, num_classes, device):
-    if args.bce_loss:
-        base = torch.nn.BCEWithLogitsLoss()
+    if args.bce_loss:  # as DeiT III: a class is present when its (mixed or one-hot) target is above 0
+        base = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
     elif mixup_active(args):
         base = SoftTargetCrossEntropy()  # mixup already folds label smoothing into the targets
     elif args.smoothing:
@@ -297,8 +296,9 @@ def build_criterion(args, num_classes, device):
 
 def build_optimizer(model, args, lr):
     no_decay = set(getattr(model, 'no_weight_decay', lambda: ())())
-    if args.ssm_no_weight_decay:  # full names: older timm matches the list exactly, newer as patterns
-        no_decay |= {name for name, _ in model.named_parameters() if name.rsplit('.', 1)[-1] in SSM_PARAMETERS}
+    if args.ssm_no_weight_decay:  # A_log, A_b_log, D, D_b, as the Mamba mixer marks them; full names: older
+        # timm matches the list exactly, newer as patterns
+        no_decay |= {name for name, p in model.named_parameters() if getattr(p, '_no_weight_decay', False)}
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
     extra = {'eps': args.opt_eps}
     if args.opt_betas:
@@ -374,10 +374,9 @@ def main(args):
     if args.eval:
         report_accuracy(evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval))
         if checkpoint is not None and checkpoint.get('model_ema') is not None:
-            ema_model = copy.deepcopy(model)
-            check_compatible(checkpoint['model_ema'], ema_model, args.model, f'{resume} (model_ema)')
-            ema_model.load_state_dict(checkpoint['model_ema'])
-            report_accuracy(evaluate(data_loader_val, ema_model, device, amp_dtype, args.dist_eval), 'EMA network')
+            check_compatible(checkpoint['model_ema'], model, args.model, f'{resume} (model_ema)')
+            model.load_state_dict(checkpoint['model_ema'])
+            report_accuracy(evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval), 'EMA network')
         return
 
     dataset_train, _ = build_dataset(True, args)
@@ -407,14 +406,15 @@ def main(args):
             checkpoint, resume, optimizer=optimizer, lr_scheduler=lr_scheduler, model_ema=model_ema, scaler=scaler,
             global_batch=global_batch, steps_per_epoch=steps_per_epoch)
 
-    def save_checkpoint(epoch, steps_done, path=checkpoint_path):
-        """Collective: every process contributes its random state; the main process writes."""
+    def save_checkpoint(epoch, steps_done, best=False):
+        """Collective: every process contributes its random state; the main process writes checkpoint.pth
+        (and best_checkpoint.pth, the same state, when `best`)."""
         rng_states = [None] * get_world_size()
         if args.distributed:
             dist.all_gather_object(rng_states, capture_rng_state())
         else:
             rng_states[0] = capture_rng_state()
-        if path and is_main_process():
+        if checkpoint_path and is_main_process():
             state = {
                 'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                 'lr_scheduler': lr_scheduler.state_dict(),
@@ -427,9 +427,10 @@ def main(args):
             }
             if model_ema is not None:
                 state['model_ema'] = model_ema.module.state_dict()
-            save_atomic(state, path)
-            if path == checkpoint_path:
-                log(f'saved {path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)')
+            save_atomic(state, checkpoint_path)
+            log(f'saved {checkpoint_path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)')
+            if best:
+                save_atomic(state, os.path.join(args.output_dir, 'best_checkpoint.pth'))
         if args.distributed:
             dist.barrier()  # nobody exits (and gets the others killed by torchrun) before the file is complete
 
@@ -451,9 +452,7 @@ def main(args):
             improved = test_stats['acc1'] > max_accuracy  # the same on every process
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             log(f'Max accuracy: {max_accuracy:.2f}%')
-            save_checkpoint(epoch, steps_per_epoch)
-            if improved and checkpoint_path:
-                save_checkpoint(epoch, steps_per_epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
+            save_checkpoint(epoch, steps_per_epoch, best=improved)
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
             if stop_request.requested:
                 raise Preempted(f'stopped after epoch {epoch}')
@@ -536,7 +535,7 @@ def cli(argv=None):
         print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if is_dist_avail_and_initialized():
             dist.destroy_process_group()
     return code
 

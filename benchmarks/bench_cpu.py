@@ -55,25 +55,21 @@ def main():
     from mamba_ssm.ops import cpu_ops
     from mamba_ssm.ops import selective_scan_interface as ssi
 
-    if not cpu_ops.available():
-        sys.exit(f"selective_scan_cpu is not importable ({cpu_ops._import_error}); build it first")
+    try:
+        cpu_ops.require()
+    except RuntimeError as error:
+        sys.exit(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     original_fn = ssi.selective_scan_fn
 
-    def kernel_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False, backend="auto", reverse=False):
-        if u.device.type == "cpu" and B.dim() >= 3 and C.dim() >= 3 and u.dtype != torch.float64:
-            B = B.unsqueeze(1) if B.dim() == 3 else B
-            C = C.unsqueeze(1) if C.dim() == 3 else C
-            return cpu_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                          reverse)
-        return original_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
-                           reverse=reverse)
+    def with_backend(backend):
+        def fn(*a, **k):
+            k["backend"] = backend
+            return original_fn(*a, **k)
+        return fn
 
-    def reference_fn(*a, **k):
-        k["backend"] = "reference"
-        return original_fn(*a, **k)
+    kernel_fn, reference_fn = with_backend("cpu"), with_backend("reference")
 
     impls = {"kernel": kernel_fn} if args.skip_reference else {"reference": reference_fn, "kernel": kernel_fn}
     info = dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),

@@ -69,7 +69,8 @@ def copy_bandwidth():
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9  # GB/s, read + write
 
 
-def scan_inputs(batch, dim, seqlen, dtype, requires_grad):
+def scan_inputs(batch, dim, seqlen, dtype):
+    """Leaves (requiring grad) u, delta, A, B, C, D, z, delta_bias of one Vim-like scan."""
     dev = "cuda"
     u = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
     delta = (0.5 * torch.randn(batch, dim, seqlen, device=dev)).to(dtype)
@@ -80,11 +81,7 @@ def scan_inputs(batch, dim, seqlen, dtype, requires_grad):
     z = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
     dt = torch.exp(torch.rand(dim, device=dev) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     bias = dt + torch.log(-torch.expm1(-dt))
-    ts = [u, delta, A, B, C, D, z, bias]
-    if requires_grad:
-        for t in ts:
-            t.requires_grad_()
-    return ts
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
 
 
 def inner_op_row(name, batch, dim, seqlen, dtype, with_reference):
@@ -165,10 +162,10 @@ def main():
             fwd_bytes = (4 * elems + bc) * es
             bwd_bytes = (4 * elems + bc) * es + (4 * elems + bc) * es + 3 * elems * es + bc * es
             # Scan forward (inference: no checkpoints) and forward+backward.
-            ins = scan_inputs(batch, dim, seqlen, dtype, False)
+            ins_g = scan_inputs(batch, dim, seqlen, dtype)
+            ins = [t.detach() for t in ins_g]
             with torch.no_grad():
                 row["scan_fwd_ms"] = bench(lambda: cuda_ops.selective_scan(*ins, True, False))
-            ins_g = scan_inputs(batch, dim, seqlen, dtype, True)
             dout = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
 
             def fwd_bwd():
@@ -179,10 +176,6 @@ def main():
             row["scan_fwd_GBps"] = fwd_bytes / (row["scan_fwd_ms"] * 1e-3) / 1e9
             row["scan_fwd_floor_ms"] = fwd_bytes / (bw * 1e9) * 1e3
             row["scan_fwdbwd_floor_ms"] = (fwd_bytes + bwd_bytes) / (bw * 1e9) * 1e3
-            # Bidirectional pair as Vim runs it: forward scan + reverse scan of the same inputs.
-            with torch.no_grad():
-                row["scan_bidir_fwd_ms"] = bench(lambda: cuda_ops.selective_scan(*ins, True, False)
-                                                 + cuda_ops.selective_scan(*ins, True, False, reverse=True))
             # Causal conv1d fwd+bwd (width 4, bias, SiLU).
             x = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype, requires_grad=True)
             w = torch.randn(dim, 4, device="cuda", dtype=dtype, requires_grad=True)
@@ -197,18 +190,17 @@ def main():
             row["conv_fwdbwd_ms"] = bench(conv_fb)
             # GPU-only times (CUDA graph replay of the raw ops; no Python / autograd overhead).
             ops = torch.ops.selective_scan_cuda
-            raw = [t.detach() for t in ins_g]
             with torch.no_grad():
-                row["gpu_scan_fwd_ms"] = graph_bench(lambda: ops.fwd(*raw, True, False, False, False))
-                ckpt = ops.fwd(*raw, True, False, True, False)[2]
-                row["gpu_scan_bwd_ms"] = graph_bench(lambda: ops.bwd(*raw, dout, None, ckpt, True, False))
+                row["gpu_scan_fwd_ms"] = graph_bench(lambda: ops.fwd(*ins, True, False, False, False))
+                ckpt = ops.fwd(*ins, True, False, True, False)[2]
+                row["gpu_scan_bwd_ms"] = graph_bench(lambda: ops.bwd(*ins, dout, None, ckpt, True, False))
                 cops = torch.ops.causal_conv1d_cuda
                 row["gpu_conv_fwd_ms"] = graph_bench(lambda: cops.fwd(x.detach(), w.detach(), b.detach(), True, False))
                 row["gpu_conv_bwd_ms"] = graph_bench(
                     lambda: cops.bwd(x.detach(), w.detach(), b.detach(), dout, True, False))
             # Both directions of a Vim v2 block: fused op vs the original's way (flipped copies,
             # two scans, flip back, add).
-            ins_b = scan_inputs(batch, dim, seqlen, dtype, True)
+            ins_b = scan_inputs(batch, dim, seqlen, dtype)
             fb = [ins_g[i] for i in (0, 1, 2, 3, 4, 5, 7)] + [ins_b[i] for i in (0, 1, 2, 3, 4, 5, 7)] + [ins_g[6]]
 
             def unfused():
@@ -232,7 +224,7 @@ def main():
             bi_bytes = (7 * elems + 4 * bc) * es  # u, delta of both + z in, out; B, C of both
             row["gpu_bi_fwd_GBps"] = bi_bytes / (row["gpu_bi_fwd_ms"] * 1e-3) / 1e9
             row["gpu_bi_fwd_floor_ms"] = bi_bytes / (bw * 1e9) * 1e3
-            del ins_b, fb, raw
+            del ins_b, fb
             if name in args.reference_shapes:
                 with torch.no_grad():
                     row["ref_scan_fwd_ms"] = bench(lambda: selective_scan_ref(*ins, True, False), rep=50)

@@ -16,6 +16,7 @@ import torch
 
 import timm
 import timm.layers
+from bench_kernels import copy_bandwidth  # GB/s
 import vim  # noqa: F401  (registers the Vim models)
 
 MODELS = {
@@ -78,14 +79,6 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters):
     return {"img_per_s": batch / seconds, "ms": seconds * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
-def copy_bandwidth():
-    """Device-to-device copy rate in TB/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), warmup=3, iters=20)
-    return 2 * src.numel() / seconds / 1e12
-
-
 def plot(results, path):
     try:
         import matplotlib
@@ -132,7 +125,7 @@ def main():
     results = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "timm": timm.__version__, "python": platform.python_version(), "batch": args.batch,
-        "copy_tb_per_s": copy_bandwidth(), "train": {}, "features": {},
+        "copy_tb_per_s": copy_bandwidth() / 1e3, "train": {}, "features": {},
     }
     lines = []
     for size_name in args.models:

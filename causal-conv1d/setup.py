@@ -29,21 +29,6 @@ def env_true(name):
     return os.environ.get(PREFIX + name, "FALSE").upper() in ("1", "TRUE", "YES", "ON")
 
 
-def gencode_flags(arch_list):
-    """'8.0;9.0+PTX' -> nvcc -gencode flags (machine code per arch, PTX where '+PTX' is given)."""
-    flags = []
-    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        item = item.strip()
-        if not item:
-            continue
-        ptx = item.endswith("+PTX")
-        num = item.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
-
-
 def cuda_extensions():
     """Return (ext_modules, cmdclass); empty when the build is skipped (with a one-line reason)."""
     if env_true("SKIP_CUDA_BUILD"):
@@ -62,10 +47,12 @@ def cuda_extensions():
     if not torch.cuda.is_available() and not env_true("FORCE_BUILD"):
         print(f"{EXT_NAME}: skipping the CUDA build (no GPU visible; set {PREFIX}FORCE_BUILD=TRUE to build anyway)")
         return [], {}
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    # torch's build turns TORCH_CUDA_ARCH_LIST into the -gencode flags; we only choose the default.
+    archs = (os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS).replace(",", ";")  # torch wants ';'
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     # No -std flag: torch picks the C++ standard its headers need (C++17 up to 2.11, C++20 later);
     # a different one can change the layout of c10 types and crash on the first thrown error.
-    nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")] + gencode_flags(archs)
+    nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")]
     if env_true("PTXAS_VERBOSE"):
         nvcc_flags.append("--ptxas-options=-v")
     print(f"{EXT_NAME}: building for {archs} (CUDA_HOME={CUDA_HOME})")

@@ -36,43 +36,30 @@ def env_true(name):
     return os.environ.get(PREFIX + name, "FALSE").upper() in ("1", "TRUE", "YES", "ON")
 
 
-def gencode_flags(arch_list):
-    """'8.0;9.0+PTX' -> nvcc -gencode flags (machine code per arch, PTX where '+PTX' is given)."""
-    flags = []
-    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        item = item.strip()
-        if not item:
-            continue
-        ptx = item.endswith("+PTX")
-        num = item.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
-
-
 def cuda_extensions():
-    """Return (ext_modules, cmdclass); empty when the build is skipped (with a one-line reason)."""
+    """The CUDA extension as a list; empty when the build is skipped (with a one-line reason)."""
     if env_true("SKIP_CUDA_BUILD"):
         print(f"{EXT_NAME}: skipping the CUDA build ({PREFIX}SKIP_CUDA_BUILD is set)")
-        return [], {}
+        return []
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
     except ImportError as error:
         print(f"{EXT_NAME}: skipping the CUDA build (torch is not importable: {error})")
-        return [], {}
+        return []
     if torch.version.cuda is None or CUDA_HOME is None:
         print(f"{EXT_NAME}: skipping the CUDA build (needs nvcc and a CUDA build of torch; "
               f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
-        return [], {}
+        return []
     if not torch.cuda.is_available() and not env_true("FORCE_BUILD"):
         print(f"{EXT_NAME}: skipping the CUDA build (no GPU visible; set {PREFIX}FORCE_BUILD=TRUE to build anyway)")
-        return [], {}
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+        return []
+    # torch's build turns TORCH_CUDA_ARCH_LIST into the -gencode flags; we only choose the default.
+    archs = (os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS).replace(",", ";")  # torch wants ';'
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     # No -std flag: torch picks the C++ standard its headers need (C++17 up to 2.11, C++20 later);
     # a different one can change the layout of c10 types and crash on the first thrown error.
-    nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")] + gencode_flags(archs)
+    nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")]
     if env_true("PTXAS_VERBOSE"):
         nvcc_flags.append("--ptxas-options=-v")
     print(f"{EXT_NAME}: building for {archs} (CUDA_HOME={CUDA_HOME})")
@@ -82,19 +69,19 @@ def cuda_extensions():
         include_dirs=[os.path.join(HERE, "csrc", "selective_scan")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext]
 
 
 def cpu_extensions():
     """The fused CPU selective scan `selective_scan_cpu`: built wherever torch and a C++ compiler are."""
     if env_true("SKIP_CPU_BUILD"):
         print(f"{CPU_EXT_NAME}: skipping the CPU build ({PREFIX}SKIP_CPU_BUILD is set)")
-        return [], {}
+        return []
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import CppExtension
     except ImportError as error:
         print(f"{CPU_EXT_NAME}: skipping the CPU build (torch is not importable: {error})")
-        return [], {}
+        return []
     # -ffp-contract=fast only fuses multiply-adds (no fast-math); the ISA is chosen at run time. With
     # torch's OpenMP backend at::parallel_for is an OpenMP pragma compiled into this extension: without
     # -fopenmp it runs on one thread (Linux links the libgomp that torch already loaded).
@@ -106,12 +93,15 @@ def cpu_extensions():
         flags, link_flags = ["-O3", "-ffp-contract=fast", "-fopenmp"], ["-fopenmp"]
     ext = CppExtension(name=CPU_EXT_NAME, sources=[os.path.join(HERE, s) for s in CPU_SOURCES],
                        extra_compile_args={"cxx": flags}, extra_link_args=link_flags)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext]
 
 
-cuda_modules, cuda_cmdclass = cuda_extensions()
-cpu_modules, cpu_cmdclass = cpu_extensions()
-ext_modules, cmdclass = cpu_modules + cuda_modules, {**cpu_cmdclass, **cuda_cmdclass}
+ext_modules = cpu_extensions() + cuda_extensions()
+cmdclass = {}
+if ext_modules:  # torch is importable: the extensions were made by it
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
     name="mamba_ssm",

@@ -7,13 +7,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0
-export CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CPU_BUILD=TRUE
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-# The device image sets CC/CXX to /opt/gcc wrappers whose extensions link libstdc++ statically: a C++
-# error thrown inside such an extension crashes the interpreter instead of raising RuntimeError
-# (tests/gpu/exception_check/run.sh shows it). Build with the system compiler instead.
-if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -26,15 +19,11 @@ if [ "${GPU_CHECK_EXC_DIAG:-0}" != 0 ]; then
   diag_pid=$!
 fi
 start=$(date +%s)
-# In-place builds (no pip: the device machine has no network, and setuptools' develop re-invokes pip
-# with build isolation); the packages are then used from the working tree through PYTHONPATH.
-rc=0
-for pkg in causal-conv1d mamba-1p1p1; do
-  (cd $pkg && python3 setup.py build_ext --inplace) >>"$OUT/build.log" 2>&1 || rc=$?
-done
+bash scripts/build_inplace.sh "$OUT/build.log"
+rc=$?
 export PYTHONPATH=$PWD/causal-conv1d:$PWD/mamba-1p1p1:$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+if [ $rc -ne 0 ]; then exit $rc; fi
 
 if [ -n "${diag_pid:-}" ]; then wait $diag_pid; cat "$OUT/exc_diag.log"; fi
 python3 -m pytest tests/gpu -x -q ${PYTEST_ARGS:-} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/pytest.log"

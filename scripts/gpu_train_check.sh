@@ -20,15 +20,10 @@ elapsed() { echo "$(( $(date +%s) - start )) s"; }
   python3 -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/env.log"
 
-# Extensions: built in place (no network for pip there), as scripts/gpu_check.sh does, unless importable.
+# Extensions: built in place unless importable.
 export PYTHONPATH=$PWD/causal-conv1d:$PWD/mamba-1p1p1:$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import causal_conv1d_cuda, selective_scan_cuda" 2>/dev/null; then
-  export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0 CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CPU_BUILD=TRUE
-  export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-  if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
-  for pkg in causal-conv1d mamba-1p1p1; do
-    (cd $pkg && python3 setup.py build_ext --inplace) >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-  done
+  bash scripts/build_inplace.sh "$OUT/build.log" || exit 1
   echo "extensions built after $(elapsed)" | tee -a "$OUT/env.log"
 fi
 

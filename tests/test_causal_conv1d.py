@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+from helpers import extension_importable
 
 
 def conv_oracle(x, weight, bias=None, activation=None):
@@ -130,15 +131,7 @@ def test_unknown_backend_raises_value_error():
         causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="triton")
 
 
-def _extension_importable():
-    try:
-        import causal_conv1d_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_extension_importable(), reason="the CUDA extension is built here")
+@pytest.mark.skipif(extension_importable("causal_conv1d_cuda"), reason="the CUDA extension is built here")
 def test_cuda_backend_without_extension_says_how_to_build():
     with pytest.raises(RuntimeError, match=r"not built") as info:
         causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="cuda")
@@ -146,7 +139,7 @@ def test_cuda_backend_without_extension_says_how_to_build():
     assert "pip install" in message and "causal-conv1d" in message
 
 
-@pytest.mark.skipif(not _extension_importable(), reason="the CUDA extension is not built here")
+@pytest.mark.skipif(not extension_importable("causal_conv1d_cuda"), reason="the CUDA extension is not built here")
 def test_cuda_backend_with_cpu_tensors_raises_value_error():
     with pytest.raises(ValueError, match=r"needs CUDA tensors"):
         causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="cuda")

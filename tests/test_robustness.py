@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from test_trainer import REPO, TINY_MODEL, load, make_image_folder, run_trainer, tiny_args, tiny_model
-from test_trainer import one_thread  # noqa: F401  (autouse fixture)
 from vim.preemption import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import extension_importable
+from test_causal_conv1d import conv_oracle
 from mamba_ssm.ops import selective_scan_interface as ssi
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn_no_out_proj,
@@ -288,20 +290,11 @@ def test_gradcheck_mamba_inner():
 # The Mamba inner op (one direction) and the bidirectional composition
 # ---------------------------------------------------------------------------------------------------
 def inner_oracle(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, delta_bias):
-    """conv (explicit loops) -> SiLU -> x_proj -> dt_proj -> recurrence -> gate, all in float64."""
+    """conv with SiLU (the loop oracle of test_causal_conv1d) -> x_proj -> dt_proj -> recurrence -> gate,
+    all in float64."""
     xz = xz.detach().double()
     x, z = xz.chunk(2, dim=1)
-    w = conv_w.detach().double().reshape(conv_w.shape[0], -1)
-    width = w.shape[1]
-    bsz, dim, seqlen = x.shape
-    xc = torch.zeros_like(x)
-    for t in range(seqlen):
-        for k in range(width):
-            src = t - (width - 1) + k
-            if src >= 0:
-                xc[:, :, t] += w[:, k] * x[:, :, src]
-    xc = xc + conv_b.detach().double()[:, None]
-    xc = xc * torch.sigmoid(xc)
+    xc = conv_oracle(x, conv_w.reshape(conv_w.shape[0], -1), conv_b, "silu")
     rank = dt_proj_w.shape[1]
     dstate = A.shape[1]
     x_dbl = torch.einsum("ed,bdl->bel", x_proj_w.detach().double(), xc)
@@ -386,15 +379,7 @@ def test_reference_backend_equals_auto_on_cpu():
                                rtol=0, atol=0)
 
 
-def _extension_importable():
-    try:
-        import selective_scan_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_extension_importable(), reason="the CUDA extension is built here")
+@pytest.mark.skipif(extension_importable("selective_scan_cuda"), reason="the CUDA extension is built here")
 def test_cuda_backend_without_extension_says_how_to_build():
     with pytest.raises(RuntimeError, match=r"not built") as info:
         selective_scan_fn(**make_inputs(), backend="cuda")
@@ -402,7 +387,7 @@ def test_cuda_backend_without_extension_says_how_to_build():
     assert "pip install" in message and "mamba-1p1p1" in message
 
 
-@pytest.mark.skipif(not _extension_importable(), reason="the CUDA extension is not built here")
+@pytest.mark.skipif(not extension_importable("selective_scan_cuda"), reason="the CUDA extension is not built here")
 def test_cuda_backend_with_cpu_tensors_raises_value_error():
     with pytest.raises(ValueError, match=r"needs CUDA tensors"):
         selective_scan_fn(**make_inputs(), backend="cuda")

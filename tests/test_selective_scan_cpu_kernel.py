@@ -6,6 +6,7 @@ recurrence); gradients come from autograd through it. Skipped when the extension
 import pytest
 import torch
 
+from helpers import assert_max_error as close
 from mamba_ssm.ops import cpu_ops
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
@@ -69,12 +70,6 @@ def run_kernel(t, softplus, reverse, dtype=torch.float32, dout=None, dlast=None,
         torch.autograd.backward(outs, gs)
         grads = {k: (v.grad if v is not None else None) for k, v in leaves.items()}
     return out, last, grads
-
-
-def close(actual, expected, rtol, atol, what):
-    scale = expected.abs().max().item() + 1e-30
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
 
 
 CASES = [

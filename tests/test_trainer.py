@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ['--model', 'vim_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=32', '--input-size', '32']
 CLASSES = ('circle', 'square', 'stripes')
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def make_image_folder(root, per_class=8, val_per_class=2, seed=0):
     """train/ and val/ folders of 32x32 PNGs: one distinct colour pattern per class, plus noise."""
@@ -64,16 +66,6 @@ def assert_same_tensors(a, b, atol=0.0):
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('images'))
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models gain nothing from more threads, and spinning OpenMP threads slow down many-fold on a
-    shared machine; the trainer subprocesses get OMP_NUM_THREADS=1 as well (same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_one_epoch_writes_weights_only_checkpoint_and_log(image_folder, tmp_path):
@@ -155,7 +147,7 @@ def test_eval_of_original_format_checkpoint(image_folder, tmp_path, capsys):
 
 
 def test_finetune_stride16_into_stride8(image_folder, tmp_path, capsys):
-    source = trainer.create_model('vim_tiny_patch16_224', num_classes=7, img_size=32, depth=2, embed_dim=32)
+    source = tiny_model(num_classes=7)
     path = tmp_path / 'pretrained.pth'
     torch.save({'model': source.state_dict(), 'args': argparse.Namespace(model='vim_tiny')}, path)
 
@@ -270,8 +262,7 @@ def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
     # the same first batch through the same initial student
     args = trainer.get_args_parser().parse_args([str(a) for a in argv])
     trainer.seed_everything(args.seed)
-    student = trainer.create_model('vim_tiny_patch16_224', num_classes=3, img_size=32, depth=2, embed_dim=32,
-                                   drop_rate=0.0, drop_path_rate=0.0)
+    student = tiny_model(drop_rate=0.0, drop_path_rate=0.0)
     dataset = SeededDataset(build_dataset(True, args)[0])
     sampler = ResumableSampler(len(dataset), repeats=3, seed=args.seed)
     batch = torch.stack([dataset[key][0] for key in list(sampler)[:4]])

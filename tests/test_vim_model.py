@@ -7,30 +7,20 @@ Run: PYTHONPATH=causal-conv1d:mamba-1p1p1:. python -m pytest tests/test_vim_mode
 import argparse
 import json
 import math
-import os
 import pathlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import timm
 
-import vim  # noqa: F401  (registers the models)
 from vim.models_mamba import checkpoint_filter_fn, load_checkpoint, resample_pos_embed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vim_reference as ref  # noqa: E402
+import vim_reference as ref
+from helpers import assert_max_error as assert_close
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10-100x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # The table of shared/spec/model.md: name -> (embed_dim, stride, tokens at 224, params with a 1000-class head).
@@ -109,12 +99,6 @@ def save_trainer_checkpoint(path, state_dict, **extra):
     """What the original DeiT-style trainer writes: an argparse Namespace next to the weights."""
     args = argparse.Namespace(model="vim_tiny", lr=5e-4, finetune="", input_size=224)
     torch.save(dict(model=state_dict, args=args, epoch=299, **extra), path)
-
-
-def assert_close(actual, expected, rtol, atol, what=""):
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= atol + rtol * scale, f"{what}: max error {err:.3e} (scale {scale:.3e})"
 
 
 # ----------------------------------------------------------------------------------------------------------

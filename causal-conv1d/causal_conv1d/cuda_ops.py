@@ -14,31 +14,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causal_conv1d.extension import OptionalExtension
 from causal_conv1d.layout import empty_in_layout
 
-try:
-    import causal_conv1d_cuda as _ext
-except ImportError as error:
-    _ext = None
-    _import_error = error
-else:
-    _import_error = None
-
-BUILD_COMMAND = (
+_EXTENSION = OptionalExtension(
+    "causal_conv1d_cuda", "causal_conv1d CUDA kernels",
     "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e causal-conv1d "
-    "(needs nvcc and a CUDA build of torch)"
-)
-
-
-def available() -> bool:
-    return _ext is not None
-
-
-def require() -> None:
-    if _ext is None:
-        raise RuntimeError(
-            f"the causal_conv1d CUDA kernels are not built ({_import_error}); build them with: {BUILD_COMMAND}"
-        )
+    "(needs nvcc and a CUDA build of torch)")
+available = _EXTENSION.available
+require = _EXTENSION.require
 
 
 @torch.library.custom_op("causal_conv1d::fwd", mutates_args=())

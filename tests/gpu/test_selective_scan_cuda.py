@@ -1,6 +1,6 @@
 """GPU tests of the selective-scan CUDA kernels: outputs, last state and all gradients against a
 float64 reference, with per-dtype error bounds relative to the same-precision PyTorch reference
-(see tests/gpu/_helpers.py)."""
+(see tests/gpu/gpu_test_helpers.py)."""
 import math
 
 import pytest

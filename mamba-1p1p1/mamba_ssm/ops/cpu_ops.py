@@ -11,30 +11,16 @@ element at N = 16).
 import torch
 from torch import Tensor
 
+from causal_conv1d.extension import OptionalExtension
 from mamba_ssm.ops import scan_ops
 
-try:
-    import selective_scan_cpu as _ext  # noqa: F401  (importing registers torch.ops.selective_scan_cpu)
-except ImportError as error:
-    _ext = None
-    _import_error = error
-else:
-    _import_error = None
-
-BUILD_COMMAND = "pip install --no-build-isolation -e mamba-1p1p1 (needs a C++ compiler; MAMBA_SKIP_CPU_BUILD unset)"
+_EXTENSION = OptionalExtension(
+    "selective_scan_cpu", "selective-scan CPU kernels",
+    "pip install --no-build-isolation -e mamba-1p1p1 (needs a C++ compiler; MAMBA_SKIP_CPU_BUILD unset)")
+available = _EXTENSION.available
+require = _EXTENSION.require
 CHUNK = 64  # positions per checkpoint (kChunk in csrc/selective_scan_cpu/selective_scan_cpu.cpp)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def available() -> bool:
-    return _ext is not None
-
-
-def require() -> None:
-    if _ext is None:
-        raise RuntimeError(
-            f"the selective-scan CPU kernels are not built ({_import_error}); build them with: {BUILD_COMMAND}"
-        )
 
 
 def supports(u: Tensor) -> bool:
@@ -42,7 +28,7 @@ def supports(u: Tensor) -> bool:
     return available() and u.device.type == "cpu" and u.dtype in DTYPES
 
 
-if _ext is not None:
+if available():
     scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu,
                               scan_ops.KernelTraits(CHUNK, state_slots=None, keeps_layout=False))
 

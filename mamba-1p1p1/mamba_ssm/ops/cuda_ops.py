@@ -14,37 +14,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causal_conv1d.extension import OptionalExtension
 from causal_conv1d.layout import empty_in_layout
 from mamba_ssm.ops import scan_ops
 
-try:
-    import selective_scan_cuda as _ext
-except ImportError as error:
-    _ext = None
-    _import_error = error
-else:
-    _import_error = None
-
-BUILD_COMMAND = (
+_EXTENSION = OptionalExtension(
+    "selective_scan_cuda", "selective-scan CUDA kernels",
     "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e mamba-1p1p1 "
-    "(needs nvcc and a CUDA build of torch)"
-)
+    "(needs nvcc and a CUDA build of torch)")
+available = _EXTENSION.available
+require = _EXTENSION.require
 CHUNK = 32       # positions per checkpoint (kChunk in csrc/selective_scan/ss_common.h)
 MAX_STATE = 16   # d_state the kernels support (kMaxState)
 
 
-def available() -> bool:
-    return _ext is not None
-
-
-def require() -> None:
-    if _ext is None:
-        raise RuntimeError(
-            f"the selective-scan CUDA kernels are not built ({_import_error}); build them with: {BUILD_COMMAND}"
-        )
-
-
-if _ext is not None:
+if available():
     scan_ops.register_kernels("cuda", torch.ops.selective_scan_cuda,
                               scan_ops.KernelTraits(CHUNK, state_slots=MAX_STATE, keeps_layout=True))
 
@@ -153,7 +137,7 @@ def _bi_backward(ctx, dout, dysum, dck_f, dck_b):
     kernel_inputs = []
     for u, delta, A, B, C, D, bias, dt_proj in directions:
         if dt_proj is not None:  # the full-size delta, for this backward only
-            delta = torch.matmul(delta.transpose(1, 2), dt_proj.to(delta.dtype).t()).transpose(1, 2)
+            delta = scan_ops.delta_projection(delta, dt_proj.to(delta.dtype))
         kernel_inputs += [u, delta, A, B, C, D, bias]
     g = _bi_bwd(*kernel_inputs, tensors[14], dout, ysum, ck_f, ck_b, ctx.delta_softplus)
     grads = []

@@ -24,8 +24,8 @@ class KernelTraits(NamedTuple):
 _KERNEL_TRAITS = {}  # device type -> KernelTraits
 
 
-def _empty_seq(u, traits, dtype=None):
-    return empty_in_layout(u, dtype) if traits.keeps_layout else u.new_empty(u.shape, dtype=dtype)
+def _empty_seq(u, traits):
+    return empty_in_layout(u) if traits.keeps_layout else u.new_empty(u.shape)
 
 
 @torch.library.custom_op("mamba_ssm::selective_scan_fwd", mutates_args=())
@@ -81,14 +81,15 @@ def _scan_setup_context(ctx, inputs, output):
 
 def _scan_backward(ctx, dout, dlast, dckpt):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-    if ckpt is None:  # the forward ran without saving checkpoints (e.g. under no_grad): recompute them
+    if ckpt is None:  # the op was called directly with save_ckpt=False: recompute the checkpoints
         ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, False, True, ctx.reverse)[2]
     if dlast is not None and dlast.numel() == 0:
         dlast = None
     if dout is None:  # only the last state was used
         dout = torch.zeros_like(u)
-    du, ddelta, dA, dB, dC, dD, dz, ddb = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), dlast,
-                                                    ckpt, ctx.delta_softplus, ctx.reverse)
+    # dout in any layout: the kernels read it with its strides (CUDA: converted to u's layout if needed).
+    du, ddelta, dA, dB, dC, dD, dz, ddb = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt,
+                                                    ctx.delta_softplus, ctx.reverse)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             ddb if delta_bias is not None else None, None, None, None, None)
 
@@ -101,6 +102,12 @@ def register_kernels(device_type, extension_ops, traits: KernelTraits):
     _KERNEL_TRAITS[device_type] = traits
     _scan_fwd.register_kernel(device_type)(lambda *args: tuple(extension_ops.fwd(*args)))
     _scan_bwd.register_kernel(device_type)(lambda *args: list(extension_ops.bwd(*args)))
+
+
+def delta_projection(dt, weight):
+    """delta = weight @ dt per position: dt (batch, rank, seqlen), weight (dim, rank) -> (batch, dim, seqlen),
+    in the linear layer's (token-major) layout."""
+    return torch.nn.functional.linear(dt.transpose(1, 2), weight).transpose(1, 2)
 
 
 def needs_grad(*tensors) -> bool:

@@ -97,8 +97,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     B_t = _time_major(B.to(compute_dtype), dim)
     C_t = _time_major(C.to(compute_dtype), dim)
 
-    track_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    track_grad = scan_ops.needs_grad(u, delta, A, B, C, D, z, delta_bias)
     chunk = max(1, min(seqlen, _REFERENCE_CHUNK_ELEMENTS // max(1, batch * dim * dstate)))
     h = u.new_zeros(batch, dim, dstate)
     ys = []
@@ -210,11 +209,6 @@ def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, dstate, delta_rank
     return x, dt, B, C
 
 
-def _delta(dt, delta_proj_weight):
-    """delta = delta_proj_weight @ dt per position, (batch, dim, seqlen) in the linear layer's layout."""
-    return F.linear(dt.transpose(1, 2), delta_proj_weight).transpose(1, 2)
-
-
 def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
                                B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
                                delta_softplus=True, backend="auto"):
@@ -228,7 +222,7 @@ def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, de
     x, z = _split_xz(xz)
     x, dt, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, A.shape[1], delta_proj_weight.shape[1],
                               B, C, B_proj_bias, C_proj_bias, backend)
-    return selective_scan_fn(x, _delta(dt, delta_proj_weight), A, B, C, D, z=z, delta_bias=delta_bias,
+    return selective_scan_fn(x, scan_ops.delta_projection(dt, delta_proj_weight), A, B, C, D, z=z, delta_bias=delta_bias,
                              delta_softplus=delta_softplus, backend=backend)
 
 
@@ -245,7 +239,7 @@ def bimamba_v1_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weigh
     x, z = _split_xz(xz)
     x, dt, B, C = _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, A.shape[1], delta_proj_weight.shape[1],
                               backend=backend)
-    delta = _delta(dt, delta_proj_weight)
+    delta = scan_ops.delta_projection(dt, delta_proj_weight)
     scan = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend)
     return (selective_scan_fn(x, delta, A, B, C, **scan)
             + selective_scan_fn(x, delta, A_b, B, C, reverse=True, **scan))
@@ -261,33 +255,33 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     low-rank dt itself. Returns y_forward + y_backward, (batch, d_inner, seqlen).
     """
     x, z = _split_xz(xz)
-    weights = (forward_params["delta_proj_weight"], backward_params["delta_proj_weight"])
-    fused = _kernel_for(backend, x, per_step=True) is cuda_ops and max(w.shape[1] for w in weights) <= \
-        cuda_ops.MAX_DELTA_RANK
+    directions = (forward_params, backward_params)
+    fused = _kernel_for(backend, x, per_step=True) is cuda_ops and \
+        max(p["delta_proj_weight"].shape[1] for p in directions) <= cuda_ops.MAX_DELTA_RANK
     # Inference on the fused kernel: the conv runs again inside the scan, so each direction's conv
     # output lives only until its x_proj has read it (peak memory at high resolution).
     fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
-    directions = []
-    for params, reverse in ((forward_params, False), (backward_params, True)):
-        weight = params["delta_proj_weight"]
+    inputs = []
+    for params, reverse in zip(directions, (False, True)):
         u, dt, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
-                                  params["A"].shape[1], weight.shape[1], backend=backend, reverse=reverse)
-        conv = (params["conv1d_weight"].reshape(x.shape[1], -1), params["conv1d_bias"]) if fuse_conv else None
-        directions.append(dict(u=x if fuse_conv else u, dt=dt, delta_proj_weight=weight, A=params["A"], B=B, C=C,
-                               D=params["D"], delta_bias=params["delta_bias"], conv=conv))
+                                  params["A"].shape[1], params["delta_proj_weight"].shape[1], backend=backend,
+                                  reverse=reverse)
+        inputs.append((x if fuse_conv else u, dt, B, C))
         del u
-    forward, backward = directions
     if fused:
-        kernel_args = []
-        for d in directions:
-            kernel_args += [d["u"], d["dt"], d["A"], d["B"].unsqueeze(1), d["C"].unsqueeze(1), d["D"], d["delta_bias"]]
-        return cuda_ops.bimamba_scan(*kernel_args, z, delta_softplus=True,
-                                     delta_proj_weight_f=forward["delta_proj_weight"],
-                                     delta_proj_weight_b=backward["delta_proj_weight"],
-                                     conv_f=forward["conv"], conv_b=backward["conv"])
-    ys = []
-    for d, reverse in ((forward, False), (backward, True)):
-        ys.append(selective_scan_fn(d["u"], _delta(d["dt"], d["delta_proj_weight"]), d["A"], d["B"], d["C"], d["D"],
-                                    z=z, delta_bias=d["delta_bias"], delta_softplus=True, backend=backend,
-                                    reverse=reverse))
+        def kernel_args(params, u, dt, B, C):
+            return (u, dt, params["A"], B.unsqueeze(1), C.unsqueeze(1), params["D"], params["delta_bias"])
+
+        def conv(params):
+            return (params["conv1d_weight"].reshape(x.shape[1], -1), params["conv1d_bias"]) if fuse_conv else None
+
+        return cuda_ops.bimamba_scan(*kernel_args(forward_params, *inputs[0]), *kernel_args(backward_params, *inputs[1]),
+                                     z, delta_softplus=True,
+                                     delta_proj_weight_f=forward_params["delta_proj_weight"],
+                                     delta_proj_weight_b=backward_params["delta_proj_weight"],
+                                     conv_f=conv(forward_params), conv_b=conv(backward_params))
+    ys = [selective_scan_fn(u, scan_ops.delta_projection(dt, params["delta_proj_weight"]), params["A"], B, C,
+                            params["D"], z=z, delta_bias=params["delta_bias"], delta_softplus=True, backend=backend,
+                            reverse=reverse)
+          for params, (u, dt, B, C), reverse in zip(directions, inputs, (False, True))]
     return ys[0] + ys[1]
