@@ -5,20 +5,20 @@
 //   h_s = a_s * h_{s-1} + dt_s * B_s[n] * u_s,  y_s = sum_n C_s[n] h_s[n] + D_d u_s,
 //   out_s = y_s * silu(z_s).
 //
-// Mapping. A block of 128 threads owns 32 channels of one batch element (and one group, so
-// that B and C are shared by all its channels); each channel is run by 4 adjacent lanes that
-// hold 4 states each, so y needs a 2-step shuffle reduction. The sequence is processed in
-// chunks of 32 positions: the block stages u, dt (softplus applied once per element), B and C
-// of a chunk in shared memory with coalesced loads, scans it (one exp2 per element and
-// state), and writes the outputs of the chunk with coalesced stores.
+// Forward mapping. A block is one warp and owns 32 channels of one batch element (and one group, so
+// B and C are shared by all of them); each lane runs one channel with all of its 16 states in
+// registers: 16 independent chains per lane, B and C read from shared memory as broadcasts, no
+// barriers and no shuffles. Element-wise data live in registers, one position per array slot: in the
+// token-major layout (channel stride 1, as linear layers produce it) each load instruction reads one
+// position of the 32 channels, contiguous; the channel-major layout goes through a transposing tile.
 //
-// Backward without O(L*N) storage: the forward saves the state before every chunk (1/2 float
-// per element at N = 16). The backward walks the chunks in reverse; per chunk it recomputes
-// the states at the start of each 8-position sub-chunk (phase A), then per sub-chunk, last
-// first, recomputes its 8 states and decays into registers and runs the reverse recurrence
-// g_s = dy_s C_s + a_{s+1} g_{s+1} over them (phase B). dB and dC (shared by all channels)
-// are reduced over the block's channels in shared memory and added to global fp32 buffers
-// with one atomic per (block, position, state).
+// Backward without O(L*N) storage: the forward saves the state before every chunk of kChunk
+// positions (1/2 float per element at N = 16). The backward (mapping described in its section) walks
+// the chunks in reverse; per chunk it recomputes the states at the start of each 8-position
+// sub-chunk (phase A), then per sub-chunk, last first, recomputes its 8 states and decays into
+// registers and runs the reverse recurrence g_s = dy_s C_s + a_{s+1} g_{s+1} over them (phase B).
+// dB and dC (shared by all channels) are reduced over the block's channels in shared memory and
+// added to global fp32 buffers with one atomic per (block, position, state).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,19 +29,12 @@
 
 namespace ssm {
 
-constexpr int kCh = 32;                   // channels per block
-constexpr int kPart = 4;                  // threads per channel
-constexpr int kSt = kMaxState / kPart;    // states per thread (4)
-constexpr int kThreads = kCh * kPart;     // 128
-constexpr int kT = kChunk;                // positions per chunk (32)
-constexpr int kSub = 8;                   // backward sub-chunk
-constexpr int kNSub = kT / kSub;          // 4
-constexpr int kRow = kT + 1;              // padded row of the (channel x position) tiles
-constexpr int kBRow = 20;                 // padded row of the (position x state) B/C tiles
-constexpr int kDbcRow = kCh * kMaxState + 4;  // padded row of the dB/dC reduction buffer
-constexpr int kElems = kCh * kT / kThreads;   // elements per thread in element-wise stages (8)
+constexpr int kCh = 32;           // channels per block (both mappings)
+constexpr int kN = kMaxState;     // states per channel
+constexpr int kFwdThreads = kCh;  // forward: one warp, one channel per lane
+constexpr int kSeg = 16;          // forward: positions held in registers at a time
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kT == 32 && kCh == 32, "element-wise stages map a warp's lanes to a 32-element tile row");
+static_assert(kChunk % kSeg == 0 && kN == 16, "tile sizes");
 
 template <DType> struct TypeOf;
 template <> struct TypeOf<DType::kFloat32> { using type = float; };
@@ -67,6 +60,13 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1p
 // For the SiLU gate and its derivative: __expf and a fast reciprocal (a few ulp), not IEEE division.
 __device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + __expf(-x)); }
 
+__device__ __forceinline__ void unpack(float4 v, float* r) {
+  r[0] = v.x;
+  r[1] = v.y;
+  r[2] = v.z;
+  r[3] = v.w;
+}
+
 struct BlockGeo {
   int b, g, d0, nch;  // batch, group, first channel, valid channels (<= kCh)
 };
@@ -84,6 +84,328 @@ __device__ __forceinline__ BlockGeo block_geo(const ScanParams& p) {
 }
 
 __device__ __forceinline__ int phys(const ScanParams& p, int s) { return p.reverse ? p.seqlen - 1 - s : s; }
+
+// Floats of the transposing tile that load_rows / store_rows use for kLen positions (channel-major only).
+__host__ __device__ constexpr int tile_floats(int len) { return kCh * (len + 1); }
+
+// This lane's channel of a (kCh x kLen) tile of a (batch, dim, seqlen) tensor (pointer at its batch)
+// at logical positions s0 .. s0+kLen-1: v[j], zero past `len` and for channels past geo.nch.
+// Token-major (channel stride 1): one load instruction per position reads the 32 channels. Channel-major
+// (position stride 1): lanes read along positions into `tile`, which hands each lane its row.
+template <bool kTM, int kLen, typename T>
+__device__ __forceinline__ void load_rows(const ScanParams& p, const T* base, int64_t dim_stride, int64_t seq_stride,
+                                          const BlockGeo& geo, int s0, int len, float (&v)[kLen], float* tile) {
+  const int lane = threadIdx.x;
+  if constexpr (kTM) {
+    const bool ok = lane < geo.nch;
+    const T* col = base + geo.d0 + lane;
+#pragma unroll
+    for (int j = 0; j < kLen; ++j) v[j] = (ok && j < len) ? to_float(col[int64_t(phys(p, s0 + j)) * seq_stride]) : 0.f;
+  } else {
+    constexpr int kRows = kCh / kLen;  // tile rows read per step
+    const int j = lane % kLen, r0 = lane / kLen;
+#pragma unroll
+    for (int i = 0; i < kLen; ++i) {
+      const int r = i * kRows + r0;
+      tile[r * (kLen + 1) + j] =
+          (r < geo.nch && j < len) ? to_float(base[int64_t(geo.d0 + r) * dim_stride + phys(p, s0 + j)]) : 0.f;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int jj = 0; jj < kLen; ++jj) v[jj] = tile[lane * (kLen + 1) + jj];
+    __syncwarp();
+  }
+}
+
+// load_rows for the tensors in the output layout (out, y_acc_*, dout, ysum, du, ...): (batch, seqlen, dim)
+// contiguous when token-major, else (batch, dim, seqlen) contiguous.
+template <bool kTM, int kLen, typename T>
+__device__ __forceinline__ void load_out_rows(const ScanParams& p, const T* t, const BlockGeo& geo, int s0, int len,
+                                              float (&v)[kLen], float* tile) {
+  const T* base = t + int64_t(geo.b) * p.dim * p.seqlen;
+  load_rows<kTM, kLen>(p, base, int64_t(p.seqlen), int64_t(p.dim), geo, s0, len, v, tile);
+}
+
+// Writes v (this lane's channel, logical positions s0 ..) into an output-layout tensor; the inverse of
+// load_out_rows, skipping positions past `len` and channels past geo.nch.
+template <bool kTM, int kLen, typename T>
+__device__ __forceinline__ void store_rows(const ScanParams& p, T* t, const BlockGeo& geo, int s0, int len,
+                                           const float (&v)[kLen], float* tile) {
+  const int lane = threadIdx.x;
+  T* base = t + int64_t(geo.b) * p.dim * p.seqlen;
+  if constexpr (kTM) {
+    if (lane < geo.nch) {
+#pragma unroll
+      for (int j = 0; j < kLen; ++j)
+        if (j < len) base[int64_t(phys(p, s0 + j)) * p.dim + geo.d0 + lane] = from_float<T>(v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int jj = 0; jj < kLen; ++jj) tile[lane * (kLen + 1) + jj] = v[jj];
+    __syncwarp();
+    constexpr int kRows = kCh / kLen;
+    const int j = lane % kLen, r0 = lane / kLen;
+#pragma unroll
+    for (int i = 0; i < kLen; ++i) {
+      const int r = i * kRows + r0;
+      if (r < geo.nch && j < len)
+        base[int64_t(geo.d0 + r) * p.seqlen + phys(p, s0 + j)] = from_float<T>(tile[r * (kLen + 1) + j]);
+    }
+    __syncwarp();
+  }
+}
+
+// B and C of logical positions s0 .. s0+kSeg-1, all states, into smem rows [position][kN]; zero past len
+// and for n >= dstate. Lanes run along whichever of state and position has stride 1 in global memory;
+// all loads are issued before the stores.
+template <typename T>
+__device__ __forceinline__ void load_bc_rows(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
+                                             float* C_rows) {
+  constexpr int kPer = kSeg * kN / kFwdThreads;
+  const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
+  const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
+  const bool state_fast = p.B_state_stride == 1;
+  float bv[kPer], cv[kPer];
+  int at[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int idx = threadIdx.x + i * kFwdThreads;
+    const int n = state_fast ? idx % kN : idx / kSeg;
+    const int j = state_fast ? idx / kN : idx % kSeg;
+    at[i] = j * kN + n;
+    bv[i] = cv[i] = 0.f;
+    if (n < p.dstate && j < len) {
+      const int64_t pos = phys(p, s0 + j);
+      bv[i] = to_float(Bp[n * p.B_state_stride + pos * p.B_seq_stride]);
+      cv[i] = to_float(Cp[n * p.C_state_stride + pos * p.C_seq_stride]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    B_rows[at[i]] = bv[i];
+    C_rows[at[i]] = cv[i];
+  }
+}
+
+// dt from the raw delta (+ bias), zero where the lane or position is padding (so a = 1 and the state
+// is unchanged there).
+template <int kLen>
+__device__ __forceinline__ void make_dt(const ScanParams& p, float bias, bool ok, int len, float (&dv)[kLen]) {
+#pragma unroll
+  for (int j = 0; j < kLen; ++j) {
+    const float x = dv[j] + bias;
+    dv[j] = (ok && j < len) ? (p.delta_softplus ? softplus(x) : x) : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+// Fused delta projection (p.dt_low set): delta[d, t] = sum_k dt_proj[d, k] dt_low[k, t], formed from the
+// block's rows of dt_proj (rank x kCh in dynamic shared memory, loaded once per direction) and the
+// segment's dt_low (rank x kSeg, broadcast float4 reads), so the (batch, dim, seqlen) delta never exists.
+__host__ __device__ constexpr int delta_proj_smem_floats(int rank) { return rank * (kCh + kSeg); }
+
+struct FwdSmem {
+  __align__(16) float B[kSeg * kN];
+  __align__(16) float C[kSeg * kN];
+  float tile[tile_floats(kSeg)];
+};
+
+template <typename T, bool kTM>
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, float* proj_smem) {
+  const BlockGeo geo = block_geo(p);
+  const int L = p.seqlen;
+  const int lane = threadIdx.x;
+  const int d = geo.d0 + lane;
+  const bool ok = lane < geo.nch;
+
+  float A2[kN], h[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    A2[n] = (ok && n < p.dstate) ? p.A[int64_t(d) * p.dstate + n] * kLog2e : 0.f;
+    h[n] = 0.f;
+  }
+  const float Dd = (ok && p.D != nullptr) ? p.D[d] : 0.f;
+  const float bias = (ok && p.delta_bias != nullptr) ? p.delta_bias[d] : 0.f;
+
+  // Fused conv (inference): taps right-aligned to the current position, zero-padded to width 4; the
+  // last 3 inputs of a segment are the next segment's halo.
+  const bool conv = p.conv_weight != nullptr;
+  float taps[4] = {0.f, 0.f, 0.f, 0.f}, halo[3] = {0.f, 0.f, 0.f};
+  float conv_bias = 0.f;
+  if (conv && ok) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int k = m - (4 - p.conv_width);
+      if (k >= 0) taps[m] = p.conv_weight[int64_t(d) * p.conv_width + k];
+    }
+    if (p.conv_bias != nullptr) conv_bias = p.conv_bias[d];
+  }
+
+  const bool fused_delta = p.dt_low != nullptr;
+  float* sW = proj_smem;                // [rank][kCh]
+  float* sLow = proj_smem + p.rank * kCh;  // [rank][kSeg]
+  if (fused_delta) {
+    for (int k = 0; k < p.rank; ++k) sW[k * kCh + lane] = ok ? p.dt_proj[int64_t(d) * p.rank + k] : 0.f;
+  }
+
+  const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
+  const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
+  const T* z = p.z != nullptr ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
+  const T* dt_low = reinterpret_cast<const T*>(p.dt_low) + int64_t(geo.b) * p.dt_low_batch_stride;
+
+  for (int s0 = 0; s0 < L; s0 += kSeg) {
+    const int len = min(kSeg, L - s0);
+    if (p.ckpt != nullptr && ok && s0 % kChunk == 0) {
+      float4* dst = reinterpret_cast<float4*>(p.ckpt + ((int64_t(geo.b) * p.dim + d) * p.nchunks + s0 / kChunk) * kN);
+#pragma unroll
+      for (int q = 0; q < kN / 4; ++q) dst[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+    }
+    __syncwarp();  // the previous segment's reads of the shared tiles are done
+
+    float uv[kSeg], dv[kSeg];
+    load_rows<kTM, kSeg>(p, u, p.u_dim_stride, p.u_seq_stride, geo, s0, len, uv, sm.tile);
+    if (conv) {
+      const float next_halo[3] = {uv[kSeg - 3], uv[kSeg - 2], uv[kSeg - 1]};
+      // Descending, so that uv[j-3 .. j] still hold the inputs when position j is formed.
+#pragma unroll
+      for (int j = kSeg - 1; j >= 0; --j) {
+        float acc = conv_bias;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int i = j - 3 + m;
+          acc = fmaf(taps[m], i >= 0 ? uv[i] : halo[i + 3], acc);
+        }
+        uv[j] = (ok && j < len) ? acc * sigmoid(acc) : 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < 3; ++m) halo[m] = next_halo[m];
+    }
+    if (fused_delta) {
+      // Batches of 8 loads in flight per lane (one batch for ranks up to 16).
+      for (int base = 0; base < p.rank * kSeg; base += 8 * kFwdThreads) {
+        float lv[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int idx = base + i * kFwdThreads + lane, k = idx % p.rank, j = idx / p.rank;
+          lv[i] = (idx < p.rank * kSeg && j < len)
+                      ? to_float(dt_low[k * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride])
+                      : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int idx = base + i * kFwdThreads + lane;
+          if (idx < p.rank * kSeg) sLow[(idx % p.rank) * kSeg + idx / p.rank] = lv[i];
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < kSeg; ++j) dv[j] = 0.f;
+      for (int k = 0; k < p.rank; ++k) {
+        const float w = sW[k * kCh + lane];
+#pragma unroll
+        for (int q = 0; q < kSeg / 4; ++q) {
+          float l[4];
+          unpack(*reinterpret_cast<const float4*>(&sLow[k * kSeg + 4 * q]), l);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dv[4 * q + i] = fmaf(w, l[i], dv[4 * q + i]);
+        }
+      }
+    } else {
+      load_rows<kTM, kSeg>(p, delta, p.delta_dim_stride, p.delta_seq_stride, geo, s0, len, dv, sm.tile);
+    }
+    make_dt(p, bias, ok, len, dv);
+    load_bc_rows<T>(p, geo, s0, len, sm.B, sm.C);
+    __syncwarp();
+
+    // Scan; uv[j] becomes y_j once position j is done.
+#pragma unroll
+    for (int j = 0; j < kSeg; ++j) {
+      const float dt = dv[j];
+      const float du = dt * uv[j];
+      float bb[kN], cc[kN];
+#pragma unroll
+      for (int q = 0; q < kN / 4; ++q) {
+        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + 4 * q]), bb + 4 * q);
+        unpack(*reinterpret_cast<const float4*>(&sm.C[j * kN + 4 * q]), cc + 4 * q);
+      }
+      float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+      for (int n = 0; n < kN; n += 2) {
+        h[n] = fmaf(ex2(dt * A2[n]), h[n], du * bb[n]);
+        h[n + 1] = fmaf(ex2(dt * A2[n + 1]), h[n + 1], du * bb[n + 1]);
+        y0 = fmaf(cc[n], h[n], y0);
+        y1 = fmaf(cc[n + 1], h[n + 1], y1);
+      }
+      uv[j] = fmaf(Dd, uv[j], y0 + y1);
+    }
+
+    // Outputs of the segment.
+    if (p.y_acc_in != nullptr) {
+      float acc[kSeg];
+      load_out_rows<kTM, kSeg>(p, p.y_acc_in, geo, s0, len, acc, sm.tile);
+#pragma unroll
+      for (int j = 0; j < kSeg; ++j) uv[j] += acc[j];
+    }
+    if (p.y_acc_out != nullptr) store_rows<kTM, kSeg>(p, p.y_acc_out, geo, s0, len, uv, sm.tile);
+    if (p.out != nullptr) {
+      if (z != nullptr) {
+        float zv[kSeg];
+        load_rows<kTM, kSeg>(p, z, p.z_dim_stride, p.z_seq_stride, geo, s0, len, zv, sm.tile);
+#pragma unroll
+        for (int j = 0; j < kSeg; ++j) uv[j] *= zv[j] * sigmoid(zv[j]);
+      }
+      store_rows<kTM, kSeg>(p, reinterpret_cast<T*>(p.out), geo, s0, len, uv, sm.tile);
+    }
+  }
+  if (p.last_state != nullptr && ok) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+      if (n < p.dstate) p.last_state[(int64_t(geo.b) * p.dim + d) * p.dstate + n] = h[n];
+  }
+}
+
+// 128 registers per lane (16 warps per SM) hold the 16 states, their decay rates and a segment's data.
+template <typename T, bool kTM>
+__global__ void __launch_bounds__(kFwdThreads, 12) ss_fwd_kernel(const ScanParams p) {
+  __shared__ FwdSmem sm;
+  extern __shared__ __align__(16) float fwd_proj_smem[];
+  fwd_direction<T, kTM>(p, sm, fwd_proj_smem);
+}
+
+// Both directions of a bidirectional block in one launch: each warp runs the forward direction for its
+// channels (y into the fp32 buffer y_acc_out), then the reverse direction, which adds that buffer before
+// the gate. The buffer is written and read by the same warp (ordered by __syncwarp) and mostly stays in L2.
+template <typename T, bool kTM>
+__global__ void __launch_bounds__(kFwdThreads, 12) ss_bifwd_kernel(const ScanParams pf, const ScanParams pb) {
+  __shared__ FwdSmem sm;
+  extern __shared__ __align__(16) float fwd_proj_smem[];
+  fwd_direction<T, kTM>(pf, sm, fwd_proj_smem);
+  __syncwarp();
+  fwd_direction<T, kTM>(pb, sm, fwd_proj_smem);
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+// Mapping: a block of 128 threads owns 32 channels of one batch element (one group); each channel is
+// run by 4 adjacent lanes that hold 4 states each (y and the per-channel sums need 2-step shuffle
+// reductions). Element-wise stages stage (kCh x kT) tiles in shared memory with coalesced accesses.
+// (A warp-per-32-channels backward with 16 states per lane, like the forward's, was measured slower:
+// 1.28 vs 1.24 ms fp32, 1.66 vs 1.37 ms bf16, both directions at tiny@224 on an H200; at 255
+// registers it keeps 8 warps per SM and stays latency-bound.)
+constexpr int kPart = 4;                          // threads per channel
+constexpr int kSt = kN / kPart;                   // states per thread (4)
+constexpr int kBwdThreads = kCh * kPart;          // 128
+constexpr int kT = kChunk;                        // positions per chunk (= checkpoint interval)
+constexpr int kSub = 8;                           // positions per sub-chunk
+constexpr int kNSub = kT / kSub;                  // 4
+constexpr int kRow = kT + 1;                      // padded row of the (channel x position) tiles
+constexpr int kBRow = 20;                         // padded row of the (position x state) B/C tiles
+constexpr int kDbcRow = kCh * kN + 4;             // padded row of the dB/dC reduction buffer
+constexpr int kElems = kCh * kT / kBwdThreads;    // elements per thread in element-wise stages (8)
+static_assert(kT == 32, "element-wise stages map a warp's lanes to a 32-element tile row");
 
 // Element (r = channel row, j = position) of a (kCh x kT) tile handled by this thread in step i of the
 // element-wise stages: lanes run along positions (channel-major) or along channels (token-major, kTM),
@@ -111,24 +433,21 @@ __device__ __forceinline__ int64_t out_off(const ScanParams& p, int b, int d, in
 
 // B and C of one chunk, (position x state), zero past the end and for n >= dstate. Lane mapping:
 // 8 consecutive positions x 4 states per warp (32-byte segments in global memory, conflict-free
-// shared-memory stores with the row padding of 20). Loaded into registers first (prefetch).
-constexpr int kBC = kT * kMaxState / kThreads;  // B (and C) values per thread per chunk (4)
-
-__device__ __forceinline__ void bc_index(int i, int& j, int& n) {
-  const int idx = threadIdx.x + i * kThreads;
-  j = ((idx >> 5) & 3) * 8 + (idx & 7);
-  n = (idx >> 7) * 4 + ((idx >> 3) & 3);
-}
+// shared-memory stores with the row padding of 20); all loads are issued before the stores.
+constexpr int kBC = kT * kN / kBwdThreads;  // B (and C) values per thread per chunk (4)
 
 template <typename T>
-__device__ __forceinline__ void load_bc_regs(const ScanParams& p, const BlockGeo& geo, int s0, int len,
-                                             float (&pb)[kBC], float (&pc)[kBC]) {
+__device__ __forceinline__ void load_bc(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* sB,
+                                        float* sC) {
   const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
   const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
+  float pb[kBC], pc[kBC];
+  int at[kBC];
 #pragma unroll
   for (int i = 0; i < kBC; ++i) {
-    int j, n;
-    bc_index(i, j, n);
+    const int idx = threadIdx.x + i * kBwdThreads;
+    const int j = ((idx >> 5) & 3) * 8 + (idx & 7), n = (idx >> 7) * 4 + ((idx >> 3) & 3);
+    at[i] = j * kBRow + n;
     pb[i] = pc[i] = 0.f;
     if (n < p.dstate && j < len) {
       const int64_t pos = phys(p, s0 + j);
@@ -136,201 +455,13 @@ __device__ __forceinline__ void load_bc_regs(const ScanParams& p, const BlockGeo
       pc[i] = to_float(Cp[n * p.C_state_stride + pos * p.C_seq_stride]);
     }
   }
-}
-
-__device__ __forceinline__ void store_bc(const float (&pb)[kBC], const float (&pc)[kBC], float* sB, float* sC) {
 #pragma unroll
   for (int i = 0; i < kBC; ++i) {
-    int j, n;
-    bc_index(i, j, n);
-    sB[j * kBRow + n] = pb[i];
-    sC[j * kBRow + n] = pc[i];
+    sB[at[i]] = pb[i];
+    sC[at[i]] = pc[i];
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void load_bc(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* sB,
-                                        float* sC) {
-  float pb[kBC], pc[kBC];
-  load_bc_regs<T>(p, geo, s0, len, pb, pc);
-  store_bc(pb, pc, sB, sC);
-}
-
-__device__ __forceinline__ void unpack(float4 v, float (&r)[4]) {
-  r[0] = v.x;
-  r[1] = v.y;
-  r[2] = v.z;
-  r[3] = v.w;
-}
-
-// Fused delta projection of the forward (p.dt_low set): delta[d, t] = sum_k dt_proj[d, k] dt_low[k, t] is
-// formed per element from two shared-memory tiles, the block's rows of dt_proj (rank x kCh, loaded once)
-// and the chunk's dt_low (rank x kRow), so the (batch, dim, seqlen) delta is never stored. (The backward
-// takes delta recomputed by a matmul: forming it in the backward kernel pushed that kernel, already at its
-// register limit, into spills and cost 17% of its time on an H200.) Dynamic shared memory.
-__host__ __device__ constexpr int delta_proj_smem_floats(int rank) { return rank * (kCh + kRow); }
-
-__device__ __forceinline__ void load_delta_proj_rows(const ScanParams& p, const BlockGeo& geo, float* w) {
-  for (int idx = threadIdx.x; idx < p.rank * kCh; idx += kThreads) {
-    const int k = idx / kCh, c = idx % kCh;
-    w[idx] = c < geo.nch ? p.dt_proj[int64_t(geo.d0 + c) * p.rank + k] : 0.f;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void load_dt_low(const ScanParams& p, const BlockGeo& geo, int s0, float* low) {
-  const int len = min(kT, p.seqlen - s0);
-  const T* src = reinterpret_cast<const T*>(p.dt_low) + geo.b * p.dt_low_batch_stride;
-  for (int idx = threadIdx.x; idx < p.rank * kT; idx += kThreads) {
-    const int k = idx % p.rank, j = idx / p.rank;
-    low[k * kRow + j] =
-        j < len ? to_float(src[k * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride]) : 0.f;
-  }
-}
-
-__device__ __forceinline__ float projected_delta(const float* w, const float* low, int rank, int r, int j) {
-  float acc = 0.f;
-  for (int k = 0; k < rank; ++k) acc = fmaf(w[k * kCh + r], low[k * kRow + j], acc);
-  return acc;
-}
-
-// Fused causal conv of the forward (p.conv_weight set; inference): u holds the conv's input x, and
-// u_s = silu(bias + sum_k w[k] x[s - (width-1) + k]) in logical time (anti-causal in positions when
-// reverse), so the conv output never has to exist when the scan runs. Neighbours are L1 hits.
-template <bool kTM, typename T>
-__device__ __forceinline__ float conv_silu(const ScanParams& p, const T* x, int d, int s) {
-  float acc = p.conv_bias != nullptr ? p.conv_bias[d] : 0.f;
-  const float* w = p.conv_weight + int64_t(d) * p.conv_width;
-  for (int k = 0; k < p.conv_width; ++k) {
-    const int sk = s - (p.conv_width - 1) + k;
-    if (sk >= 0) acc = fmaf(w[k], load_seq<kTM>(x, p.u_dim_stride, p.u_seq_stride, d, phys(p, sk)), acc);
-  }
-  return acc / (1.f + __expf(-acc));
-}
-
-// ------------------------------------------------------------------------------------------
-// Forward
-// ------------------------------------------------------------------------------------------
-template <typename T, bool kTM>
-__device__ __forceinline__ void ss_fwd_block(const ScanParams& p) {
-  __shared__ float sU[kCh * kRow], sDT[kCh * kRow], sY[kCh * kRow];
-  __shared__ __align__(16) float sB[kT * kBRow];
-  __shared__ __align__(16) float sC[kT * kBRow];
-
-  const BlockGeo geo = block_geo(p);
-  const int L = p.seqlen;
-  const int tid = threadIdx.x;
-  const int ch = tid / kPart, part = tid % kPart;
-  const int d = geo.d0 + ch;
-  const bool ch_ok = ch < geo.nch;
-
-  float A2[kSt], h[kSt];
-#pragma unroll
-  for (int s = 0; s < kSt; ++s) {
-    const int n = part * kSt + s;
-    A2[s] = (ch_ok && n < p.dstate) ? p.A[int64_t(d) * p.dstate + n] * kLog2e : 0.f;
-    h[s] = 0.f;
-  }
-  const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
-  const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
-  const T* z = p.z != nullptr ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
-  extern __shared__ __align__(16) float fwd_delta_proj_smem[];
-  const bool fused_delta = p.dt_low != nullptr;
-  float* sWdt = fwd_delta_proj_smem;
-  float* sLow = fwd_delta_proj_smem + p.rank * kCh;
-  if (fused_delta) {
-    load_delta_proj_rows(p, geo, sWdt);
-    load_dt_low<T>(p, geo, 0, sLow);
-    __syncthreads();
-  }
-
-  // (A register prefetch of the next chunk was tried: 168 registers, 3 blocks per SM, and 0.30 ms
-  // instead of 0.23 ms for tiny@224 fp32 on an H200. Plain loads with 5 resident blocks win.)
-  for (int c = 0; c < p.nchunks; ++c) {
-    const int s0 = c * kT;
-    const int len = min(kT, L - s0);
-    if (p.ckpt != nullptr && ch_ok) {
-      float* dst = p.ckpt + ((int64_t(geo.b) * p.dim + d) * p.nchunks + c) * kMaxState + part * kSt;
-      *reinterpret_cast<float4*>(dst) = make_float4(h[0], h[1], h[2], h[3]);
-    }
-#pragma unroll
-    for (int i = 0; i < kElems; ++i) {
-      int r, j;
-      tile_elem<kTM>(i, r, j);
-      float uv = 0.f, dv = 0.f;
-      if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r, pos = phys(p, s0 + j);
-        uv = p.conv_weight != nullptr ? conv_silu<kTM>(p, u, dr, s0 + j)
-                                      : load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
-        dv = fused_delta ? projected_delta(sWdt, sLow, p.rank, r, j)
-                         : load_seq<kTM>(delta, p.delta_dim_stride, p.delta_seq_stride, dr, pos);
-        if (p.delta_bias != nullptr) dv += p.delta_bias[dr];
-        if (p.delta_softplus) dv = softplus(dv);
-      }
-      sU[r * kRow + j] = uv;
-      sDT[r * kRow + j] = dv;
-    }
-    load_bc<T>(p, geo, s0, len, sB, sC);
-    __syncthreads();
-
-    // Scan. Padded positions have dt = u = B = 0: a = 1 and the state is unchanged.
-#pragma unroll 4
-    for (int j = 0; j < kT; ++j) {
-      const float dt = sDT[ch * kRow + j];
-      const float du = dt * sU[ch * kRow + j];
-      float bb[kSt], cc[kSt];
-      unpack(*reinterpret_cast<const float4*>(&sB[j * kBRow + part * kSt]), bb);
-      unpack(*reinterpret_cast<const float4*>(&sC[j * kBRow + part * kSt]), cc);
-      float y = 0.f;
-#pragma unroll
-      for (int s = 0; s < kSt; ++s) {
-        const float a = ex2(dt * A2[s]);
-        h[s] = fmaf(a, h[s], du * bb[s]);
-        y = fmaf(cc[s], h[s], y);
-      }
-      y += __shfl_xor_sync(0xffffffffu, y, 1);
-      y += __shfl_xor_sync(0xffffffffu, y, 2);
-      if (part == 0) sY[ch * kRow + j] = y;
-    }
-    __syncthreads();
-
-    // Outputs of the chunk.
-#pragma unroll
-    for (int i = 0; i < kElems; ++i) {
-      int r, j;
-      tile_elem<kTM>(i, r, j);
-      if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r;
-        const int pos = phys(p, s0 + j);
-        float y = sY[r * kRow + j];
-        if (p.D != nullptr) y = fmaf(p.D[dr], sU[r * kRow + j], y);
-        const int64_t o = out_off<kTM>(p, geo.b, dr, pos);
-        if (p.y_acc_in != nullptr) y += p.y_acc_in[o];
-        if (p.y_acc_out != nullptr) p.y_acc_out[o] = y;
-        if (p.out != nullptr) {
-          if (z != nullptr) {
-            const float zv = load_seq<kTM>(z, p.z_dim_stride, p.z_seq_stride, dr, pos);
-            y *= zv * sigmoid(zv);
-          }
-          reinterpret_cast<T*>(p.out)[o] = from_float<T>(y);
-        }
-      }
-    }
-    if (fused_delta && c + 1 < p.nchunks) load_dt_low<T>(p, geo, s0 + kT, sLow);  // read after the barrier
-    __syncthreads();
-  }
-  if (p.last_state != nullptr && ch_ok) {
-#pragma unroll
-    for (int s = 0; s < kSt; ++s) {
-      const int n = part * kSt + s;
-      if (n < p.dstate) p.last_state[(int64_t(geo.b) * p.dim + d) * p.dstate + n] = h[s];
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// Backward
-// ------------------------------------------------------------------------------------------
 struct BwdSmem {
   float u[kCh * kRow];   // u, then du (written by the scan once u is no longer needed)
   float dt[kCh * kRow];  // dt, then d(dt)
@@ -339,7 +470,7 @@ struct BwdSmem {
   float sig[kCh * kRow]; // d dt / d(delta + bias)
   __align__(16) float B[kT * kBRow];
   __align__(16) float C[kT * kBRow];
-  __align__(16) float sub[kNSub][kThreads * kSt];     // states at the sub-chunk starts
+  __align__(16) float sub[kNSub][kBwdThreads * kSt];     // states at the sub-chunk starts
   __align__(16) float dbc[2][kSub][kDbcRow];          // per-channel dB / dC of one sub-chunk
 };
 
@@ -418,7 +549,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     float hs[kSt] = {0.f, 0.f, 0.f, 0.f};
     if (ch_ok) {
       const float4 v = *reinterpret_cast<const float4*>(
-          p.ckpt + ((int64_t(geo.b) * p.dim + d) * p.nchunks + c) * kMaxState + part * kSt);
+          p.ckpt + ((int64_t(geo.b) * p.dim + d) * p.nchunks + c) * kN + part * kSt);
       unpack(v, hs);
     }
     __syncthreads();
@@ -491,9 +622,9 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
           dA_acc[s] = fmaf(gdt, ha, dA_acc[s]);
           gc[s] = aa[jj][s] * g;
         }
-        *reinterpret_cast<float4*>(&sm.dbc[0][jj][ch * kMaxState + part * kSt]) =
+        *reinterpret_cast<float4*>(&sm.dbc[0][jj][ch * kN + part * kSt]) =
             make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
-        *reinterpret_cast<float4*>(&sm.dbc[1][jj][ch * kMaxState + part * kSt]) =
+        *reinterpret_cast<float4*>(&sm.dbc[1][jj][ch * kN + part * kSt]) =
             make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
         dup += __shfl_xor_sync(0xffffffffu, dup, 1);
         dup += __shfl_xor_sync(0xffffffffu, dup, 2);
@@ -517,7 +648,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         for (int q = 0; q < 2; ++q) {
           float acc = 0.f;
 #pragma unroll 8
-          for (int cch = 0; cch < kCh; ++cch) acc += sm.dbc[q][jj][cch * kMaxState + n];
+          for (int cch = 0; cch < kCh; ++cch) acc += sm.dbc[q][jj][cch * kN + n];
           if (n < p.dstate && t < L) {
             float* dst = q == 0 ? p.dB : p.dC;
             atomicAdd(dst + ((int64_t(geo.b) * p.ngroups + geo.g) * p.dstate + n) * L + phys(p, t), acc);
@@ -554,34 +685,20 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   }
 }
 
-// Forward occupancy: 6 blocks per SM fit the token-major kernels in 80 registers without spills; the
-// channel-major ones would spill there and keep 5.
 template <typename T, bool kTM>
-__global__ void __launch_bounds__(kThreads, kTM ? 6 : 5) ss_fwd_kernel(const ScanParams p) {
-  ss_fwd_block<T, kTM>(p);
-}
-
-// Both directions of a bidirectional block in one launch: each block runs the forward direction
-// for its channels (y into the fp32 buffer y_acc_out), then the reverse direction, which adds that
-// buffer before the gate. The buffer is written and read by the same block (visible after the
-// barrier) and mostly stays in L2.
-template <typename T, bool kTM>
-__global__ void __launch_bounds__(kThreads, kTM ? 6 : 5) ss_bifwd_kernel(const ScanParams pf, const ScanParams pb) {
-  ss_fwd_block<T, kTM>(pf);
-  __syncthreads();
-  ss_fwd_block<T, kTM>(pb);
-}
-
-template <typename T, bool kTM>
-__global__ void __launch_bounds__(kThreads, 3) ss_bwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kBwdThreads, 3) ss_bwd_kernel(const ScanParams p) {
   ss_bwd_block<T, kTM>(p);
 }
 
+// The two directions' backward passes are independent (only pf writes dz): blockIdx.z picks one, so
+// twice as many blocks share the GPU.
 template <typename T, bool kTM>
-__global__ void __launch_bounds__(kThreads, 3) ss_bibwd_kernel(const ScanParams pf, const ScanParams pb) {
-  ss_bwd_block<T, kTM>(pf);
-  __syncthreads();
-  ss_bwd_block<T, kTM>(pb);
+__global__ void __launch_bounds__(kBwdThreads, 3) ss_bibwd_kernel(const ScanParams pf, const ScanParams pb) {
+  if (blockIdx.z == 0) {
+    ss_bwd_block<T, kTM>(pf);
+  } else {
+    ss_bwd_block<T, kTM>(pb);
+  }
 }
 
 inline dim3 scan_grid(const ScanParams& p) {
@@ -595,7 +712,7 @@ inline int fwd_dynamic_smem(const ScanParams& p) {
 
 template <typename T, bool kTM>
 cudaError_t ss_fwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
-  ss_fwd_kernel<T, kTM><<<scan_grid(p), kThreads, fwd_dynamic_smem(p), stream>>>(p);
+  ss_fwd_kernel<T, kTM><<<scan_grid(p), kFwdThreads, fwd_dynamic_smem(p), stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -604,14 +721,14 @@ cudaError_t ss_bwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
   const int smem = int(sizeof(BwdSmem));
   cudaError_t err = cudaFuncSetAttribute(ss_bwd_kernel<T, kTM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  ss_bwd_kernel<T, kTM><<<scan_grid(p), kThreads, smem, stream>>>(p);
+  ss_bwd_kernel<T, kTM><<<scan_grid(p), kBwdThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T, bool kTM>
 cudaError_t ss_bifwd_launch_layout(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
   const int smem = std::max(fwd_dynamic_smem(pf), fwd_dynamic_smem(pb));
-  ss_bifwd_kernel<T, kTM><<<scan_grid(pf), kThreads, smem, stream>>>(pf, pb);
+  ss_bifwd_kernel<T, kTM><<<scan_grid(pf), kFwdThreads, smem, stream>>>(pf, pb);
   return cudaGetLastError();
 }
 
@@ -620,7 +737,9 @@ cudaError_t ss_bibwd_launch_layout(const ScanParams& pf, const ScanParams& pb, c
   const int smem = int(sizeof(BwdSmem));
   cudaError_t err = cudaFuncSetAttribute(ss_bibwd_kernel<T, kTM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  ss_bibwd_kernel<T, kTM><<<scan_grid(pf), kThreads, smem, stream>>>(pf, pb);
+  dim3 grid = scan_grid(pf);
+  grid.z = 2;
+  ss_bibwd_kernel<T, kTM><<<grid, kBwdThreads, smem, stream>>>(pf, pb);
   return cudaGetLastError();
 }
 
