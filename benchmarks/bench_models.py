@@ -47,10 +47,11 @@ def timed(fn, warmup, iters):
     return sorted(times)[len(times) // 2]
 
 
-def measure(kind, name, img_size, batch, dtype, fused_attn, iters):
+def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build(name, img_size, fused_attn)
+    run = torch.compile(model, mode=compile_mode) if compile_mode else model
     images = torch.randn(batch, 3, img_size, img_size, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
     if kind == "train":
@@ -60,18 +61,19 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters):
 
         def step():
             with autocast:
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss = torch.nn.functional.cross_entropy(run(images), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
         model.eval()
+        features = torch.compile(model.forward_features, mode=compile_mode) if compile_mode else model.forward_features
 
         def step():
             with torch.inference_mode(), autocast:
-                model.forward_features(images)
-    try:
-        seconds = timed(step, warmup=2, iters=iters)
+                features(images)
+    try:  # compiled: the first call compiles, the next ones record CUDA graphs (reduce-overhead)
+        seconds = timed(step, warmup=4 if compile_mode else 2, iters=iters)
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
@@ -113,6 +115,8 @@ def main():
                         help="feature-extraction resolutions for the small models")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", metavar="MODE",
+                        help="also measure Vim under torch.compile(mode=MODE) (training and features at 224)")
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run's JSON into --out")
     args = parser.parse_args()
     if args.plot_only:
@@ -148,7 +152,16 @@ def main():
                     rows.append(row)
                     lines.append(f"features {img_size:4d} {label:45s} {row}")
                 results["features"][label] = rows
-            print("\n".join(lines[-8:]), flush=True)
+            if args.compile:
+                label = f"{vim_name} {dtype} compiled({args.compile})"
+                row = measure("train", vim_name, 224, args.batch, dtype, True, args.iters, args.compile)
+                results["train"][label] = row
+                lines.append(f"train    224  {label:45s} {row}")
+                row = dict(img_size=224, **measure("features", vim_name, 224, args.batch, dtype, True, args.iters,
+                                                   args.compile))
+                results["features_compiled"] = {**results.get("features_compiled", {}), label: [row]}
+                lines.append(f"features  224 {label:45s} {row}")
+            print("\n".join(lines[-10:]), flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_models.json"), "w") as f:

@@ -219,6 +219,19 @@ def test_two_gloo_processes_match_one_process(image_folder, one_process_run, tmp
                         atol=1e-5)
 
 
+def test_compiled_training_matches_eager(image_folder, tmp_path):
+    common = ('--epochs', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-model-ema',
+              '--no-repeated-aug', '--reprob', '0', '--aa', 'none', '--color-jitter', '0')
+    assert run_trainer(tiny_args(image_folder, tmp_path / 'eager', *common)) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert run_trainer(tiny_args(image_folder, tmp_path / 'compiled', *common, '--compile', 'default')) == 0
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > 0  # the steps did run compiled
+    eager = load(tmp_path / 'eager' / 'checkpoint.pth')['model']
+    compiled = load(tmp_path / 'compiled' / 'checkpoint.pth')['model']
+    assert_same_tensors(eager, compiled, atol=1e-5)  # same keys: the bare model's weights were saved
+
+
 def test_metric_logger_prints_progress_with_eta(image_folder, tmp_path, capsys):
     assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1', '--print-freq', '2')) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch: [0]  [')]

@@ -366,7 +366,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
   }
 }
 
-// 128 registers per lane (16 warps per SM) hold the 16 states, their decay rates and a segment's data.
+// 12 warps per SM: 168 registers per lane hold the 16 states, their decay rates and a segment's data
+// without spills (at 16 warps, 128 registers, they spill).
 template <typename T, bool kTM>
 __global__ void __launch_bounds__(kFwdThreads, 12) ss_fwd_kernel(const ScanParams p) {
   __shared__ FwdSmem sm;
@@ -685,6 +686,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   }
 }
 
+// 3 blocks (12 warps) per SM at 168 registers.
 template <typename T, bool kTM>
 __global__ void __launch_bounds__(kBwdThreads, 3) ss_bwd_kernel(const ScanParams p) {
   ss_bwd_block<T, kTM>(p);
