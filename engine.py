@@ -12,6 +12,12 @@ class TrainingDiverged(Exception):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def bare_model(model):
+    """The module under torch.compile's and DDP's wrappers (whose state_dict keys carry prefixes)."""
+    model = getattr(model, '_orig_mod', model)
+    return getattr(model, 'module', model)
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, args, *, lr_scheduler, steps_per_epoch,
                     start_step=0, scaler=None, amp_dtype=None, model_ema=None, mixup_fn=None, stop_request=None,
                     save_checkpoint=None):
@@ -75,7 +81,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
             else:
                 optimizer.step()
             if model_ema is not None:
-                model_ema.update(getattr(model, 'module', model), step=global_step)  # unwrap DDP
+                model_ema.update(bare_model(model), step=global_step)
         if scaler is not None:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -377,6 +377,8 @@ def main(args):
     model.to(device)
 
     if args.eval:
+        if args.compile:
+            log('--compile applies to training; evaluating the model uncompiled')
         report_accuracy(evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval))
         if checkpoint is not None and checkpoint.get('model_ema') is not None:
             check_compatible(checkpoint['model_ema'], model, args.model, f'{resume} (model_ema)')

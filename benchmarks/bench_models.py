@@ -77,7 +77,9 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
-        del model
+        del model, run
+        if compile_mode:  # dynamo's caches (and CUDA-graph pools) would otherwise keep the model alive
+            torch._dynamo.reset()
     return {"img_per_s": batch / seconds, "ms": seconds * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
@@ -137,6 +139,7 @@ def main():
         sizes = args.sizes if size_name == "tiny" else args.sizes_small
         variants = [(vim_name, True), (deit_name, True), (deit_name, False)]
         for dtype in ("fp32", "bf16"):
+            first_line = len(lines)
             for name, fused in variants[:2]:
                 label = f"{name} {dtype}" + ("" if name.startswith("vim") else " fused-attn")
                 row = measure("train", name, 224, args.batch, dtype, fused, args.iters)
@@ -161,7 +164,7 @@ def main():
                                                    args.compile))
                 results["features_compiled"] = {**results.get("features_compiled", {}), label: [row]}
                 lines.append(f"features  224 {label:45s} {row}")
-            print("\n".join(lines[-10:]), flush=True)
+            print("\n".join(lines[first_line:]), flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_models.json"), "w") as f:

@@ -1,5 +1,9 @@
-"""The fused bidirectional scan of one Vim block as the model calls it (token-major inputs; B, C and the
-low-rank dt sliced from one x_proj-like output), for a kernel profiler to attach to, or timed.
+"""The fused bidirectional scan of one Vim block on token-major inputs (B and C sliced from one
+x_proj-like output, as in the model), for a kernel profiler to attach to, or timed.
+
+Without --time it runs cuda_ops.bimamba_scan forward and backward with a full-size delta (the fused
+delta projection of the model's training forward is not used there); --shape, --dtype and --iters
+apply to this mode only.
 
     ncu --clock-control none --kernel-name regex:ss_bi --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats --section Occupancy python benchmarks/profile_scan.py

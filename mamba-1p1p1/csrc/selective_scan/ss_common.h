@@ -41,7 +41,7 @@ struct ScanParams {
   const float* dt_proj;   // (dim, rank) fp32, contiguous
   int rank;
   // Fused causal conv (forward kernels, inference only): when conv_weight is set, u is the conv's input x
-  // and the kernel applies silu(conv(x)) itself (see conv_silu).
+  // and the kernel applies silu(conv(x)) itself (the fused conv of fwd_direction in ss_kernels.cuh).
   const float* conv_weight;  // (dim, conv_width) fp32, contiguous
   const float* conv_bias;    // (dim,) fp32 or nullptr
   int conv_width;

@@ -117,8 +117,8 @@ __device__ __forceinline__ void load_rows(const ScanParams& p, const T* base, in
   }
 }
 
-// load_rows for the tensors in the output layout (out, y_acc_*, dout, ysum, du, ...): (batch, seqlen, dim)
-// contiguous when token-major, else (batch, dim, seqlen) contiguous.
+// load_rows for an fp32 buffer in the output layout (y_acc_in): (batch, seqlen, dim) contiguous when
+// token-major, else (batch, dim, seqlen) contiguous.
 template <bool kTM, int kLen, typename T>
 __device__ __forceinline__ void load_out_rows(const ScanParams& p, const T* t, const BlockGeo& geo, int s0, int len,
                                               float (&v)[kLen], float* tile) {
@@ -156,8 +156,8 @@ __device__ __forceinline__ void store_rows(const ScanParams& p, T* t, const Bloc
 }
 
 // B and C of logical positions s0 .. s0+kSeg-1, all states, into smem rows [position][kN]; zero past len
-// and for n >= dstate. Lanes run along whichever of state and position has stride 1 in global memory;
-// all loads are issued before the stores.
+// and for n >= dstate. Lanes run along the states when B's state stride is 1 (the model's x_proj output),
+// else along the positions; all loads are issued before the stores.
 template <typename T>
 __device__ __forceinline__ void load_bc_rows(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
                                              float* C_rows) {
@@ -251,9 +251,11 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
   }
 
   const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
-  const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
+  const T* delta =
+      fused_delta ? nullptr : reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
   const T* z = p.z != nullptr ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
-  const T* dt_low = reinterpret_cast<const T*>(p.dt_low) + int64_t(geo.b) * p.dt_low_batch_stride;
+  const T* dt_low =
+      fused_delta ? reinterpret_cast<const T*>(p.dt_low) + int64_t(geo.b) * p.dt_low_batch_stride : nullptr;
 
   for (int s0 = 0; s0 < L; s0 += kSeg) {
     const int len = min(kSeg, L - s0);
