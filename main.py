@@ -395,6 +395,7 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     if args.compile:
+        log(f'training through torch.compile(mode={args.compile}): the first steps compile')
         model = torch.compile(model, mode=None if args.compile == 'default' else args.compile)
     global_batch = args.batch_size * get_world_size()
     lr = args.lr if args.unscale_lr else args.lr * global_batch / 512.0

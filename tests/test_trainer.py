@@ -205,11 +205,13 @@ def launch_two(launcher, argv):
     return subprocess.CompletedProcess(argv, max(p.returncode for p in procs), outputs[0][0], outputs[0][1])
 
 
-@pytest.mark.parametrize('launcher, evaluation', [('torchrun', []), ('slurm', ['--dist-eval'])])
-def test_two_gloo_processes_match_one_process(image_folder, one_process_run, tmp_path, launcher, evaluation):
-    two = launch_two(launcher, tiny_args(image_folder, tmp_path, *GLOO_RUN, *evaluation))
+@pytest.mark.parametrize('launcher, extra', [('torchrun', []), ('slurm', ['--dist-eval']),
+                                             ('slurm', ['--compile', 'default'])])
+def test_two_gloo_processes_match_one_process(image_folder, one_process_run, tmp_path, launcher, extra):
+    two = launch_two(launcher, tiny_args(image_folder, tmp_path, *GLOO_RUN, *extra))
     assert two.returncode == 0, two.stderr
     assert 'on cpu x 2' in two.stdout
+    assert ('torch.compile(mode=default)' in two.stdout) == ('--compile' in extra)
     log_one = json.loads((one_process_run / 'log.txt').read_text())
     log_two = json.loads((tmp_path / 'log.txt').read_text())
     assert log_two['train_loss'] == pytest.approx(log_one['train_loss'], rel=1e-5)
