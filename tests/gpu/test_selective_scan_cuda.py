@@ -402,6 +402,51 @@ except RuntimeError as e:
         f"C++ error did not reach Python cleanly (rc {res.returncode}): {res.stderr[-2000:]}")
 
 
+def _conv_silu_ref(x, weight, bias, anti_causal):
+    """silu(depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width)): causal, or anti-causal
+    (the scan from the end); written with F.conv1d, independently of the kernels and causal_conv1d_ref."""
+    width = weight.shape[1]
+    xs = x.flip(-1) if anti_causal else x
+    out = F.conv1d(F.pad(xs, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    out = F.silu(out)
+    return out.flip(-1) if anti_causal else out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("token_major,width,dim,seqlen", [
+    (True, 4, 192, 197), (True, 2, 80, 37), (True, 3, 80, 730), (False, 4, 192, 197), (False, 3, 96, 1),
+    (False, 2, 40, 63)], ids=lambda v: str(v))
+def test_bimamba_fused_conv_matches_float64(token_major, width, dim, seqlen, dtype):
+    """The inference forward with both directions' convs applied inside the scan kernel (register halo
+    across segments; anti-causal for direction b) against float64 convs and scans, for both layouts,
+    conv widths 2-4, channel counts that leave a partial block of 32, and sequences shorter than a segment."""
+    from mamba_ssm.ops import cuda_ops
+
+    seed = fresh_seed()
+    layout = to_token_major if token_major else list
+    f_in = layout(make_inputs(2, dim, seqlen, 16, dtype))
+    b_in = layout(make_inputs(2, dim, seqlen, 16, dtype))
+    x, z = f_in[0], f_in[6]  # both directions convolve the same input, as in a Vim block
+    convs = [(torch.randn(dim, width, device="cuda") * 0.5, torch.randn(dim, device="cuda") * 0.3) for _ in range(2)]
+    with torch.no_grad():
+        out = cuda_ops.bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], x,
+                                    *[b_in[i] for i in (1, 2, 3, 4, 5, 7)], z, True, conv_f=convs[0], conv_b=convs[1])
+
+    def reference(cast):
+        def direction(inputs, conv, anti_causal):
+            t = [cast(v) if v is not None else None for v in inputs]
+            t[0] = _conv_silu_ref(cast(x), cast(conv[0]), cast(conv[1]), anti_causal)
+            return t
+        return _bi_ref(direction(f_in, convs[0], False), direction(b_in, convs[1], True), cast(z), True)
+
+    o64 = reference(lambda t: t.double())
+    olo = reference(lambda t: t).to(dtype)
+    assert out.dtype == dtype
+    if seqlen > 1:
+        assert (out.stride(1) == 1) == token_major
+    check_bound("out", out, o64, olo, dtype, seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_bimamba_inner_inference_fuses_conv(dtype):
     """Without gradients the inner op runs the convs inside the scan kernel: same values as the training
