@@ -69,18 +69,23 @@ def copy_bandwidth():
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9  # GB/s, read + write
 
 
+def scan_parameters(dim, device="cuda"):
+    """A, D, delta_bias of one direction as Vim initialises them: A = -(1..N), D = 1, and delta_bias =
+    softplus^-1(dt) with dt log-uniform in [1e-3, 1e-1]."""
+    A = -torch.arange(1, DSTATE + 1, device=device, dtype=torch.float32).repeat(dim, 1)
+    dt = torch.exp(torch.rand(dim, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return A, torch.ones(dim, device=device), dt + torch.log(-torch.expm1(-dt))
+
+
 def scan_inputs(batch, dim, seqlen, dtype):
     """Leaves (requiring grad) u, delta, A, B, C, D, z, delta_bias of one Vim-like scan."""
     dev = "cuda"
     u = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
     delta = (0.5 * torch.randn(batch, dim, seqlen, device=dev)).to(dtype)
-    A = -torch.arange(1, DSTATE + 1, device=dev, dtype=torch.float32).repeat(dim, 1)
+    A, D, bias = scan_parameters(dim, dev)
     B = torch.randn(batch, 1, DSTATE, seqlen, device=dev, dtype=dtype)
     C = torch.randn(batch, 1, DSTATE, seqlen, device=dev, dtype=dtype)
-    D = torch.ones(dim, device=dev)
     z = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
-    dt = torch.exp(torch.rand(dim, device=dev) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    bias = dt + torch.log(-torch.expm1(-dt))
     return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
 
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-DSTATE = 16
+from bench_kernels import DSTATE, SHAPES, graph_bench, scan_parameters
 
 
 def token_major(batch, dim, seqlen, dtype):
@@ -34,15 +34,11 @@ def direction_inputs(batch, dim, seqlen, dtype, rank):
     C = x_dbl[..., rank + DSTATE:].transpose(1, 2).unsqueeze(1)
     dt_proj = torch.randn(dim, rank, device="cuda") * 0.5 * rank ** -0.5
     delta = (dt_low.transpose(1, 2).float() @ dt_proj.t()).to(dtype).transpose(1, 2)
-    A = -torch.arange(1, DSTATE + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
-    dt = torch.exp(torch.rand(dim, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    bias = dt + torch.log(-torch.expm1(-dt))
-    return [token_major(batch, dim, seqlen, dtype), delta, A, B, C, torch.ones(dim, device="cuda"), bias], dt_low, dt_proj
+    A, D, bias = scan_parameters(dim)
+    return [token_major(batch, dim, seqlen, dtype), delta, A, B, C, D, bias], dt_low, dt_proj
 
 
 def time_kernels(batch, dim, seqlen, dtype):
-    from bench_kernels import graph_bench
-
     ops = torch.ops.selective_scan_cuda
     rank = math.ceil(dim / 2 / 16)
     f, low_f, proj_f = direction_inputs(batch, dim, seqlen, dtype, rank)
@@ -76,8 +72,6 @@ def main():
     from mamba_ssm.ops import cuda_ops
 
     if args.time:
-        from bench_kernels import SHAPES
-
         rows = []
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; GPU ms (CUDA-graph replay, median)")
         print(f"{'shape':13s} {'dtype':9s} {'train fwd':>9s} {'infer fwd':>9s} {'bwd':>7s}")
