@@ -2,6 +2,9 @@
 # GPU check, meant for one `run` call on the device machine (see /work/.library/device):
 # builds both extensions in place for sm_90 only, runs the GPU tests, runs the kernel benchmark,
 # and writes the logs under $OUT (default ./gpu_check_out). Usage: bash scripts/gpu_check.sh [bench args]
+# GPU_CHECK_BENCH=0 skips the benchmark. GPU_CHECK_BASELINE=FILE (an older ss_kernels.cuh, e.g. from
+# `git show REV:mamba-1p1p1/csrc/selective_scan/ss_kernels.cuh`) builds those scan kernels from a copy of
+# mamba-1p1p1 while the tests run, then times both builds with benchmarks/profile_scan.py --time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -26,6 +29,13 @@ echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
 if [ $rc -ne 0 ]; then exit $rc; fi
 
 if [ -n "${diag_pid:-}" ]; then wait $diag_pid; cat "$OUT/exc_diag.log"; fi
+if [ -n "${GPU_CHECK_BASELINE:-}" ]; then
+  baseline=/tmp/scan_baseline
+  rm -rf $baseline && cp -r mamba-1p1p1 $baseline && rm -rf $baseline/build $baseline/*.so
+  cp "$GPU_CHECK_BASELINE" $baseline/csrc/selective_scan/ss_kernels.cuh
+  bash scripts/build_inplace.sh "$OUT/baseline_build.log" $baseline &
+  baseline_pid=$!
+fi
 python3 -m pytest tests/gpu -x -q ${PYTEST_ARGS:-} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 echo "pytest rc=$test_rc" | tee -a "$OUT/env.log"
@@ -36,4 +46,14 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
   bench_rc=${PIPESTATUS[0]}
 fi
 echo "bench rc=$bench_rc" | tee -a "$OUT/env.log"
+
+if [ -n "${baseline_pid:-}" ]; then
+  if wait $baseline_pid; then
+    python3 benchmarks/profile_scan.py --time --dtypes float32 bfloat16 2>&1 | tee "$OUT/profile_scan_time.txt"
+    PYTHONPATH=$PWD/causal-conv1d:$baseline:$PWD python3 benchmarks/profile_scan.py --time --dtypes float32 bfloat16 \
+      2>&1 | tee "$OUT/profile_scan_time_baseline.txt"
+  else
+    echo "baseline build failed (see baseline_build.log)" | tee -a "$OUT/env.log"
+  fi
+fi
 exit $(( test_rc != 0 ? test_rc : bench_rc ))

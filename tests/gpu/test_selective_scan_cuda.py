@@ -407,7 +407,8 @@ def _conv_silu_ref(x, weight, bias, anti_causal):
     (the scan from the end); written with F.conv1d, independently of the kernels and causal_conv1d_ref."""
     width = weight.shape[1]
     xs = x.flip(-1) if anti_causal else x
-    out = F.conv1d(F.pad(xs, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    # In x's precision: the low-precision reference that sets the tolerance rounds like a user's fp16 conv.
+    out = F.conv1d(F.pad(xs, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), bias.to(x.dtype), groups=x.shape[1])
     out = F.silu(out)
     return out.flip(-1) if anti_causal else out
 

@@ -57,8 +57,9 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-// For the SiLU gate and its derivative: __expf and a fast reciprocal (a few ulp), not IEEE division.
-__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + __expf(-x)); }
+// For the SiLU gate and its derivative: __expf and the approximate division (a few ulp; 0 where
+// 1 + e^-x overflows), not IEEE division, whose slow path costs ~20 instructions.
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 __device__ __forceinline__ void unpack(float4 v, float* r) {
   r[0] = v.x;
@@ -155,13 +156,14 @@ __device__ __forceinline__ void store_rows(const ScanParams& p, T* t, const Bloc
   }
 }
 
-// B and C of logical positions s0 .. s0+kSeg-1, all states, into smem rows [position][kN]; zero past len
-// and for n >= dstate. Lanes run along the states when B's state stride is 1 (the model's x_proj output),
-// else along the positions; all loads are issued before the stores.
-template <typename T>
-__device__ __forceinline__ void load_bc_rows(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
+// B and C of logical positions s0 .. s0+kLen-1, all states, into shared-memory rows [position][kN] by a
+// block of kThreads; zero past len and for n >= dstate. Lanes run along the states when B's state stride
+// is 1 (the model's x_proj output), else along the positions; all loads are issued before the stores.
+template <typename T, int kThreads, int kLen>
+__device__ __forceinline__ void load_bc_tile(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
                                              float* C_rows) {
-  constexpr int kPer = kSeg * kN / kFwdThreads;
+  constexpr int kPer = kLen * kN / kThreads;
+  static_assert(kPer * kThreads == kLen * kN, "B/C tile split");
   const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
   const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
   const bool state_fast = p.B_state_stride == 1;
@@ -169,9 +171,9 @@ __device__ __forceinline__ void load_bc_rows(const ScanParams& p, const BlockGeo
   int at[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    const int idx = threadIdx.x + i * kFwdThreads;
-    const int n = state_fast ? idx % kN : idx / kSeg;
-    const int j = state_fast ? idx / kN : idx % kSeg;
+    const int idx = threadIdx.x + i * kThreads;
+    const int n = state_fast ? idx % kN : idx / kLen;
+    const int j = state_fast ? idx / kN : idx % kLen;
     at[i] = j * kN + n;
     bv[i] = cv[i] = 0.f;
     if (n < p.dstate && j < len) {
@@ -318,7 +320,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
       load_rows<kTM, kSeg>(p, delta, p.delta_dim_stride, p.delta_seq_stride, geo, s0, len, dv, sm.tile);
     }
     make_dt(p, bias, ok, len, dv);
-    load_bc_rows<T>(p, geo, s0, len, sm.B, sm.C);
+    load_bc_tile<T, kFwdThreads, kSeg>(p, geo, s0, len, sm.B, sm.C);
     __syncwarp();
 
     // Scan; uv[j] becomes y_j once position j is done.
@@ -405,7 +407,6 @@ constexpr int kT = kChunk;                        // positions per chunk (= chec
 constexpr int kSub = 8;                           // positions per sub-chunk
 constexpr int kNSub = kT / kSub;                  // 4
 constexpr int kRow = kT + 1;                      // padded row of the (channel x position) tiles
-constexpr int kBRow = 20;                         // padded row of the (position x state) B/C tiles
 constexpr int kDbcRow = kCh * kN + 4;             // padded row of the dB/dC reduction buffer
 constexpr int kElems = kCh * kT / kBwdThreads;    // elements per thread in element-wise stages (8)
 static_assert(kT == 32, "element-wise stages map a warp's lanes to a 32-element tile row");
@@ -413,7 +414,6 @@ static_assert(kT == 32, "element-wise stages map a warp's lanes to a 32-element 
 // Element (r = channel row, j = position) of a (kCh x kT) tile handled by this thread in step i of the
 // element-wise stages: lanes run along positions (channel-major) or along channels (token-major, kTM),
 // so global accesses are coalesced either way; the padded shared-memory rows keep both conflict-free.
-// The layout is a template parameter: no run-time branches or general stride arithmetic per element.
 template <bool kTM>
 __device__ __forceinline__ void tile_elem(int i, int& r, int& j) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -421,48 +421,23 @@ __device__ __forceinline__ void tile_elem(int i, int& r, int& j) {
   j = kTM ? warp + 4 * i : lane;
 }
 
-// Element (channel d, position pos) of an input row block: channel stride 1 (kTM) or position stride 1.
-template <bool kTM, typename T>
-__device__ __forceinline__ float load_seq(const T* base, int64_t dim_stride, int64_t seq_stride, int d, int pos) {
-  return to_float(kTM ? base[d + pos * seq_stride] : base[d * dim_stride + pos]);
-}
+// Offsets of this thread's elements of a chunk (tile_elem's steps i = 0 .. kElems-1) in a tensor with the
+// given strides: step i is at first + i * step (one position or one channel further each time, by 4),
+// so the element-wise stages do no per-element index arithmetic. Offsets of padding elements are never
+// dereferenced.
+struct ElemWalk {
+  int64_t first, step;
+};
 
-// Offset of (batch b, channel d, position pos) in the output-layout tensors (strides of empty_seq).
 template <bool kTM>
-__device__ __forceinline__ int64_t out_off(const ScanParams& p, int b, int d, int pos) {
-  const int64_t row = int64_t(b) * p.dim * p.seqlen;
-  return kTM ? row + int64_t(pos) * p.dim + d : row + int64_t(d) * p.seqlen + pos;
-}
-
-// B and C of one chunk, (position x state), zero past the end and for n >= dstate. Lane mapping:
-// 8 consecutive positions x 4 states per warp (32-byte segments in global memory, conflict-free
-// shared-memory stores with the row padding of 20); all loads are issued before the stores.
-constexpr int kBC = kT * kN / kBwdThreads;  // B (and C) values per thread per chunk (4)
-
-template <typename T>
-__device__ __forceinline__ void load_bc(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* sB,
-                                        float* sC) {
-  const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
-  const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
-  float pb[kBC], pc[kBC];
-  int at[kBC];
-#pragma unroll
-  for (int i = 0; i < kBC; ++i) {
-    const int idx = threadIdx.x + i * kBwdThreads;
-    const int j = ((idx >> 5) & 3) * 8 + (idx & 7), n = (idx >> 7) * 4 + ((idx >> 3) & 3);
-    at[i] = j * kBRow + n;
-    pb[i] = pc[i] = 0.f;
-    if (n < p.dstate && j < len) {
-      const int64_t pos = phys(p, s0 + j);
-      pb[i] = to_float(Bp[n * p.B_state_stride + pos * p.B_seq_stride]);
-      pc[i] = to_float(Cp[n * p.C_state_stride + pos * p.C_seq_stride]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kBC; ++i) {
-    sB[at[i]] = pb[i];
-    sC[at[i]] = pc[i];
-  }
+__device__ __forceinline__ ElemWalk elem_walk(const ScanParams& p, const BlockGeo& geo, int s0, int64_t dim_stride,
+                                              int64_t seq_stride) {
+  int r, j;
+  tile_elem<kTM>(0, r, j);
+  ElemWalk w;
+  w.first = int64_t(geo.d0 + r) * dim_stride + int64_t(phys(p, s0 + j)) * seq_stride;
+  w.step = kTM ? (p.reverse ? -4 : 4) * seq_stride : 4 * dim_stride;
+  return w;
 }
 
 struct BwdSmem {
@@ -471,8 +446,9 @@ struct BwdSmem {
   float dy[kCh * kRow];  // dout * silu(z)
   float zf[kCh * kRow];  // dout * silu'(z), then dz
   float sig[kCh * kRow]; // d dt / d(delta + bias)
-  __align__(16) float B[kT * kBRow];
-  __align__(16) float C[kT * kBRow];
+  float bias[kCh];       // delta_bias of the block's channels
+  __align__(16) float B[kT * kN];
+  __align__(16) float C[kT * kN];
   __align__(16) float sub[kNSub][kBwdThreads * kSt];     // states at the sub-chunk starts
   __align__(16) float dbc[2][kSub][kDbcRow];          // per-channel dB / dC of one sub-chunk
 };
@@ -503,52 +479,65 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   }
   const float Dch = (p.D != nullptr && ch_ok) ? p.D[d] : 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;  // this thread's channel (lanes of a channel hold the same)
+  if (tid < kCh) sm.bias[tid] = (p.delta_bias != nullptr && tid < geo.nch) ? p.delta_bias[geo.d0 + tid] : 0.f;
 
   const T* u = reinterpret_cast<const T*>(p.u) + int64_t(geo.b) * p.u_batch_stride;
   const T* delta = reinterpret_cast<const T*>(p.delta) + int64_t(geo.b) * p.delta_batch_stride;
   const T* z = has_z ? reinterpret_cast<const T*>(p.z) + int64_t(geo.b) * p.z_batch_stride : nullptr;
+  const T* dout = reinterpret_cast<const T*>(p.dout);
+  // The output-layout tensors (dout, ysum, du, ddelta, dz): (batch, seqlen, dim) or (batch, dim, seqlen).
+  const int64_t out_batch = int64_t(geo.b) * p.dim * L;
+  const int64_t out_dim_stride = kTM ? 1 : L, out_seq_stride = kTM ? p.dim : 1;
+  __syncthreads();  // sm.bias
 
   for (int c = p.nchunks - 1; c >= 0; --c) {
     const int s0 = c * kT;
     const int len = min(kT, L - s0);
+    const ElemWalk wu = elem_walk<kTM>(p, geo, s0, p.u_dim_stride, p.u_seq_stride);
+    const ElemWalk wd = elem_walk<kTM>(p, geo, s0, p.delta_dim_stride, p.delta_seq_stride);
+    const ElemWalk wz = elem_walk<kTM>(p, geo, s0, p.z_dim_stride, p.z_seq_stride);
+    const ElemWalk wo = elem_walk<kTM>(p, geo, s0, out_dim_stride, out_seq_stride);
+    // All loads of the chunk's elements are issued before any of them is used.
+    float uv[kElems], xv[kElems], zv[kElems], gv[kElems], ysv[kElems];
+    int64_t ou = wu.first, od = wd.first, oz = wz.first, o = out_batch + wo.first;
+#pragma unroll
+    for (int i = 0; i < kElems; ++i, ou += wu.step, od += wd.step, oz += wz.step, o += wo.step) {
+      int r, j;
+      tile_elem<kTM>(i, r, j);
+      const bool ok = r < geo.nch && j < len;
+      uv[i] = ok ? to_float(u[ou]) : 0.f;
+      xv[i] = ok ? to_float(delta[od]) : 0.f;
+      gv[i] = ok ? to_float(dout[o]) : 0.f;
+      zv[i] = ok && has_z ? to_float(z[oz]) : 0.f;
+      ysv[i] = ok && p.ysum != nullptr ? p.ysum[o] : 1.f;
+    }
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       int r, j;
       tile_elem<kTM>(i, r, j);
-      float uv = 0.f, dtv = 0.f, dyv = 0.f, zfv = 0.f, sgv = 0.f;
-      if (r < geo.nch && j < len) {
-        const int dr = geo.d0 + r, pos = phys(p, s0 + j);
-        uv = load_seq<kTM>(u, p.u_dim_stride, p.u_seq_stride, dr, pos);
-        float draw = load_seq<kTM>(delta, p.delta_dim_stride, p.delta_seq_stride, dr, pos);
-        if (p.delta_bias != nullptr) draw += p.delta_bias[dr];
-        if (p.delta_softplus) {
-          // softplus and its derivative (the sigmoid) from one exp.
-          const float e = expf(draw);
-          dtv = draw > 20.f ? draw : log1pf(e);
-          sgv = draw > 20.f ? 1.f : e / (1.f + e);
-        } else {
-          dtv = draw;
-          sgv = 1.f;
-        }
-        const int64_t o = out_off<kTM>(p, geo.b, dr, pos);
-        const float go = to_float(reinterpret_cast<const T*>(p.dout)[o]);
-        if (has_z) {
-          const float zv = load_seq<kTM>(z, p.z_dim_stride, p.z_seq_stride, dr, pos);
-          const float sz = sigmoid(zv);
-          dyv = go * zv * sz;
-          zfv = go * sz * (1.f + zv * (1.f - sz));
-          if (p.ysum != nullptr) zfv *= p.ysum[o];
-        } else {
-          dyv = go;
-        }
+      // Padding (channels past nch, positions past len) gets zeros: dt = 0 leaves the state unchanged.
+      const bool ok = r < geo.nch && j < len;
+      const float draw = xv[i] + sm.bias[r];
+      float dtv = draw, sgv = 1.f;
+      if (p.delta_softplus) {
+        // softplus and its derivative (the sigmoid) from one exp.
+        const float e = expf(draw);
+        dtv = draw > 20.f ? draw : log1pf(e);
+        sgv = draw > 20.f ? 1.f : __fdividef(e, 1.f + e);
       }
-      sm.sig[r * kRow + j] = sgv;
-      sm.u[r * kRow + j] = uv;
-      sm.dt[r * kRow + j] = dtv;
+      float dyv = gv[i], zfv = 0.f;
+      if (has_z) {
+        const float sz = sigmoid(zv[i]);
+        dyv = gv[i] * zv[i] * sz;
+        zfv = gv[i] * sz * (1.f + zv[i] * (1.f - sz)) * ysv[i];
+      }
+      sm.sig[r * kRow + j] = ok ? sgv : 0.f;
+      sm.u[r * kRow + j] = uv[i];
+      sm.dt[r * kRow + j] = ok ? dtv : 0.f;
       sm.dy[r * kRow + j] = dyv;
       sm.zf[r * kRow + j] = zfv;
     }
-    load_bc<T>(p, geo, s0, len, sm.B, sm.C);
+    load_bc_tile<T, kBwdThreads, kT>(p, geo, s0, len, sm.B, sm.C);
     float hs[kSt] = {0.f, 0.f, 0.f, 0.f};
     if (ch_ok) {
       const float4 v = *reinterpret_cast<const float4*>(
@@ -567,7 +556,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         const float dt = sm.dt[ch * kRow + j];
         const float du = dt * sm.u[ch * kRow + j];
         float bb[kSt];
-        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kBRow + part * kSt]), bb);
+        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
 #pragma unroll
         for (int s = 0; s < kSt; ++s) hs[s] = fmaf(ex2(dt * A2[s]), hs[s], du * bb[s]);
       }
@@ -585,7 +574,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         const float uv = sm.u[ch * kRow + j];
         const float du = dt * uv;
         float bb[kSt];
-        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kBRow + part * kSt]), bb);
+        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
 #pragma unroll
         for (int s = 0; s < kSt; ++s) {
           aa[jj][s] = ex2(dt * A2[s]);
@@ -593,7 +582,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         }
         if (need_y) {
           float cc[kSt];
-          unpack(*reinterpret_cast<const float4*>(&sm.C[j * kBRow + part * kSt]), cc);
+          unpack(*reinterpret_cast<const float4*>(&sm.C[j * kN + part * kSt]), cc);
           float y = 0.f;
 #pragma unroll
           for (int s = 0; s < kSt; ++s) y = fmaf(cc[s], hh[jj][s], y);
@@ -602,59 +591,64 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
           if (part == 0) sm.zf[ch * kRow + j] *= fmaf(Dch, uv, y);
         }
       }
+      // The reverse recurrence, with g = dL/dh_s = dy_s C_s + a_{s+1} g_{s+1} per state:
+      //   dC_s = dy_s h_s, dB_s = g dt_s u_s, dA += g dt_s a_s h_{s-1},
+      //   du_s = D dy_s + dt_s sum_n g B, d(dt_s) = u_s sum_n g B + sum_n A g a_s h_{s-1}.
 #pragma unroll
       for (int jj = kSub - 1; jj >= 0; --jj) {
         const int j = k * kSub + jj;
         const float dt = sm.dt[ch * kRow + j];
         const float uv = sm.u[ch * kRow + j];
         const float dy = sm.dy[ch * kRow + j];
+        const float du = dt * uv;
         float bb[kSt], cc[kSt], dBv[kSt], dCv[kSt];
-        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kBRow + part * kSt]), bb);
-        unpack(*reinterpret_cast<const float4*>(&sm.C[j * kBRow + part * kSt]), cc);
-        float dup = 0.f, ddtp = 0.f;
+        unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
+        unpack(*reinterpret_cast<const float4*>(&sm.C[j * kN + part * kSt]), cc);
+        float gB = 0.f, gAh = 0.f;  // this thread's states' parts of sum_n g B and sum_n A g a h_{s-1}
 #pragma unroll
         for (int s = 0; s < kSt; ++s) {
           const float hprev = jj == 0 ? h0[s] : hh[jj - 1][s];
-          const float g = fmaf(dy, cc[s], gc[s]);  // dL/dh_s
-          const float gdt = g * dt;
+          const float g = fmaf(dy, cc[s], gc[s]);
           dCv[s] = dy * hh[jj][s];
-          dBv[s] = gdt * uv;
-          dup = fmaf(gdt, bb[s], dup);
-          const float ha = hprev * aa[jj][s];  // h_{s-1} a_s
-          ddtp = fmaf(g, fmaf(bb[s], uv, ha * An[s]), ddtp);
-          dA_acc[s] = fmaf(gdt, ha, dA_acc[s]);
-          gc[s] = aa[jj][s] * g;
+          dBv[s] = g * du;
+          gB = fmaf(g, bb[s], gB);
+          gc[s] = aa[jj][s] * g;  // dL/dh_{s-1}
+          const float gah = gc[s] * hprev;
+          dA_acc[s] = fmaf(gah, dt, dA_acc[s]);
+          gAh = fmaf(gah, An[s], gAh);
         }
         *reinterpret_cast<float4*>(&sm.dbc[0][jj][ch * kN + part * kSt]) =
             make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
         *reinterpret_cast<float4*>(&sm.dbc[1][jj][ch * kN + part * kSt]) =
             make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
-        dup += __shfl_xor_sync(0xffffffffu, dup, 1);
-        dup += __shfl_xor_sync(0xffffffffu, dup, 2);
-        ddtp += __shfl_xor_sync(0xffffffffu, ddtp, 1);
-        ddtp += __shfl_xor_sync(0xffffffffu, ddtp, 2);
+        gB += __shfl_xor_sync(0xffffffffu, gB, 1);
+        gB += __shfl_xor_sync(0xffffffffu, gB, 2);
+        gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
+        gAh += __shfl_xor_sync(0xffffffffu, gAh, 2);
         // All 4 lanes of the channel have read u/dt at j (they took part in the shuffles).
-        const float ddelta = ddtp * sm.sig[ch * kRow + j];
+        const float ddelta = fmaf(uv, gB, gAh) * sm.sig[ch * kRow + j];
         dD_acc = fmaf(dy, uv, dD_acc);
         dbias_acc += ddelta;
         if (part == 0) {
-          sm.u[ch * kRow + j] = fmaf(Dch, dy, dup);
+          sm.u[ch * kRow + j] = fmaf(Dch, dy, dt * gB);
           sm.dt[ch * kRow + j] = ddelta;
         }
       }
       __syncthreads();
-      // dB / dC of the sub-chunk: sum over the block's channels, one atomic per (position, state).
+      // dB / dC of the sub-chunk: sum over the block's channels (4 independent partial sums, to keep the
+      // chain of dependent adds short), one atomic per (position, state).
       {
         const int n = tid >> 3, jj = tid & 7;
         const int t = s0 + k * kSub + jj;
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-          float acc = 0.f;
-#pragma unroll 8
-          for (int cch = 0; cch < kCh; ++cch) acc += sm.dbc[q][jj][cch * kN + n];
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int cch = 0; cch < kCh; ++cch) acc[cch % 4] += sm.dbc[q][jj][cch * kN + n];
           if (n < p.dstate && t < L) {
             float* dst = q == 0 ? p.dB : p.dC;
-            atomicAdd(dst + ((int64_t(geo.b) * p.ngroups + geo.g) * p.dstate + n) * L + phys(p, t), acc);
+            atomicAdd(dst + ((int64_t(geo.b) * p.ngroups + geo.g) * p.dstate + n) * L + phys(p, t),
+                      (acc[0] + acc[1]) + (acc[2] + acc[3]));
           }
         }
       }
@@ -662,12 +656,12 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     }
 
     // Element-wise gradients of the chunk.
+    o = out_batch + wo.first;
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) {
+    for (int i = 0; i < kElems; ++i, o += wo.step) {
       int r, j;
       tile_elem<kTM>(i, r, j);
       if (r < geo.nch && j < len) {
-        const int64_t o = out_off<kTM>(p, geo.b, geo.d0 + r, phys(p, s0 + j));
         reinterpret_cast<T*>(p.du)[o] = from_float<T>(sm.u[r * kRow + j]);
         reinterpret_cast<T*>(p.ddelta)[o] = from_float<T>(sm.dt[r * kRow + j]);
         if (has_z && p.write_dz) reinterpret_cast<T*>(p.dz)[o] = from_float<T>(sm.zf[r * kRow + j]);
