@@ -4,7 +4,7 @@ op of a Vim v2 block (both directions' conv, x_proj, dt_proj, scan and their com
 model calls it) against the unfused composition of our single-direction ops (the original's way:
 flipped copies) and against the PyTorch reference path.
 
-    python benchmarks/bench_kernels.py [--dtypes float32 bfloat16] [--json $OUT/bench_kernels.json]
+    python benchmarks/bench_kernels.py [--dtypes float32 bfloat16] [--shapes tiny@224 ...] [--json FILE]
 
 Times are medians of triton.testing.do_bench (CUDA events). The scan's compulsory bytes are one read
 of u, delta, z, B, C and one write of out (the backward: those plus dout read and du, ddelta, dz, dB,
@@ -121,6 +121,10 @@ def inner_op_row(name, batch, dim, seqlen, dtype, with_reference):
         with torch.no_grad():
             row[f"{label}_fwd_ms"] = bench(fn)
         row[f"{label}_fwdbwd_ms"] = bench(fwd_bwd(fn))
+    # The same ops replayed from a CUDA graph (as under `main.py --compile`): GPU time only.
+    with torch.no_grad():
+        row["fused_fwd_gpu_ms"] = graph_bench(fused)
+    row["fused_fwdbwd_gpu_ms"] = graph_bench(fwd_bwd(fused))
     if with_reference:
         with torch.no_grad():
             row["reference_fwd_ms"] = bench(lambda: fused("reference"), rep=20)
@@ -138,6 +142,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
+    parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES], choices=[s[0] for s in SHAPES])
     parser.add_argument("--reference-shapes", nargs="*", default=["tiny@224"],
                         help="shapes on which the (slow, Python-loop) PyTorch references are timed")
     args = parser.parse_args()
@@ -160,7 +165,7 @@ def main():
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         es = torch.finfo(dtype).bits // 8
-        for name, batch, dim, seqlen in SHAPES:
+        for name, batch, dim, seqlen in [s for s in SHAPES if s[0] in args.shapes]:
             row = {"shape": name, "batch": batch, "dim": dim, "seqlen": seqlen, "dtype": dtype_name}
             elems = batch * dim * seqlen
             bc = 2 * batch * DSTATE * seqlen
@@ -203,6 +208,13 @@ def main():
                 row["gpu_conv_fwd_ms"] = graph_bench(lambda: cops.fwd(x.detach(), w.detach(), b.detach(), True, False))
                 row["gpu_conv_bwd_ms"] = graph_bench(
                     lambda: cops.bwd(x.detach(), w.detach(), b.detach(), dout, True, False))
+                # The token-major layout the model uses (channel stride 1).
+                x_tm = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2)
+                dout_tm = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2)
+                row["gpu_conv_tm_fwd_ms"] = graph_bench(lambda: cops.fwd(x_tm, w.detach(), b.detach(), True, False))
+                row["gpu_conv_tm_bwd_ms"] = graph_bench(
+                    lambda: cops.bwd(x_tm, w.detach(), b.detach(), dout_tm, True, False))
+                del x_tm, dout_tm
             # Both directions of a Vim v2 block: fused op vs the original's way (flipped copies,
             # two scans, flip back, add).
             ins_b = scan_inputs(batch, dim, seqlen, dtype)
@@ -266,16 +278,17 @@ def main():
               f"{ref('ref_scan_fwdbwd_ms')} {ref('ref_conv_fwdbwd_ms')} {ostr:>24s}")
     print("GPU only (CUDA-graph replay of the raw ops); ms, medians; floor = compulsory bytes at the copy bandwidth:")
     print(f"{'shape':13s} {'dtype':9s} {'scan fwd':>8s} {'GB/s':>5s} {'floor':>6s} {'scan bwd':>8s} {'conv fwd':>8s} "
-          f"{'conv bwd':>8s} {'bi fwd':>7s} {'GB/s':>5s} {'floor':>6s} {'bi bwd':>7s}")
+          f"{'conv bwd':>8s} {'tm fwd':>7s} {'tm bwd':>7s} {'bi fwd':>7s} {'GB/s':>5s} {'floor':>6s} {'bi bwd':>7s}")
     for r in rows:
         gbs = r["scan_fwd_GBps"] * r["scan_fwd_ms"] / r["gpu_scan_fwd_ms"]
         print(f"{r['shape']:13s} {r['dtype']:9s} {r['gpu_scan_fwd_ms']:8.3f} {gbs:5.0f} {r['scan_fwd_floor_ms']:6.3f} "
               f"{r['gpu_scan_bwd_ms']:8.3f} {r['gpu_conv_fwd_ms']:8.3f} {r['gpu_conv_bwd_ms']:8.3f} "
+              f"{r['gpu_conv_tm_fwd_ms']:7.3f} {r['gpu_conv_tm_bwd_ms']:7.3f} "
               f"{r['gpu_bi_fwd_ms']:7.3f} {r['gpu_bi_fwd_GBps']:5.0f} {r['gpu_bi_fwd_floor_ms']:6.3f} {r['gpu_bi_bwd_ms']:7.3f}")
     print("Whole bidirectional inner op (eager, as the model calls it; ms, medians); GB/s of its compulsory bytes "
           "(xz in, output out; twice that for fwd+bwd) and their share of the copy bandwidth:")
     print(f"{'shape':13s} {'dtype':9s} {'fused fwd':>9s} {'f+b':>7s} {'GB/s':>11s} {'of copy':>9s} {'unfused fwd':>11s} "
-          f"{'f+b':>7s} {'ref fwd':>8s} {'ref f+b':>8s} {'orig 2x(fwd/f+b)':>17s}")
+          f"{'f+b':>7s} {'ref fwd':>8s} {'ref f+b':>8s} {'orig 2x(fwd/f+b)':>17s} {'graph fwd/f+b':>14s}")
     for r in inner_rows:
         o = r.get("original_two_inner_ops_h200_ms")
         ref = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8s}"  # noqa: E731
@@ -283,7 +296,8 @@ def main():
               f"{r['fused_fwd_GBps']:5.0f}/{r['fused_fwdbwd_GBps']:<5.0f} "
               f"{r['fused_fwd_GBps'] / bw:4.0%}/{r['fused_fwdbwd_GBps'] / bw:<4.0%} "
               f"{r['unfused_fwd_ms']:11.3f} {r['unfused_fwdbwd_ms']:7.3f} {ref('reference_fwd_ms')} "
-              f"{ref('reference_fwdbwd_ms')} {(f'{o[0]:.2f}/{o[1]:.2f}' if o else '-'):>17s}")
+              f"{ref('reference_fwdbwd_ms')} {(f'{o[0]:.2f}/{o[1]:.2f}' if o else '-'):>17s} "
+              f"{r['fused_fwd_gpu_ms']:6.3f}/{r['fused_fwdbwd_gpu_ms']:<6.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"info": info, "rows": rows, "inner_op_rows": inner_rows}, f, indent=1)

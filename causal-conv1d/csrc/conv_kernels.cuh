@@ -34,6 +34,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// The SiLU's sigmoid with __expf and the approximate division (a few ulp; 0 where 1 + e^-x overflows):
+// IEEE division costs ~20 instructions on its slow path.
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // A warp task covers kSeg = 32 * kE positions of one row (lane-strided: s = seg + 32 e + lane);
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) 
       float acc = bias;
 #pragma unroll
       for (int k = 0; k < W; ++k) acc = fmaf(w[W - 1 - k], xm[e][k], acc);
-      if (p.silu) acc = acc / (1.f + __expf(-acc));
+      if (p.silu) acc *= sigmoid(acc);
       if (s < L) outr[phys_pos(s, L, p.reverse)] = from_float<T>(acc);
     }
   }
@@ -117,7 +121,7 @@ __device__ __forceinline__ float grad_pre(float go, const float* xk, const float
   float pre = bias;
 #pragma unroll
   for (int k = 0; k < W; ++k) pre = fmaf(w[W - 1 - k], xk[k], pre);
-  const float sg = 1.f / (1.f + __expf(-pre));
+  const float sg = sigmoid(pre);
   return go * sg * (1.f + pre * (1.f - sg));
 }
 
@@ -231,28 +235,24 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_tm_kernel(const ConvParams 
   const TokenMajorGeo g = token_major_geo(p);
   if (!g.active) return;
   const int L = p.seqlen;
-  const int64_t out_seq = p.dim;
   float w[W];
 #pragma unroll
   for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
   const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
   const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
   T* outr = reinterpret_cast<T*>(p.out) + int64_t(g.b) * L * p.dim + g.d;
-  float win[W];  // win[k] = x[s - (W-1) + k]
+  // All inputs of the segment are loaded before any output is formed: xs[i] = x[seg - (W-1) + i].
+  float xs[kSegTM + W - 1];
 #pragma unroll
-  for (int k = 0; k < W - 1; ++k) win[k] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + k, L, p.reverse);
+  for (int i = 0; i < kSegTM + W - 1; ++i) xs[i] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + i, L, p.reverse);
 #pragma unroll
   for (int i = 0; i < kSegTM; ++i) {
     const int s = g.seg + i;
-    if (s >= g.seg_end) break;
-    win[W - 1] = load_tm(xr, p.x_seq_stride, s, L, p.reverse);
     float acc = bias;
 #pragma unroll
-    for (int k = 0; k < W; ++k) acc = fmaf(w[k], win[k], acc);
-    if (p.silu) acc = acc / (1.f + __expf(-acc));
-    outr[phys_pos(s, L, p.reverse) * out_seq] = from_float<T>(acc);
-#pragma unroll
-    for (int k = 0; k < W - 1; ++k) win[k] = win[k + 1];
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[i + k], acc);
+    if (p.silu) acc *= sigmoid(acc);
+    if (s < g.seg_end) outr[int64_t(phys_pos(s, L, p.reverse)) * p.dim] = from_float<T>(acc);
   }
 }
 
@@ -273,41 +273,33 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_tm_kernel(const ConvParams 
     const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
     const T* dr = reinterpret_cast<const T*>(p.dout) + row;
     T* dxr = reinterpret_cast<T*>(p.dx) + row;
-    // Walk t = seg .. seg_end + W - 2: g[t] = dout[t] * act'(pre[t]) needs x[t-W+1 .. t]; once g[t] is
-    // known, dx[t-(W-1)] = sum_k w[k] g[t-k] is complete.
-    float xw[W], gw[W];  // xw[k] = x[t - (W-1) + k], gw[k] = g[t - (W-1) + k]
+    // dx at the segment's positions needs g[t] = dout[t] * act'(pre[t]) for t = seg .. seg_end + W - 2,
+    // and each g[t] needs x[t-W+1 .. t]. All loads are issued first:
+    // xs[i] = x[seg - (W-1) + i], gs[i] = dout[seg + i] (then g[seg + i]; 0 past L).
+    constexpr int kG = kSegTM + W - 1;
+    float xs[kG + W - 1], gs[kG];
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      xw[k] = k < W - 1 ? load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + k, L, p.reverse) : 0.f;
-      gw[k] = 0.f;
-    }
+    for (int i = 0; i < kG + W - 1; ++i) xs[i] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + i, L, p.reverse);
 #pragma unroll
-    for (int i = 0; i < kSegTM + W - 1; ++i) {
-      const int t = g.seg + i;
-      if (t >= g.seg_end + W - 1) break;
-      xw[W - 1] = load_tm(xr, p.x_seq_stride, t, L, p.reverse);
+    for (int i = 0; i < kG; ++i) gs[i] = load_tm(dr, p.dim, g.seg + i, L, p.reverse);
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
       float xk[W];  // xk[k] = x[t - k], the order grad_pre takes
 #pragma unroll
-      for (int k = 0; k < W; ++k) xk[k] = xw[W - 1 - k];
-      const float gt = t < L ? grad_pre<W>(load_tm(dr, p.dim, t, L, p.reverse), xk, w, bias, p.silu) : 0.f;
-      gw[W - 1] = gt;
-      if (t < g.seg_end) {
-        db += gt;
+      for (int k = 0; k < W; ++k) xk[k] = xs[i + W - 1 - k];
+      gs[i] = grad_pre<W>(gs[i], xk, w, bias, p.silu);
+      if (g.seg + i < g.seg_end) {
+        db += gs[i];
 #pragma unroll
-        for (int k = 0; k < W; ++k) dw[k] = fmaf(gt, xw[k], dw[k]);
+        for (int k = 0; k < W; ++k) dw[k] = fmaf(gs[i], xs[i + k], dw[k]);
       }
-      const int target = t - (W - 1);
-      if (target >= g.seg) {
-        float acc = 0.f;
+    }
 #pragma unroll
-        for (int k = 0; k < W; ++k) acc = fmaf(w[k], gw[W - 1 - k], acc);
-        dxr[int64_t(phys_pos(target, L, p.reverse)) * p.dim] = from_float<T>(acc);
-      }
+    for (int i = 0; i < kSegTM; ++i) {  // dx[seg + i] = sum_k w[k] g[seg + i + (W-1) - k]
+      float acc = 0.f;
 #pragma unroll
-      for (int k = 0; k < W - 1; ++k) {
-        xw[k] = xw[k + 1];
-        gw[k] = gw[k + 1];
-      }
+      for (int k = 0; k < W; ++k) acc = fmaf(w[k], gs[i + W - 1 - k], acc);
+      if (g.seg + i < g.seg_end) dxr[int64_t(phys_pos(g.seg + i, L, p.reverse)) * p.dim] = from_float<T>(acc);
     }
   }
   // Sum the warps' partials of each channel (lane) and write one partial per (block, channel).
