@@ -328,6 +328,7 @@ def test_bimamba_scan_equals_two_single_scans(dtype):
     fused op accumulates y_f in its fp32 output (float32) or in a scratch buffer (bfloat16)."""
     from mamba_ssm.ops import cuda_ops
 
+    seed = fresh_seed()
     f_in = make_inputs(2, 64, 300, 16, dtype)
     b_in = make_inputs(2, 64, 300, 16, dtype)
     z = f_in[6]
@@ -339,9 +340,14 @@ def test_bimamba_scan_equals_two_single_scans(dtype):
     b_nz[6] = None
     y_f = cuda_ops.selective_scan(*f_nz, True, False)
     y_b = cuda_ops.selective_scan(*b_nz, True, False, reverse=True)
-    expected = (y_f.float() + y_b.float()) * F.silu(z.float())
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+    gate = F.silu(z.float())
+    expected = (y_f.float() + y_b.float()) * gate
+    # Rounding bound: the single-direction outputs are each rounded to the dtype (unit roundoff u), the
+    # fused output once; the fp32 arithmetic of both paths adds a little on top.
+    u = torch.finfo(dtype).eps / 2
+    bound = u * ((y_f.float().abs() + y_b.float().abs()) * gate.abs() + expected.abs()) + 1e-5 * (1 + expected.abs())
+    excess = ((out.float() - expected).abs() - bound).max().item()
+    assert excess <= 0, f"fused output off the two single scans by {excess:.3g} beyond the rounding bound (seed {seed})"
 
 
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
