@@ -514,19 +514,22 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     const ElemWalk wd = elem_walk<kTM>(p, geo, s0, p.delta_dim_stride, p.delta_seq_stride);
     const ElemWalk wz = elem_walk<kTM>(p, geo, s0, p.z_dim_stride, p.z_seq_stride);
     const ElemWalk wo = elem_walk<kTM>(p, geo, s0, out_dim_stride, out_seq_stride);
+    const int64_t out_first = out_batch + wo.first;
     // All loads of the chunk's elements are issued before any of them is used.
     float uv[kElems], xv[kElems], zv[kElems], gv[kElems], ysv[kElems];
-    int64_t ou = wu.first, od = wd.first, oz = wz.first, o = out_batch + wo.first;
+    {
+      int64_t ou = wu.first, od = wd.first, oz = wz.first, o = out_first;
 #pragma unroll
-    for (int i = 0; i < kElems; ++i, ou += wu.step, od += wd.step, oz += wz.step, o += wo.step) {
-      int r, j;
-      tile_elem<kTM>(i, r, j);
-      const bool ok = r < geo.nch && j < len;
-      uv[i] = ok ? to_float(u[ou]) : 0.f;
-      xv[i] = ok ? to_float(delta[od]) : 0.f;
-      gv[i] = ok ? to_float(dout[o]) : 0.f;
-      zv[i] = ok && has_z ? to_float(z[oz]) : 0.f;
-      ysv[i] = ok && p.ysum != nullptr ? p.ysum[o] : 1.f;
+      for (int i = 0; i < kElems; ++i, ou += wu.step, od += wd.step, oz += wz.step, o += wo.step) {
+        int r, j;
+        tile_elem<kTM>(i, r, j);
+        const bool ok = r < geo.nch && j < len;
+        uv[i] = ok ? to_float(u[ou]) : 0.f;
+        xv[i] = ok ? to_float(delta[od]) : 0.f;
+        gv[i] = ok ? to_float(dout[o]) : 0.f;
+        zv[i] = ok && has_z ? to_float(z[oz]) : 0.f;
+        ysv[i] = ok && p.ysum != nullptr ? p.ysum[o] : 1.f;
+      }
     }
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
@@ -668,7 +671,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     }
 
     // Element-wise gradients of the chunk.
-    o = out_batch + wo.first;
+    int64_t o = out_first;
 #pragma unroll
     for (int i = 0; i < kElems; ++i, o += wo.step) {
       int r, j;
