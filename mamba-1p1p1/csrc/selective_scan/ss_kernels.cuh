@@ -106,7 +106,8 @@ __device__ __forceinline__ int phys(const ScanParams& p, int s) { return p.rever
 __host__ __device__ constexpr int tile_floats(int len) { return kCh * (len + 1); }
 
 // This lane's channel of a (kCh x kLen) tile of a (batch, dim, seqlen) tensor (pointer at its batch)
-// at logical positions s0 .. s0+kLen-1: v[j], zero past `len` and for channels past geo.nch.
+// at logical positions s0 .. s0+kLen-1: v[j]. Past `len` and for channels past geo.nch the values are
+// zero (channel-major) or repeats of valid ones (token-major): callers must not let them matter.
 // Token-major (channel stride 1): one load instruction per position reads the 32 channels. Channel-major
 // (position stride 1): lanes read along positions into `tile`, which hands each lane its row.
 template <bool kTM, int kLen, typename T>
@@ -114,10 +115,18 @@ __device__ __forceinline__ void load_rows(const ScanParams& p, const T* base, in
                                           const BlockGeo& geo, int s0, int len, float (&v)[kLen], float* tile) {
   const int lane = threadIdx.x;
   if constexpr (kTM) {
-    const bool ok = lane < geo.nch;
-    const T* col = base + geo.d0 + lane;
+    // Addresses one signed position stride apart (no per-position index arithmetic). Padding lanes read
+    // their block's last channel and padding positions the segment's last one, so every load is in
+    // bounds and unpredicated; callers give padding dt = 0 (make_dt) and never store it.
+    const T* at = base + geo.d0 + min(lane, geo.nch - 1) + int64_t(phys(p, s0)) * seq_stride;
+    const int64_t step = p.reverse ? -seq_stride : seq_stride;
+    if (len == kLen) {
 #pragma unroll
-    for (int j = 0; j < kLen; ++j) v[j] = (ok && j < len) ? to_float(col[int64_t(phys(p, s0 + j)) * seq_stride]) : 0.f;
+      for (int j = 0; j < kLen; ++j, at += step) v[j] = to_float(*at);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kLen; ++j) v[j] = to_float(at[min(j, len - 1) * step]);
+    }
   } else {
     constexpr int kRows = kCh / kLen;  // tile rows read per step
     const int j = lane % kLen, r0 = lane / kLen;
@@ -152,9 +161,11 @@ __device__ __forceinline__ void store_rows(const ScanParams& p, T* t, const Bloc
   T* base = t + int64_t(geo.b) * p.dim * p.seqlen;
   if constexpr (kTM) {
     if (lane < geo.nch) {
+      T* at = base + geo.d0 + lane + int64_t(phys(p, s0)) * p.dim;
+      const int64_t step = p.reverse ? -int64_t(p.dim) : int64_t(p.dim);
 #pragma unroll
-      for (int j = 0; j < kLen; ++j)
-        if (j < len) base[int64_t(phys(p, s0 + j)) * p.dim + geo.d0 + lane] = from_float<T>(v[j]);
+      for (int j = 0; j < kLen; ++j, at += step)
+        if (j < len) *at = from_float<T>(v[j]);
     }
   } else {
 #pragma unroll
@@ -179,23 +190,31 @@ template <typename T, int kThreads, int kLen>
 __device__ __forceinline__ void load_bc_tile(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
                                              float* C_rows) {
   constexpr int kPer = kLen * kN / kThreads;
-  static_assert(kPer * kThreads == kLen * kN, "B/C tile split");
-  const T* Bp = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride;
-  const T* Cp = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride;
+  static_assert(kPer * kThreads == kLen * kN && kThreads % kN == 0 && kThreads % kLen == 0, "B/C tile split");
+  // A thread's elements are one fixed step apart: kThreads / kN positions when lanes run along the
+  // states, else kThreads / kLen states; the pointers advance by that step, without index arithmetic.
   const bool state_fast = p.B_state_stride == 1;
+  const int t = threadIdx.x;
+  const int n0 = state_fast ? t % kN : t / kLen, j0 = state_fast ? t / kN : t % kLen;
+  const int dn = state_fast ? 0 : kThreads / kLen, dj = state_fast ? kThreads / kN : 0;
+  const int64_t dir = p.reverse ? -1 : 1;
+  const int64_t pos0 = phys(p, s0 + j0);
+  const T* Bq = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
+                n0 * p.B_state_stride + pos0 * p.B_seq_stride;
+  const T* Cq = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
+                n0 * p.C_state_stride + pos0 * p.C_seq_stride;
+  const int64_t B_step = dn * p.B_state_stride + dj * dir * p.B_seq_stride;
+  const int64_t C_step = dn * p.C_state_stride + dj * dir * p.C_seq_stride;
   float bv[kPer], cv[kPer];
   int at[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    const int n = state_fast ? idx % kN : idx / kLen;
-    const int j = state_fast ? idx / kN : idx % kLen;
+  for (int i = 0; i < kPer; ++i, Bq += B_step, Cq += C_step) {
+    const int n = n0 + i * dn, j = j0 + i * dj;
     at[i] = j * kN + n;
     bv[i] = cv[i] = 0.f;
     if (n < p.dstate && j < len) {
-      const int64_t pos = phys(p, s0 + j);
-      bv[i] = to_float(Bp[n * p.B_state_stride + pos * p.B_seq_stride]);
-      cv[i] = to_float(Cp[n * p.C_state_stride + pos * p.C_seq_stride]);
+      bv[i] = to_float(*Bq);
+      cv[i] = to_float(*Cq);
     }
   }
 #pragma unroll
@@ -213,7 +232,8 @@ __device__ __forceinline__ void make_dt(const ScanParams& p, float bias, bool ok
   for (int j = 0; j < kLen; ++j) {
     const float x = dv[j] + bias;
     float sig;
-    dv[j] = (ok && j < len) ? (p.delta_softplus ? softplus(x, sig) : x) : 0.f;
+    const float sp = softplus(x, sig);  // unconditionally: a branch per element costs more than it saves
+    dv[j] = (ok && j < len) ? (p.delta_softplus ? sp : x) : 0.f;
   }
 }
 
@@ -298,27 +318,28 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
           const int i = j - 3 + m;
           acc = fmaf(taps[m], i >= 0 ? uv[i] : halo[i + 3], acc);
         }
-        uv[j] = (ok && j < len) ? acc * sigmoid(acc) : 0.f;
+        const float act = acc * sigmoid(acc);
+        uv[j] = (ok && j < len) ? act : 0.f;
       }
 #pragma unroll
       for (int m = 0; m < 3; ++m) halo[m] = next_halo[m];
     }
     if (fused_delta) {
-      // Batches of 8 loads in flight per lane (one batch for ranks up to 16).
-      for (int base = 0; base < p.rank * kSeg; base += 8 * kFwdThreads) {
+      // Lanes run along the segment's positions and two ranks: lane = (k % 2) * kSeg + j.
+      static_assert(kFwdThreads == 2 * kSeg, "dt_low tile: one lane per (position, rank parity)");
+      // A lane's loads are one fixed step (2 ranks) apart; 8 per batch are in flight.
+      const int j = lane % kSeg, k0 = lane / kSeg;
+      const bool j_ok = j < len;
+      const T* q = dt_low + k0 * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride;
+      const int64_t step = 2 * p.dt_low_rank_stride;
+      for (int kb = 0; kb < p.rank; kb += 16) {
         float lv[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int idx = base + i * kFwdThreads + lane, k = idx % p.rank, j = idx / p.rank;
-          lv[i] = (idx < p.rank * kSeg && j < len)
-                      ? to_float(dt_low[k * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride])
-                      : 0.f;
-        }
+        for (int i = 0; i < 8; ++i) lv[i] = (j_ok && kb + 2 * i + k0 < p.rank) ? to_float(q[i * step]) : 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int idx = base + i * kFwdThreads + lane;
-          if (idx < p.rank * kSeg) sLow[(idx % p.rank) * kSeg + idx / p.rank] = lv[i];
-        }
+        for (int i = 0; i < 8; ++i)
+          if (kb + 2 * i + k0 < p.rank) sLow[(kb + 2 * i + k0) * kSeg + j] = lv[i];
+        q += 8 * step;
       }
       __syncwarp();
 #pragma unroll
@@ -458,11 +479,10 @@ __device__ __forceinline__ ElemWalk elem_walk(const ScanParams& p, const BlockGe
 }
 
 struct BwdSmem {
-  float u[kCh * kRow];   // u, then du (written by the scan once u is no longer needed)
-  float dt[kCh * kRow];  // dt, then d(dt)
-  float dy[kCh * kRow];  // dout * silu(z)
-  float zf[kCh * kRow];  // dout * silu'(z), then dz
-  float sig[kCh * kRow]; // d dt / d(delta + bias)
+  // Values read together share a float2 tile (one shared-memory access instead of two).
+  float2 dtu[kCh * kRow];   // (dt, u), then (d(dt), du) (written by the scan once they are no longer needed)
+  float2 dysig[kCh * kRow]; // (dout * silu(z), d dt / d(delta + bias))
+  float zf[kCh * kRow];     // dout * silu'(z), then dz
   float bias[kCh];       // delta_bias of the block's channels
   __align__(16) float B[kT * kN];
   __align__(16) float C[kT * kN];
@@ -546,10 +566,8 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         dyv = gv[i] * zv[i] * sz;
         zfv = gv[i] * sz * (1.f + zv[i] * (1.f - sz)) * ysv[i];
       }
-      sm.sig[r * kRow + j] = ok ? sgv : 0.f;
-      sm.u[r * kRow + j] = uv[i];
-      sm.dt[r * kRow + j] = ok ? dtv : 0.f;
-      sm.dy[r * kRow + j] = dyv;
+      sm.dtu[r * kRow + j] = make_float2(ok ? dtv : 0.f, uv[i]);
+      sm.dysig[r * kRow + j] = make_float2(dyv, ok ? sgv : 0.f);
       sm.zf[r * kRow + j] = zfv;
     }
     load_bc_tile<T, kBwdThreads, kT>(p, geo, s0, len, sm.B, sm.C);
@@ -568,8 +586,8 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 #pragma unroll
       for (int jj = 0; jj < kSub; ++jj) {
         const int j = k * kSub + jj;
-        const float dt = sm.dt[ch * kRow + j];
-        const float du = dt * sm.u[ch * kRow + j];
+        const float2 e = sm.dtu[ch * kRow + j];
+        const float dt = e.x, du = e.x * e.y;
         float bb[kSt];
         unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
 #pragma unroll
@@ -585,8 +603,8 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 #pragma unroll
       for (int jj = 0; jj < kSub; ++jj) {
         const int j = k * kSub + jj;
-        const float dt = sm.dt[ch * kRow + j];
-        const float uv = sm.u[ch * kRow + j];
+        const float2 e = sm.dtu[ch * kRow + j];
+        const float dt = e.x, uv = e.y;
         const float du = dt * uv;
         float bb[kSt];
         unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
@@ -612,9 +630,8 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
 #pragma unroll
       for (int jj = kSub - 1; jj >= 0; --jj) {
         const int j = k * kSub + jj;
-        const float dt = sm.dt[ch * kRow + j];
-        const float uv = sm.u[ch * kRow + j];
-        const float dy = sm.dy[ch * kRow + j];
+        const float2 e = sm.dtu[ch * kRow + j], f = sm.dysig[ch * kRow + j];
+        const float dt = e.x, uv = e.y, dy = f.x;
         const float du = dt * uv;
         float bb[kSt], cc[kSt], dBv[kSt], dCv[kSt];
         unpack(*reinterpret_cast<const float4*>(&sm.B[j * kN + part * kSt]), bb);
@@ -641,13 +658,10 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
         gAh += __shfl_xor_sync(0xffffffffu, gAh, 2);
         // All 4 lanes of the channel have read u/dt at j (they took part in the shuffles).
-        const float ddelta = fmaf(uv, gB, gAh) * sm.sig[ch * kRow + j];
+        const float ddelta = fmaf(uv, gB, gAh) * f.y;
         dD_acc = fmaf(dy, uv, dD_acc);
         dbias_acc += ddelta;
-        if (part == 0) {
-          sm.u[ch * kRow + j] = fmaf(Dch, dy, dt * gB);
-          sm.dt[ch * kRow + j] = ddelta;
-        }
+        if (part == 0) sm.dtu[ch * kRow + j] = make_float2(ddelta, fmaf(Dch, dy, dt * gB));
       }
       __syncthreads();
       // dB / dC of the sub-chunk: sum over the block's channels (4 independent partial sums, to keep the
@@ -677,8 +691,9 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
       int r, j;
       tile_elem<kTM>(i, r, j);
       if (r < geo.nch && j < len) {
-        reinterpret_cast<T*>(p.du)[o] = from_float<T>(sm.u[r * kRow + j]);
-        reinterpret_cast<T*>(p.ddelta)[o] = from_float<T>(sm.dt[r * kRow + j]);
+        const float2 g = sm.dtu[r * kRow + j];
+        reinterpret_cast<T*>(p.du)[o] = from_float<T>(g.y);
+        reinterpret_cast<T*>(p.ddelta)[o] = from_float<T>(g.x);
         if (has_z && p.write_dz) reinterpret_cast<T*>(p.dz)[o] = from_float<T>(sm.zf[r * kRow + j]);
       }
     }

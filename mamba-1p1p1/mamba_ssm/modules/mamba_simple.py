@@ -107,5 +107,9 @@ class Mamba(nn.Module):
         else:
             y = bimamba_inner_fn_no_out_proj(xz, forward_params, self._direction_params("_b"))
             if self.if_divide_out:
-                y = y / 2
+                # In place where no graph is recorded: a second (batch, d_inner, seqlen) tensor would set
+                # the inference peak (autograd forbids in-place ops on the fused op's output).
+                y = y / 2 if y.requires_grad else y.mul_(0.5)
+        # Without autograd nothing else holds xz (2 x d_inner per token): free it before out_proj allocates.
+        del xz
         return self.out_proj(y.transpose(1, 2))
