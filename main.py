@@ -83,7 +83,7 @@ def get_args_parser():
     g.add_argument('--compile', nargs='?', const='reduce-overhead', default=None, metavar='MODE',
                    choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'],
                    help='train through torch.compile(mode=MODE) (without MODE: reduce-overhead, which replays '
-                        'CUDA graphs: Vim-tiny trained 1.7x (fp32) to 2.1x (bf16) faster than eager on an H200); '
+                        'CUDA graphs: Vim-tiny trained 1.5x (fp32) to 2.9x (bf16) faster than eager on an H200); '
                         'compiling takes a minute or two at start')
     g.add_argument('--grad-checkpointing', action='store_true',
                    help='recompute activations in the backward pass to save memory')
