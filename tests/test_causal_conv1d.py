@@ -53,6 +53,35 @@ def test_matches_explicit_loops(fn, activation, width, seqlen, use_bias):
     torch.testing.assert_close(out, conv_oracle(x, w, bias, activation), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("width", [2, 4])
+def test_token_major_input_matches_loops_and_keeps_its_layout(reverse, width):
+    # A token-major x (channel stride 1, a linear layer's output seen as (batch, dim, seqlen)) takes the
+    # reference's (batch, seqlen, dim) path; the anti-causal conv is the causal one of the flipped sequence.
+    g = torch.Generator().manual_seed(width + 10 * reverse)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64).transpose(1, 2)  # (2, 5, 9), channel stride 1
+    w = torch.randn(5, width, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    out = causal_conv1d_ref(x, w, b, "silu", reverse=reverse)
+    expected = conv_oracle(x.flip(-1), w, b, "silu").flip(-1) if reverse else conv_oracle(x, w, b, "silu")
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.stride(1) == 1, "the output keeps the token-major layout"
+
+
+def test_token_major_gradients_match_channel_major():
+    g = torch.Generator().manual_seed(3)
+    x_tm = torch.randn(2, 7, 4, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    x_cm = x_tm.detach().contiguous().requires_grad_()
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    for x in (x_tm, x_cm):
+        (causal_conv1d_ref(x, w, None, "silu") * dout).sum().backward()
+    torch.testing.assert_close(x_tm.grad, x_cm.grad, rtol=1e-12, atol=1e-12)
+    x_ref = x_cm.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_: causal_conv1d_ref(x_.transpose(1, 2).contiguous().transpose(1, 2), w,
+                                                                 None, "silu"), (x_ref,))
+
+
 def test_hand_checked_values():
     # width 2: out[t] = w0 * x[t-1] + w1 * x[t] + bias
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64)

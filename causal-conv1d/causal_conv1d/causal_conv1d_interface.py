@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from causal_conv1d import cuda_ops
+from causal_conv1d.layout import is_token_major
 
 ACTIVATIONS = (None, "silu", "swish")
 BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu" runs the reference: no CPU kernel is needed
@@ -32,19 +33,25 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     _check_inputs(x, weight, bias, activation)
     width, seqlen = weight.shape[1], x.shape[-1]
     # A sum of `width` shifted copies: far faster on CPUs than a grouped F.conv1d with one channel a group.
-    if reverse:
-        padded = F.pad(x.to(weight.dtype), (0, width - 1))
-        taps = [padded[..., width - 1 - k:width - 1 - k + seqlen] for k in range(width)]
-    else:
-        padded = F.pad(x.to(weight.dtype), (width - 1, 0))
-        taps = [padded[..., k:k + seqlen] for k in range(width)]
-    out = taps[0] * weight[:, :1]
+    # A token-major x (channel stride 1, as a linear layer writes it) is computed as (batch, seqlen, dim):
+    # every shifted copy is then contiguous and the weights broadcast along the contiguous dim; the
+    # output keeps x's layout, as the CUDA kernels' does.
+    token_major = is_token_major(x)
+    rows = x.transpose(1, 2) if token_major else x
+    time_dim = 1 if token_major else 2
+    before, after = (0, width - 1) if reverse else (width - 1, 0)
+    padded = F.pad(rows.to(weight.dtype), (0, 0, before, after) if token_major else (before, after))
+    taps = [padded.narrow(time_dim, width - 1 - k if reverse else k, seqlen) for k in range(width)]
+    tap_weight = [weight[:, k] if token_major else weight[:, k:k + 1] for k in range(width)]  # broadcast over time
+    out = taps[0] * tap_weight[0]
     for k in range(1, width):
-        out = torch.addcmul(out, taps[k], weight[:, k:k + 1])
+        out = torch.addcmul(out, taps[k], tap_weight[k])
     if bias is not None:
-        out = out + bias[:, None]
+        out = out + (bias if token_major else bias[:, None])
     if activation is not None:
         out = F.silu(out)
+    if token_major:
+        out = out.transpose(1, 2)
     return out.to(x.dtype)
 
 

@@ -8,7 +8,8 @@
 //   dt_t = softplus(delta_t + delta_bias[d])    (or without softplus / bias)
 //   h_t  = exp(dt_t * A[d,n]) * h_{t-1} + dt_t * B[b,g,n,t] * u_t,   h_{-1} = 0
 //   y_t  = sum_n C[b,g,n,t] * h_t + D[d] * u_t,   out_t = y_t * silu(z_t)
-// All arithmetic is fp32 whatever the input dtype (fp32 / fp16 / bf16); outputs are in u's dtype.
+// All arithmetic is fp32 whatever the input dtype (fp32 / fp16 / bf16); outputs are in u's dtype and
+// layout (token-major or contiguous: empty_in_layout).
 //
 // Parallelism: the forward splits (batch, channel) pairs over at::parallel_for. The inner loops run
 // over the states (8 per vector, GCC/Clang vector extensions; a scalar loop for dstate not a multiple
@@ -195,6 +196,29 @@ SS_INLINE V fexp(V x) {
   return x < lo ? splat<V>(0.0f) : p * scale;
 }
 
+// 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)) of the recurrences, 16 per element,
+// where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f by
+// its degree-7 Taylor polynomial (relative error below 1e-8) times 2^k built from the exponent bits: 16
+// vector operations against fexp's ~24. 0 below -126 (2^x would be subnormal there).
+template <class V>
+SS_INLINE V fexp2_nonpos(V x) {
+  const auto tiny = x < splat<V>(-126.0f);
+  const V xc = tiny ? splat<V>(-126.0f) : x;
+  const V k = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V f = xc - k;
+  V p = splat<V>(1.525273380e-5f);
+  p = p * f + 1.540353039e-4f;
+  p = p * f + 1.333355815e-3f;
+  p = p * f + 9.618129108e-3f;
+  p = p * f + 5.550410866e-2f;
+  p = p * f + 2.402265070e-1f;
+  p = p * f + 6.931471806e-1f;
+  p = p * f + 1.0f;
+  const V r = p * as_float((to_int(k) + 127) << 23);
+  return tiny ? splat<V>(0.0f) : r;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
 // log(x) for finite x >= 1 (Cephes logf polynomial).
 template <class V>
 SS_INLINE V flog_ge1(V x) {
@@ -267,10 +291,10 @@ SS_INLINE void fwd_channel_t(const FwdChannel& a) {
   constexpr int W = sizeof(V) / sizeof(float);
   const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L;
   V h[kMaxState / W];
-  V Av[kMaxState / W];
+  V A2v[kMaxState / W];  // A log2(e): the decays are 2^(dt A2)
   for (int k = 0; k < NV; ++k) {
     h[k] = splat<V>(0.0f);
-    Av[k] = load<V>(a.A + k * W);
+    A2v[k] = load<V>(a.A + k * W) * kLog2e;
   }
   for (int i = 0; i < L; ++i) {
     const int t = a.reverse ? L - 1 - i : i;
@@ -283,7 +307,7 @@ SS_INLINE void fwd_channel_t(const FwdChannel& a) {
     const float* c = a.Ct + static_cast<int64_t>(t) * N;
     V yv = splat<V>(0.0f);
     for (int k = 0; k < NV; ++k) {
-      h[k] = fexp(dt * Av[k]) * h[k] + dtu * load<V>(b + k * W);
+      h[k] = fexp2_nonpos(dt * A2v[k]) * h[k] + dtu * load<V>(b + k * W);
       yv += load<V>(c + k * W) * h[k];
     }
     if constexpr (std::is_same_v<V, float>) a.y[t] = yv;
@@ -380,10 +404,12 @@ SS_INLINE void bwd_channel_t(const BwdChannel& a) {
   V g[kMaxState / W];   // carried adjoint: a_{t+1} * g_{t+1}
   V dA[kMaxState / W];
   V Av[kMaxState / W];
+  V A2v[kMaxState / W];  // A log2(e), as in fwd_channel_t
   for (int k = 0; k < NV; ++k) {
     g[k] = a.dlast != nullptr ? load<V>(a.dlast + k * W) : splat<V>(0.0f);
     dA[k] = splat<V>(0.0f);
     Av[k] = load<V>(a.A + k * W);
+    A2v[k] = Av[k] * kLog2e;
   }
   for (int ch = nchunks - 1; ch >= 0; --ch) {
     const int i0 = ch * kChunk, i1 = std::min(L, i0 + kChunk);
@@ -400,7 +426,7 @@ SS_INLINE void bwd_channel_t(const BwdChannel& a) {
       const float* c = a.Ct + static_cast<int64_t>(t) * N;
       V yv = splat<V>(0.0f);
       for (int k = 0; k < NV; ++k) {
-        const V an = fexp(dt * Av[k]);
+        const V an = fexp2_nonpos(dt * A2v[k]);
         const V hn = an * load<V>(hp + k * W) + dtu * load<V>(b + k * W);
         store<V>(ac + k * W, an);
         store<V>(hc + k * W, hn);
@@ -474,8 +500,21 @@ SS_INLINE void load_row(const T* src, int64_t stride, float* dst, int L) {
   }
 }
 template <typename T>
-SS_INLINE void store_row(const float* src, T* dst, int L) {
-  for (int t = 0; t < L; ++t) dst[t] = static_cast<T>(src[t]);
+SS_INLINE void store_row(const float* src, T* dst, int64_t stride, int L) {
+  if (stride == 1) {
+    for (int t = 0; t < L; ++t) dst[t] = static_cast<T>(src[t]);
+  } else {
+    for (int t = 0; t < L; ++t) dst[t * stride] = static_cast<T>(src[t]);
+  }
+}
+
+// A new (batch, dim, seqlen) tensor in u's layout: token-major (channel stride 1, the layout of a linear
+// layer's output) when u is, else contiguous; so a Mamba block stays in the linear layers' layout, as
+// with the CUDA kernels (is_token_major in causal_conv1d/layout.py states the same rule).
+at::Tensor empty_in_layout(const at::Tensor& u) {
+  const bool token_major = u.size(1) > 1 && u.size(2) > 1 && u.stride(1) == 1 && u.stride(2) != 1;
+  if (token_major) return at::empty({u.size(0), u.size(2), u.size(1)}, u.options()).transpose(1, 2);
+  return at::empty(u.sizes(), u.options());
 }
 
 at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {
@@ -553,6 +592,7 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
   const float* Dp = p.D.defined() ? p.D.data_ptr<float>() : nullptr;
   const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
   T* o = out.data_ptr<T>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), ds0 = p.delta.stride(0), ds1 = p.delta.stride(1);
   const int64_t zs0 = z ? p.z.stride(0) : 0, zs1 = z ? p.z.stride(1) : 0;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.L));
@@ -579,7 +619,7 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
       fwd_channel(a);
       if (z) load_row(z + b * zs0 + d * zs1, p.z.stride(2), fz, L);
       finish_rows(L, y, fu, Dp ? Dp[d] : 0.0f, z ? fz : nullptr);
-      store_row(y, o + bd * L, L);
+      store_row(y, o + b * os0 + d * os1, os2, L);
     }
   });
 }
@@ -592,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
                                                         bool return_last_state, bool save_ckpt, bool reverse) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({p.batch, p.dim, p.L}, u.options());
+  at::Tensor out = empty_in_layout(u);
   at::Tensor last = return_last_state ? at::zeros({p.batch, p.dim, p.N}, f32) : empty0(u);
   at::Tensor ckpt = save_ckpt ? at::empty({p.batch, p.dim, p.nchunks, p.N}, f32) : empty0(u);
   if (out.numel() == 0) return {out, last, ckpt};
@@ -623,9 +663,10 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   }
   const int64_t batch = p.batch, dim = p.dim, groups = p.groups, per_group = dim / groups;
   const int L = static_cast<int>(p.L), N = static_cast<int>(p.N);
-  at::Tensor du = at::empty({batch, dim, p.L}, u.options());
-  at::Tensor ddelta = at::empty({batch, dim, p.L}, u.options());
-  at::Tensor dz = z.has_value() ? at::empty({batch, dim, p.L}, u.options()) : empty0(u);
+  at::Tensor du = empty_in_layout(u);
+  at::Tensor ddelta = empty_in_layout(u);
+  at::Tensor dz = z.has_value() ? empty_in_layout(u) : empty0(u);
+  const int64_t os0 = du.stride(0), os1 = du.stride(1), os2 = du.stride(2);
   // Work units: (batch, group, block of channels); each owns a private dB/dC accumulator.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t bg = batch * groups;
@@ -720,11 +761,12 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
             }
             dDpp[bd] = sD;
             ddbpp[bd] = sdb;
-            store_row(fdu.data(), dup + bd * L, L);
-            store_row(ddt, ddp + bd * L, L);
+            const int64_t o = b * os0 + d * os1;
+            store_row(fdu.data(), dup + o, os2, L);
+            store_row(ddt, ddp + o, os2, L);
             if (zp) {
               for (int t = 0; t < L; ++t) y[t] = fg[t] * (y[t] + Dv * fu[t]) * dsilu[t];
-              store_row(y, dzp + bd * L, L);
+              store_row(y, dzp + o, os2, L);
             }
           }
         }
