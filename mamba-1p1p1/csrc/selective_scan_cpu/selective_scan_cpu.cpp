@@ -198,7 +198,7 @@ SS_INLINE V fexp(V x) {
 
 // 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)) of the recurrences, 16 per element,
 // where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f by
-// its degree-7 Taylor polynomial (relative error below 1e-8) times 2^k built from the exponent bits: 16
+// its degree-7 Taylor polynomial (relative error below 1e-8) times 2^k built from the exponent bits: ~17
 // vector operations against fexp's ~24. 0 below -126 (2^x would be subnormal there).
 template <class V>
 SS_INLINE V fexp2_nonpos(V x) {
