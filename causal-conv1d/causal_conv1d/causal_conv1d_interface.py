@@ -43,11 +43,12 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     padded = F.pad(rows.to(weight.dtype), (0, 0, before, after) if token_major else (before, after))
     taps = [padded.narrow(time_dim, width - 1 - k if reverse else k, seqlen) for k in range(width)]
     tap_weight = [weight[:, k] if token_major else weight[:, k:k + 1] for k in range(width)]  # broadcast over time
-    out = taps[0] * tap_weight[0]
+    if bias is None:
+        out = taps[0] * tap_weight[0]
+    else:  # the bias enters with the first tap: one pass over the output fewer
+        out = torch.addcmul(bias if token_major else bias[:, None], taps[0], tap_weight[0])
     for k in range(1, width):
         out = torch.addcmul(out, taps[k], tap_weight[k])
-    if bias is not None:
-        out = out + (bias if token_major else bias[:, None])
     if activation is not None:
         out = F.silu(out)
     if token_major:
