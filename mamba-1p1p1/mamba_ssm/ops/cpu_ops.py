@@ -30,7 +30,7 @@ def supports(u: Tensor) -> bool:
 
 if available():
     scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu,
-                              scan_ops.KernelTraits(CHUNK, state_slots=None, keeps_layout=True))
+                              scan_ops.KernelTraits(CHUNK, state_slots=None))
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,

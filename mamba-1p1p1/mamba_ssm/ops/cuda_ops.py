@@ -30,7 +30,7 @@ MAX_STATE = 16   # d_state the kernels support (kMaxState)
 
 if available():
     scan_ops.register_kernels("cuda", torch.ops.selective_scan_cuda,
-                              scan_ops.KernelTraits(CHUNK, state_slots=MAX_STATE, keeps_layout=True))
+                              scan_ops.KernelTraits(CHUNK, state_slots=MAX_STATE))
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,

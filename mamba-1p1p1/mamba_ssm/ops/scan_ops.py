@@ -5,7 +5,8 @@
 device, so ``torch.compile`` sees one op with one fake implementation and one autograd formula. Both
 extensions share the calling convention: the forward saves the fp32 state before every chunk of
 positions (``ckpt``) when a gradient will be needed, and the backward recomputes the states inside each
-chunk from it; ``reverse=True`` scans from position L-1 down to 0 on natural-order inputs.
+chunk from it; ``reverse=True`` scans from position L-1 down to 0 on natural-order inputs. Sequence
+outputs (out, du, ddelta, dz) follow u's layout (``causal_conv1d.layout``).
 """
 from typing import NamedTuple, Optional
 
@@ -18,14 +19,10 @@ from causal_conv1d.layout import empty_in_layout
 class KernelTraits(NamedTuple):
     chunk: int                  # positions per checkpoint
     state_slots: Optional[int]  # state slots per checkpoint, None for dstate
-    keeps_layout: bool          # sequence outputs follow u's layout (causal_conv1d.layout), else contiguous
 
 
 _KERNEL_TRAITS = {}  # device type -> KernelTraits
 
-
-def _empty_seq(u, traits):
-    return empty_in_layout(u) if traits.keeps_layout else u.new_empty(u.shape)
 
 
 @torch.library.custom_op("mamba_ssm::selective_scan_fwd", mutates_args=())
@@ -45,7 +42,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, sa
     last = u.new_empty((batch, dim, dstate) if return_last_state else (0,), dtype=f32)
     ckpt_shape = (batch, dim, (seqlen + traits.chunk - 1) // traits.chunk, traits.state_slots or dstate) \
         if save_ckpt else (0,)
-    return _empty_seq(u, traits), last, u.new_empty(ckpt_shape, dtype=f32)
+    return empty_in_layout(u), last, u.new_empty(ckpt_shape, dtype=f32)
 
 
 @torch.library.custom_op("mamba_ssm::selective_scan_bwd", mutates_args=())
@@ -60,12 +57,11 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, reverse):
     f32 = torch.float32
     dim = u.shape[1]
-    traits = _KERNEL_TRAITS[u.device.type]
     return [
-        _empty_seq(u, traits), _empty_seq(u, traits), u.new_empty(A.shape, dtype=f32),
+        empty_in_layout(u), empty_in_layout(u), u.new_empty(A.shape, dtype=f32),
         u.new_empty(B.shape), u.new_empty(C.shape),
         u.new_empty((dim,) if D is not None else (0,), dtype=f32),
-        _empty_seq(u, traits) if z is not None else u.new_empty((0,), dtype=f32),
+        empty_in_layout(u) if z is not None else u.new_empty((0,), dtype=f32),
         u.new_empty((dim,) if delta_bias is not None else (0,), dtype=f32),
     ]
 
