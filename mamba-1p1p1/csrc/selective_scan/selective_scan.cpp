@@ -17,12 +17,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "../seq_layout.h"
 #include "ss_common.h"
 
 namespace ssm {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+using seq_layout::empty_seq;
+using seq_layout::is_token_major;
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "selective_scan: ", what, " launch failed: ", cudaGetErrorString(err));
@@ -46,18 +49,6 @@ cudaError_t launch_bwd(at::ScalarType t, const ScanParams& p, cudaStream_t s) {
     default: TORCH_CHECK(false, "selective_scan: u must be float32, float16 or bfloat16, got ", t);
   }
   return cudaErrorInvalidValue;
-}
-
-// Token-major: channel stride 1 (a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)). The same
-// rule as causal_conv1d.layout.is_token_major, which the ops' fake implementations use.
-bool is_token_major(const at::Tensor& t) {
-  return t.dim() == 3 && t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1;
-}
-
-// A new (batch, dim, seqlen) tensor: (batch, seqlen, dim) contiguous, transposed, when token-major.
-at::Tensor empty_seq(int64_t batch, int64_t dim, int64_t seqlen, bool token_major, const at::TensorOptions& opt) {
-  if (token_major) return at::empty({batch, seqlen, dim}, opt).transpose(1, 2);
-  return at::empty({batch, dim, seqlen}, opt);
 }
 
 // (batch, dim, seqlen) operand in u's dtype with unit stride along channels (token-major) or along

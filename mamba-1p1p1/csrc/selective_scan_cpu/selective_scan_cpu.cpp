@@ -45,6 +45,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../seq_layout.h"
+
 // x86-64: the hot functions are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest one
 // the CPU supports is picked once at load time, so one binary runs on any x86-64 machine.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SS_CPU_NO_MULTIVERSION)
@@ -508,13 +510,10 @@ SS_INLINE void store_row(const float* src, T* dst, int64_t stride, int L) {
   }
 }
 
-// A new (batch, dim, seqlen) tensor in u's layout: token-major (channel stride 1, the layout of a linear
-// layer's output) when u is, else contiguous; so a Mamba block stays in the linear layers' layout, as
-// with the CUDA kernels (is_token_major in causal_conv1d/layout.py states the same rule).
+// A new (batch, dim, seqlen) tensor in u's layout, so that a Mamba block stays in the linear layers'
+// layout, as with the CUDA kernels.
 at::Tensor empty_in_layout(const at::Tensor& u) {
-  const bool token_major = u.size(1) > 1 && u.size(2) > 1 && u.stride(1) == 1 && u.stride(2) != 1;
-  if (token_major) return at::empty({u.size(0), u.size(2), u.size(1)}, u.options()).transpose(1, 2);
-  return at::empty(u.sizes(), u.options());
+  return seq_layout::empty_seq(u.size(0), u.size(1), u.size(2), seq_layout::is_token_major(u), u.options());
 }
 
 at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {

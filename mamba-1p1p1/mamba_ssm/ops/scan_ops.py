@@ -24,7 +24,6 @@ class KernelTraits(NamedTuple):
 _KERNEL_TRAITS = {}  # device type -> KernelTraits
 
 
-
 @torch.library.custom_op("mamba_ssm::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
