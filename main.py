@@ -299,6 +299,10 @@ def build_criterion(args, num_classes, device):
     return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
 
 
+# timm optimizer names whose torch implementation has a fused CUDA kernel (the `fused=True` flag).
+FUSED_OPTIMIZERS = ('adam', 'adamw')
+
+
 def build_optimizer(model, args, lr):
     no_decay = set(getattr(model, 'no_weight_decay', lambda: ())())
     if args.ssm_no_weight_decay:  # A_log, A_b_log, D, D_b, as the Mamba mixer marks them; full names: older
@@ -308,6 +312,8 @@ def build_optimizer(model, args, lr):
     extra = {'eps': args.opt_eps}
     if args.opt_betas:
         extra['betas'] = tuple(args.opt_betas)
+    if args.opt.lower() in FUSED_OPTIMIZERS and next(model.parameters()).is_cuda:
+        extra['fused'] = True  # one kernel per step instead of a few per parameter group
     return create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                **extra)
 

@@ -1,7 +1,8 @@
 """Whole-model throughput and peak memory on one GPU: Vim next to DeiT in the same run.
 
-Measures (batch 128 unless --batch): training steps at 224 (forward, backward, AdamW step) and feature
-extraction (forward_features under inference_mode) at several resolutions, fp32 and bf16 autocast.
+Measures (batch 128 unless --batch): training steps at 224 (forward, backward, the fused AdamW step
+main.py uses on CUDA) and feature extraction (forward_features under inference_mode) at several
+resolutions, fp32 and bf16 autocast.
 DeiT runs twice: with fused (flash / memory-efficient) attention and with plain attention.
 Writes a JSON file and a PNG plot (img/s and memory against resolution) to --out.
 
@@ -57,7 +58,7 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=
     if kind == "train":
         model.train()
         labels = torch.randint(0, 1000, (batch,), device="cuda")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as main.py builds it
 
         def step():
             with autocast:

@@ -114,6 +114,12 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) 
   }
 }
 
+// go * silu'(pre)
+__device__ __forceinline__ float silu_backward(float go, float pre) {
+  const float sg = sigmoid(pre);
+  return go * sg * (1.f + pre * (1.f - sg));
+}
+
 template <int W>
 __device__ __forceinline__ float grad_pre(float go, const float* xk, const float (&w)[W], float bias, bool silu) {
   // go * act'(pre), pre = bias + sum_k w[W-1-k] * x[s-k] with xk[k] = x[s-k].
@@ -121,8 +127,7 @@ __device__ __forceinline__ float grad_pre(float go, const float* xk, const float
   float pre = bias;
 #pragma unroll
   for (int k = 0; k < W; ++k) pre = fmaf(w[W - 1 - k], xk[k], pre);
-  const float sg = sigmoid(pre);
-  return go * sg * (1.f + pre * (1.f - sg));
+  return silu_backward(go, pre);
 }
 
 template <typename T, int W, int kE>
@@ -205,11 +210,14 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
 // ------------------------------------------------------------------------------------------
 // Token-major layout
 // ------------------------------------------------------------------------------------------
+// A warp walks its segment's positions through pointers that step by one signed stride (negative
+// when reverse), so each load or store is one address add. Only segments within W-1 positions of
+// either end check bounds (kEdge); elsewhere every position is valid and nothing is predicated.
 constexpr int kSegTM = 16;  // positions per warp
 static_assert(kWarps * kSegTM == kTokenMajorBlockPositions, "host and kernels must agree on the grid");
 
 struct TokenMajorGeo {
-  int b, d, seg, seg_end;
+  int b, d, seg;
   bool active;
 };
 
@@ -219,15 +227,43 @@ __device__ __forceinline__ TokenMajorGeo token_major_geo(const ConvParams& p) {
   g.b = blockIdx.z;
   g.d = blockIdx.x * 32 + lane;
   g.seg = (blockIdx.y * kWarps + warp) * kSegTM;
-  g.seg_end = min(g.seg + kSegTM, p.seqlen);
   g.active = g.d < p.dim && g.seg < p.seqlen;
   return g;
 }
 
-// x (or dout) of channel d at logical position s, 0 outside [0, L).
+// Channel d of row b at the segment's first logical position, and the signed step to the next one.
 template <typename T>
-__device__ __forceinline__ float load_tm(const T* base, int64_t seq_stride, int s, int L, bool reverse) {
-  return (s >= 0 && s < L) ? to_float(base[int64_t(phys_pos(s, L, reverse)) * seq_stride]) : 0.f;
+struct SegmentPtr {
+  T* at;
+  int64_t step;
+};
+
+template <typename T>
+__device__ __forceinline__ SegmentPtr<T> segment_ptr(T* row, int64_t seq_stride, int seg, int L, bool reverse) {
+  return {row + int64_t(phys_pos(seg, L, reverse)) * seq_stride, reverse ? -seq_stride : seq_stride};
+}
+
+// Element i of a segment that starts at logical position s0: 0 outside [0, L) (checked with kEdge only).
+template <bool kEdge, typename T>
+__device__ __forceinline__ float load_seq(SegmentPtr<const T> p, int i, int s0, int L) {
+  return (!kEdge || (s0 + i >= 0 && s0 + i < L)) ? to_float(p.at[i * p.step]) : 0.f;
+}
+
+template <typename T, int W, bool kEdge, bool kSilu>
+__device__ __forceinline__ void conv_fwd_tm_segment(SegmentPtr<const T> x, SegmentPtr<T> out, int seg, int L,
+                                                    const float (&w)[W], float bias) {
+  // All inputs are loaded before any output is formed: xs[i] = x[seg - (W-1) + i].
+  float xs[kSegTM + W - 1];
+#pragma unroll
+  for (int i = 0; i < kSegTM + W - 1; ++i) xs[i] = load_seq<kEdge>(x, i - (W - 1), seg, L);
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {
+    float acc = bias;
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[i + k], acc);
+    if (kSilu) acc *= sigmoid(acc);
+    if (!kEdge || seg + i < L) out.at[i * out.step] = from_float<T>(acc);
+  }
 }
 
 template <typename T, int W>
@@ -239,20 +275,54 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_tm_kernel(const ConvParams 
 #pragma unroll
   for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
   const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
-  const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
-  T* outr = reinterpret_cast<T*>(p.out) + int64_t(g.b) * L * p.dim + g.d;
-  // All inputs of the segment are loaded before any output is formed: xs[i] = x[seg - (W-1) + i].
-  float xs[kSegTM + W - 1];
+  const T* xrow = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
+  T* orow = reinterpret_cast<T*>(p.out) + int64_t(g.b) * L * p.dim + g.d;
+  const SegmentPtr<const T> x = segment_ptr(xrow, p.x_seq_stride, g.seg, L, p.reverse);
+  const SegmentPtr<T> out = segment_ptr(orow, int64_t(p.dim), g.seg, L, p.reverse);
+  const bool edge = g.seg < W - 1 || g.seg + kSegTM > L;
+  if (edge) {
+    p.silu ? conv_fwd_tm_segment<T, W, true, true>(x, out, g.seg, L, w, bias)
+           : conv_fwd_tm_segment<T, W, true, false>(x, out, g.seg, L, w, bias);
+  } else {
+    p.silu ? conv_fwd_tm_segment<T, W, false, true>(x, out, g.seg, L, w, bias)
+           : conv_fwd_tm_segment<T, W, false, false>(x, out, g.seg, L, w, bias);
+  }
+}
+
+// dx at the segment's positions needs g[t] = dout[t] * act'(pre[t]) for t = seg .. seg + kSegTM + W - 2,
+// and each g[t] needs x[t-W+1 .. t]: xs[i] = x[seg - (W-1) + i], gs[i] = dout[seg + i], then g[seg + i]
+// (0 past L, where dout reads as 0). All loads are issued first.
+template <typename T, int W, bool kEdge, bool kSilu>
+__device__ __forceinline__ void conv_bwd_tm_segment(SegmentPtr<const T> x, SegmentPtr<const T> dout, SegmentPtr<T> dx,
+                                                    int seg, int L, const float (&w)[W], float bias, float (&dw)[W],
+                                                    float& db) {
+  constexpr int kG = kSegTM + W - 1;
+  float xs[kG + W - 1], gs[kG];
 #pragma unroll
-  for (int i = 0; i < kSegTM + W - 1; ++i) xs[i] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + i, L, p.reverse);
+  for (int i = 0; i < kG + W - 1; ++i) xs[i] = load_seq<kEdge>(x, i - (W - 1), seg, L);
 #pragma unroll
-  for (int i = 0; i < kSegTM; ++i) {
-    const int s = g.seg + i;
-    float acc = bias;
+  for (int i = 0; i < kG; ++i) gs[i] = load_seq<kEdge>(dout, i, seg, L);
 #pragma unroll
-    for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[i + k], acc);
-    if (p.silu) acc *= sigmoid(acc);
-    if (s < g.seg_end) outr[int64_t(phys_pos(s, L, p.reverse)) * p.dim] = from_float<T>(acc);
+  for (int i = 0; i < kG; ++i) {
+    if (kSilu) {
+      float pre = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) pre = fmaf(w[k], xs[i + k], pre);
+      gs[i] = silu_backward(gs[i], pre);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {  // positions past L have g = 0: no check needed
+    db += gs[i];
+#pragma unroll
+    for (int k = 0; k < W; ++k) dw[k] = fmaf(gs[i], xs[i + k], dw[k]);
+  }
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {  // dx[seg + i] = sum_k w[k] g[seg + i + (W-1) - k]
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], gs[i + W - 1 - k], acc);
+    if (!kEdge || seg + i < L) dx.at[i * dx.step] = from_float<T>(acc);
   }
 }
 
@@ -270,36 +340,18 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_tm_kernel(const ConvParams 
     for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
     const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
     const int64_t row = int64_t(g.b) * L * p.dim + g.d;  // dout and dx: (batch, seqlen, dim) contiguous
-    const T* xr = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
-    const T* dr = reinterpret_cast<const T*>(p.dout) + row;
-    T* dxr = reinterpret_cast<T*>(p.dx) + row;
-    // dx at the segment's positions needs g[t] = dout[t] * act'(pre[t]) for t = seg .. seg_end + W - 2,
-    // and each g[t] needs x[t-W+1 .. t]. All loads are issued first:
-    // xs[i] = x[seg - (W-1) + i], gs[i] = dout[seg + i] (then g[seg + i]; 0 past L).
-    constexpr int kG = kSegTM + W - 1;
-    float xs[kG + W - 1], gs[kG];
-#pragma unroll
-    for (int i = 0; i < kG + W - 1; ++i) xs[i] = load_tm(xr, p.x_seq_stride, g.seg - (W - 1) + i, L, p.reverse);
-#pragma unroll
-    for (int i = 0; i < kG; ++i) gs[i] = load_tm(dr, p.dim, g.seg + i, L, p.reverse);
-#pragma unroll
-    for (int i = 0; i < kG; ++i) {
-      float xk[W];  // xk[k] = x[t - k], the order grad_pre takes
-#pragma unroll
-      for (int k = 0; k < W; ++k) xk[k] = xs[i + W - 1 - k];
-      gs[i] = grad_pre<W>(gs[i], xk, w, bias, p.silu);
-      if (g.seg + i < g.seg_end) {
-        db += gs[i];
-#pragma unroll
-        for (int k = 0; k < W; ++k) dw[k] = fmaf(gs[i], xs[i + k], dw[k]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kSegTM; ++i) {  // dx[seg + i] = sum_k w[k] g[seg + i + (W-1) - k]
-      float acc = 0.f;
-#pragma unroll
-      for (int k = 0; k < W; ++k) acc = fmaf(w[k], gs[i + W - 1 - k], acc);
-      if (g.seg + i < g.seg_end) dxr[int64_t(phys_pos(g.seg + i, L, p.reverse)) * p.dim] = from_float<T>(acc);
+    const T* xrow = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
+    const SegmentPtr<const T> x = segment_ptr(xrow, p.x_seq_stride, g.seg, L, p.reverse);
+    const SegmentPtr<const T> dout = segment_ptr(reinterpret_cast<const T*>(p.dout) + row, int64_t(p.dim), g.seg, L,
+                                                 p.reverse);
+    const SegmentPtr<T> dx = segment_ptr(reinterpret_cast<T*>(p.dx) + row, int64_t(p.dim), g.seg, L, p.reverse);
+    const bool edge = g.seg < W - 1 || g.seg + kSegTM + W - 1 > L;
+    if (edge) {
+      p.silu ? conv_bwd_tm_segment<T, W, true, true>(x, dout, dx, g.seg, L, w, bias, dw, db)
+             : conv_bwd_tm_segment<T, W, true, false>(x, dout, dx, g.seg, L, w, bias, dw, db);
+    } else {
+      p.silu ? conv_bwd_tm_segment<T, W, false, true>(x, dout, dx, g.seg, L, w, bias, dw, db)
+             : conv_bwd_tm_segment<T, W, false, false>(x, dout, dx, g.seg, L, w, bias, dw, db);
     }
   }
   // Sum the warps' partials of each channel (lane) and write one partial per (block, channel).

@@ -26,10 +26,11 @@ def _run_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, revers
 
     seed = fresh_seed()
     dev = "cuda"
-    if strided:  # x as the first half of a (batch, 2*dim, seqlen) tensor, like Vim's xz.chunk(2)
+    if token_major:  # channel stride 1: a (batch, seqlen, dim) tensor transposed
+        # strided: the x half of Vim's token-major xz (batch, seqlen, 2*dim), position stride 2*dim
+        x = torch.randn(batch, seqlen, 2 * dim if strided else dim, device=dev, dtype=dtype)[..., :dim].transpose(1, 2)
+    elif strided:  # x as the first half of a (batch, 2*dim, seqlen) tensor, like Vim's xz.chunk(2)
         x = torch.randn(batch, 2 * dim, seqlen, device=dev, dtype=dtype)[:, :dim]
-    elif token_major:  # channel stride 1: a (batch, seqlen, dim) tensor transposed
-        x = torch.randn(batch, seqlen, dim, device=dev, dtype=dtype).transpose(1, 2)
     else:
         x = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
     weight = (torch.randn(dim, width, device=dev) / width ** 0.5).to(dtype)
@@ -85,8 +86,11 @@ def test_conv_token_major(seqlen, width, reverse, silu, has_bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_conv_strided_input_and_reverse(dtype):
-    _run_case(3, 96, 730, 4, dtype, reverse=True, strided=True)
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("seqlen", [22, 730])  # 22: one segment of 16 positions touching both ends, then a tail
+def test_conv_strided_input(seqlen, reverse, token_major, dtype):
+    _run_case(3, 96, seqlen, 4, dtype, reverse=reverse, strided=True, token_major=token_major)
 
 
 def test_conv_fp32_weights_with_bf16_input():

@@ -84,3 +84,29 @@ def test_torch_compile_training_step():
     assert abs(loss.item() - eager_loss.item()) < 1e-3 * abs(eager_loss.item()) + 1e-4
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(changed) == len(before)
+
+
+def test_trainer_fuses_adamw_on_cuda():
+    """main.py's AdamW on CUDA parameters is torch's fused one, and one step of it equals a plain
+    (per-tensor loop) AdamW built from the same parameter groups."""
+    import main as trainer
+
+    model = _perturbed_model("vim_tiny_patch16_224", num_classes=10, depth=2).cuda()
+    args = trainer.get_args_parser().parse_args(["--weight-decay", "0.05", "--opt-betas", "0.8", "0.95"])
+    optimizer = trainer.build_optimizer(model, args, lr=1e-3)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    sgd = trainer.build_optimizer(model, trainer.get_args_parser().parse_args(["--opt", "sgd"]), lr=1e-3)
+    assert not any(group.get("fused") for group in sgd.param_groups)
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    copies = {id(p): p.detach().clone().requires_grad_() for p in params}
+    plain = torch.optim.AdamW([{"params": [copies[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in optimizer.param_groups], lr=1e-3, betas=(0.8, 0.95), eps=args.opt_eps,
+                              foreach=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+        copies[id(p)].grad = p.grad.clone()
+    optimizer.step()
+    plain.step()
+    for p in params:
+        torch.testing.assert_close(p.detach(), copies[id(p)].detach(), rtol=1e-6, atol=1e-7)
