@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+from causal_conv1d import causal_conv1d_bidirectional_fn, causal_conv1d_fn, causal_conv1d_ref
 from helpers import extension_importable
 
 
@@ -66,6 +66,18 @@ def test_token_major_input_matches_loops_and_keeps_its_layout(reverse, width):
     expected = conv_oracle(x.flip(-1), w, b, "silu").flip(-1) if reverse else conv_oracle(x, w, b, "silu")
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.stride(1) == 1, "the output keeps the token-major layout"
+
+
+def test_bidirectional_pairs_each_weight_with_its_direction():
+    # f: the causal conv with weight_f; b: the anti-causal conv with weight_b (the causal conv of the
+    # flipped sequence, flipped back); x token-major as in a Vim block.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64).transpose(1, 2)
+    wf, wb = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    bf, bb = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    out_f, out_b = causal_conv1d_bidirectional_fn(x, wf, bf, wb, bb, "silu")
+    torch.testing.assert_close(out_f, conv_oracle(x, wf, bf, "silu"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_b, conv_oracle(x.flip(-1), wb, bb, "silu").flip(-1), rtol=1e-12, atol=1e-12)
 
 
 def test_token_major_gradients_match_channel_major():

@@ -73,3 +73,17 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reve
     if not x.is_cuda:
         raise ValueError("backend='cuda' needs CUDA tensors; move them with .cuda() or use backend='auto'")
     return cuda_ops.causal_conv1d(x, weight, bias, activation is not None, reverse)
+
+
+def causal_conv1d_bidirectional_fn(x, weight_f, bias_f, weight_b, bias_b, activation=None, backend="auto"):
+    """Both convs of a bidirectional (Vim) block over one x: (causal conv with weight_f, anti-causal conv
+    with weight_b), as causal_conv1d_fn(..., reverse=False / True). On the kernel, a token-major x (channel
+    stride 1, as a linear layer writes it) is read once for both and its gradient written once; other
+    inputs run the two convs one after the other."""
+    _check_inputs(x, weight_f, bias_f, activation)
+    _check_inputs(x, weight_b, bias_b, activation)
+    use_kernel = backend in ("auto", "cuda") and x.is_cuda and cuda_ops.available()
+    if use_kernel and is_token_major(x) and weight_f.shape == weight_b.shape and 2 <= weight_f.shape[1] <= 4:
+        return cuda_ops.causal_conv1d_bidirectional(x, weight_f, bias_f, weight_b, bias_b, activation is not None)
+    return (causal_conv1d_fn(x, weight_f, bias_f, activation, backend),
+            causal_conv1d_fn(x, weight_b, bias_b, activation, backend, reverse=True))

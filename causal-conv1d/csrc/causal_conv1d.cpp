@@ -1,7 +1,8 @@
 // Host side of the causal depthwise conv1d extension: argument checks, allocation and the
 // launch on the current stream. The ops are registered in the `causal_conv1d_cuda` library
-// (torch.ops.causal_conv1d_cuda.fwd / .bwd); the Python package wraps them in differentiable
-// torch.library custom ops (causal_conv1d::*). The module itself holds no Python functions.
+// (torch.ops.causal_conv1d_cuda.fwd / .bwd, and .bi_fwd / .bi_bwd for both convs of a Vim block); the
+// Python package wraps them in differentiable torch.library custom ops (causal_conv1d::*). The module
+// itself holds no Python functions.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "conv_common.h"
 
@@ -109,6 +111,16 @@ int num_splits(const ConvParams& p) {
   return std::max(1, std::min(p.batch, want));
 }
 
+// The (splits, dim, width + 1) partials summed over splits, in a fixed order (deterministic):
+// (dweight (dim, width), dbias (dim,) or empty without a bias), fp32.
+std::pair<at::Tensor, at::Tensor> finish_weight_grads(const at::Tensor& partial, bool has_bias) {
+  const int64_t width = partial.size(2) - 1;
+  at::Tensor sums = partial.sum(0);
+  at::Tensor dweight = sums.narrow(1, 0, width).contiguous();
+  at::Tensor dbias = has_bias ? sums.select(1, width).contiguous() : at::empty({0}, partial.options());
+  return {dweight, dbias};
+}
+
 at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     bool silu, bool reverse) {
   c10::cuda::CUDAGuard guard(x.device());
@@ -140,10 +152,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, con
     r.p.splits = splits;
     check_launch(conv_bwd_cuda(to_dtype(x), r.p, c10::cuda::getCurrentCUDAStream()), "backward");
   }
-  at::Tensor sums = partial.sum(0);  // (dim, width + 1), fp32, deterministic
-  at::Tensor dweight = sums.narrow(1, 0, r.p.width).contiguous();
-  at::Tensor dbias = bias.has_value() ? sums.select(1, r.p.width).contiguous() : at::empty({0}, partial.options());
+  auto [dweight, dbias] = finish_weight_grads(partial, bias.has_value());
   return {dx, dweight, dbias};
+}
+
+// ---- Both directions of a Vim block over one token-major x: causal (f) and anti-causal (b) ----
+
+std::pair<Prepared, Prepared> prepare_bi(const at::Tensor& x, const at::Tensor& weight_f,
+                                         const std::optional<at::Tensor>& bias_f, const at::Tensor& weight_b,
+                                         const std::optional<at::Tensor>& bias_b, bool silu) {
+  Prepared f = prepare(x, weight_f, bias_f, silu, false);
+  Prepared b = prepare(x, weight_b, bias_b, silu, true);
+  TORCH_CHECK(f.p.token_major, "causal_conv1d: the bidirectional kernels take a token-major x (channel stride 1, "
+              "e.g. a (batch, seqlen, dim) tensor transposed); got strides ", x.strides(),
+              ": call causal_conv1d once per direction instead");
+  TORCH_CHECK(f.p.width == b.p.width, "causal_conv1d: both directions' weights must have one width, got ",
+              f.p.width, " and ", b.p.width);
+  return {std::move(f), std::move(b)};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_bi_fwd(const at::Tensor& x, const at::Tensor& weight_f,
+                                               const std::optional<at::Tensor>& bias_f, const at::Tensor& weight_b,
+                                               const std::optional<at::Tensor>& bias_b, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [f, b] = prepare_bi(x, weight_f, bias_f, weight_b, bias_b, silu);
+  at::Tensor out_f = empty_in_layout(f.x), out_b = empty_in_layout(f.x);
+  if (out_f.numel() == 0) return {out_f, out_b};
+  f.p.out = out_f.data_ptr();
+  b.p.out = out_b.data_ptr();
+  check_launch(conv_bi_fwd_cuda(to_dtype(x), f.p, b.p, c10::cuda::getCurrentCUDAStream()), "bidirectional forward");
+  return {out_f, out_b};
+}
+
+// -> (dx, dweight_f, dbias_f, dweight_b, dbias_b); dx sums both directions' terms.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bi_bwd(
+    const at::Tensor& x, const at::Tensor& weight_f, const std::optional<at::Tensor>& bias_f,
+    const at::Tensor& weight_b, const std::optional<at::Tensor>& bias_b, const at::Tensor& dout_f,
+    const at::Tensor& dout_b, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [f, b] = prepare_bi(x, weight_f, bias_f, weight_b, bias_b, silu);
+  TORCH_CHECK(dout_f.sizes() == x.sizes() && dout_b.sizes() == x.sizes(), "causal_conv1d: dout must have x's shape");
+  at::Tensor dx = empty_in_layout(f.x);
+  at::Tensor dout_f_c = in_layout_of(dout_f.to(x.scalar_type()), dx);
+  at::Tensor dout_b_c = in_layout_of(dout_b.to(x.scalar_type()), dx);
+  const int splits = num_splits(f.p);
+  at::Tensor partial_f = at::empty({splits, f.p.dim, f.p.width + 1}, x.options().dtype(at::kFloat));
+  at::Tensor partial_b = at::empty_like(partial_f);
+  if (x.numel() == 0) {
+    partial_f.zero_();
+    partial_b.zero_();
+  } else {
+    f.p.dout = dout_f_c.data_ptr();
+    b.p.dout = dout_b_c.data_ptr();
+    f.p.dx = dx.data_ptr();
+    f.p.dw_partial = partial_f.data_ptr<float>();
+    b.p.dw_partial = partial_b.data_ptr<float>();
+    f.p.splits = b.p.splits = splits;
+    check_launch(conv_bi_bwd_cuda(to_dtype(x), f.p, b.p, c10::cuda::getCurrentCUDAStream()), "bidirectional backward");
+  }
+  auto [dweight_f, dbias_f] = finish_weight_grads(partial_f, bias_f.has_value());
+  auto [dweight_b, dbias_b] = finish_weight_grads(partial_b, bias_b.has_value());
+  return {dx, dweight_f, dbias_f, dweight_b, dbias_b};
 }
 
 }  // namespace
@@ -152,11 +221,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, con
 TORCH_LIBRARY(causal_conv1d_cuda, m) {
   m.def("fwd(Tensor x, Tensor weight, Tensor? bias, bool silu, bool reverse) -> Tensor");
   m.def("bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, bool silu, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def("bi_fwd(Tensor x, Tensor weight_f, Tensor? bias_f, Tensor weight_b, Tensor? bias_b, bool silu) "
+        "-> (Tensor, Tensor)");
+  m.def("bi_bwd(Tensor x, Tensor weight_f, Tensor? bias_f, Tensor weight_b, Tensor? bias_b, Tensor dout_f, "
+        "Tensor dout_b, bool silu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(causal_conv1d_cuda, CUDA, m) {
   m.impl("fwd", &causal_conv1d::conv_fwd);
   m.impl("bwd", &causal_conv1d::conv_bwd);
+  m.impl("bi_fwd", &causal_conv1d::conv_bi_fwd);
+  m.impl("bi_bwd", &causal_conv1d::conv_bi_bwd);
 }
 
 // Importing the module (import causal_conv1d_cuda) loads the library and so registers the ops.

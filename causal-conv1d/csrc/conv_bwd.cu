@@ -10,4 +10,13 @@ cudaError_t conv_bwd_cuda(DType dtype, const ConvParams& p, cudaStream_t stream)
   }
   return cudaErrorInvalidValue;
 }
+
+cudaError_t conv_bi_bwd_cuda(DType dtype, const ConvParams& f, const ConvParams& b, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return conv_bi_tm_launch<float>(f, b, true, stream);
+    case DType::kFloat16: return conv_bi_tm_launch<__half>(f, b, true, stream);
+    case DType::kBFloat16: return conv_bi_tm_launch<__nv_bfloat16>(f, b, true, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 }  // namespace causal_conv1d

@@ -32,5 +32,9 @@ constexpr int kTokenMajorBlockPositions = 128;
 // Implemented in conv_fwd.cu / conv_bwd.cu. Return the launch error (cudaSuccess if none).
 cudaError_t conv_fwd_cuda(DType dtype, const ConvParams& p, cudaStream_t stream);
 cudaError_t conv_bwd_cuda(DType dtype, const ConvParams& p, cudaStream_t stream);
+// Both directions over one token-major x (f causal, b anti-causal; see conv_kernels.cuh): f and b share
+// x, width, silu and the geometry; the backward writes the summed dx to f.dx.
+cudaError_t conv_bi_fwd_cuda(DType dtype, const ConvParams& f, const ConvParams& b, cudaStream_t stream);
+cudaError_t conv_bi_bwd_cuda(DType dtype, const ConvParams& f, const ConvParams& b, cudaStream_t stream);
 
 }  // namespace causal_conv1d

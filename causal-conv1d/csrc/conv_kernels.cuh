@@ -243,6 +243,14 @@ __device__ __forceinline__ SegmentPtr<T> segment_ptr(T* row, int64_t seq_stride,
   return {row + int64_t(phys_pos(seg, L, reverse)) * seq_stride, reverse ? -seq_stride : seq_stride};
 }
 
+// Channel d's weights into w; returns its bias (0 without one).
+template <int W>
+__device__ __forceinline__ float channel_weights(const ConvParams& p, int d, float (&w)[W]) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.weight[d * W + k];
+  return p.bias != nullptr ? p.bias[d] : 0.f;
+}
+
 // Element i of a segment that starts at logical position s0: 0 outside [0, L) (checked with kEdge only).
 template <bool kEdge, typename T>
 __device__ __forceinline__ float load_seq(SegmentPtr<const T> p, int i, int s0, int L) {
@@ -272,9 +280,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_tm_kernel(const ConvParams 
   if (!g.active) return;
   const int L = p.seqlen;
   float w[W];
-#pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
-  const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
+  const float bias = channel_weights(p, g.d, w);
   const T* xrow = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
   T* orow = reinterpret_cast<T*>(p.out) + int64_t(g.b) * L * p.dim + g.d;
   const SegmentPtr<const T> x = segment_ptr(xrow, p.x_seq_stride, g.seg, L, p.reverse);
@@ -326,19 +332,37 @@ __device__ __forceinline__ void conv_bwd_tm_segment(SegmentPtr<const T> x, Segme
   }
 }
 
+// Sums the warps' weight/bias gradient partials of each channel (lane) through `red` and writes one
+// partial per (block, channel) to p.dw_partial. Called by every thread of the block.
+template <int W>
+__device__ __forceinline__ void write_block_partials(const ConvParams& p, int d, const float (&dw)[W], float db,
+                                                     float (&red)[kWarps][W + 1][32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k <= W; ++k) red[warp][k][lane] = k < W ? dw[k] : db;
+  __syncthreads();
+  if (warp == 0 && d < p.dim) {
+    const int split = blockIdx.z * gridDim.y + blockIdx.y;
+#pragma unroll
+    for (int k = 0; k <= W; ++k) {
+      float v = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) v += red[i][k][lane];
+      p.dw_partial[(int64_t(split) * p.dim + d) * (W + 1) + k] = v;
+    }
+  }
+}
+
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads) conv_bwd_tm_kernel(const ConvParams p) {
   const TokenMajorGeo g = token_major_geo(p);
   const int L = p.seqlen;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float dw[W], db = 0.f;
 #pragma unroll
   for (int k = 0; k < W; ++k) dw[k] = 0.f;
   if (g.active) {
     float w[W];
-#pragma unroll
-    for (int k = 0; k < W; ++k) w[k] = p.weight[g.d * W + k];
-    const float bias = p.bias != nullptr ? p.bias[g.d] : 0.f;
+    const float bias = channel_weights(p, g.d, w);
     const int64_t row = int64_t(g.b) * L * p.dim + g.d;  // dout and dx: (batch, seqlen, dim) contiguous
     const T* xrow = reinterpret_cast<const T*>(p.x) + g.b * p.x_batch_stride + g.d;
     const SegmentPtr<const T> x = segment_ptr(xrow, p.x_seq_stride, g.seg, L, p.reverse);
@@ -354,21 +378,147 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_tm_kernel(const ConvParams 
              : conv_bwd_tm_segment<T, W, false, false>(x, dout, dx, g.seg, L, w, bias, dw, db);
     }
   }
-  // Sum the warps' partials of each channel (lane) and write one partial per (block, channel).
   __shared__ float red[kWarps][W + 1][32];
+  write_block_partials(p, g.d, dw, db, red);
+}
+
+// ------------------------------------------------------------------------------------------
+// Both convs of a Vim block over one token-major x, each with its own weights: the causal conv (f)
+// and the anti-causal conv (b). One pass over x gives both outputs, and the backward sums both
+// directions' terms of dx in registers, so x is read once and dx written once (no separate add).
+// f and b share x, dx, silu and the grid; each has its weight, bias, out / dout and dw_partial.
+// Positions are walked forward for both: xs[j] = x[seg - (W-1) + j] covers the W-1 positions on
+// either side of the segment, which b's taps x[t .. t+W-1] reach.
+// ------------------------------------------------------------------------------------------
+template <typename T, int W, bool kEdge, bool kSilu>
+__device__ __forceinline__ void conv_bi_fwd_tm_segment(SegmentPtr<const T> x, SegmentPtr<T> out_f, SegmentPtr<T> out_b,
+                                                       int seg, int L, const float (&wf)[W], float bf,
+                                                       const float (&wb)[W], float bb) {
+  float xs[kSegTM + 2 * (W - 1)];
 #pragma unroll
-  for (int k = 0; k <= W; ++k) red[warp][k][lane] = k < W ? dw[k] : db;
-  __syncthreads();
-  if (warp == 0 && g.d < p.dim) {
-    const int split = blockIdx.z * gridDim.y + blockIdx.y;
+  for (int j = 0; j < kSegTM + 2 * (W - 1); ++j) xs[j] = load_seq<kEdge>(x, j - (W - 1), seg, L);
 #pragma unroll
-    for (int k = 0; k <= W; ++k) {
-      float v = 0.f;
+  for (int i = 0; i < kSegTM; ++i) {  // t = seg + i: f reads x[t-(W-1)+k], b reads x[t+(W-1)-k]
+    float af = bf, ab = bb;
 #pragma unroll
-      for (int i = 0; i < kWarps; ++i) v += red[i][k][lane];
-      p.dw_partial[(int64_t(split) * p.dim + g.d) * (W + 1) + k] = v;
+    for (int k = 0; k < W; ++k) {
+      af = fmaf(wf[k], xs[i + k], af);
+      ab = fmaf(wb[k], xs[i + 2 * (W - 1) - k], ab);
+    }
+    if (kSilu) {
+      af *= sigmoid(af);
+      ab *= sigmoid(ab);
+    }
+    if (!kEdge || seg + i < L) {
+      out_f.at[i * out_f.step] = from_float<T>(af);
+      out_b.at[i * out_b.step] = from_float<T>(ab);
     }
   }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_bi_fwd_tm_kernel(const ConvParams f, const ConvParams b) {
+  const TokenMajorGeo g = token_major_geo(f);
+  if (!g.active) return;
+  const int L = f.seqlen;
+  float wf[W], wb[W];
+  const float bf = channel_weights(f, g.d, wf), bb = channel_weights(b, g.d, wb);
+  const int64_t row = int64_t(g.b) * L * f.dim + g.d;  // outputs: (batch, seqlen, dim) contiguous
+  const SegmentPtr<const T> x = segment_ptr(reinterpret_cast<const T*>(f.x) + g.b * f.x_batch_stride + g.d,
+                                            f.x_seq_stride, g.seg, L, false);
+  const SegmentPtr<T> out_f = segment_ptr(reinterpret_cast<T*>(f.out) + row, int64_t(f.dim), g.seg, L, false);
+  const SegmentPtr<T> out_b = segment_ptr(reinterpret_cast<T*>(b.out) + row, int64_t(f.dim), g.seg, L, false);
+  const bool edge = g.seg < W - 1 || g.seg + kSegTM + W - 1 > L;
+  if (edge) {
+    f.silu ? conv_bi_fwd_tm_segment<T, W, true, true>(x, out_f, out_b, g.seg, L, wf, bf, wb, bb)
+           : conv_bi_fwd_tm_segment<T, W, true, false>(x, out_f, out_b, g.seg, L, wf, bf, wb, bb);
+  } else {
+    f.silu ? conv_bi_fwd_tm_segment<T, W, false, true>(x, out_f, out_b, g.seg, L, wf, bf, wb, bb)
+           : conv_bi_fwd_tm_segment<T, W, false, false>(x, out_f, out_b, g.seg, L, wf, bf, wb, bb);
+  }
+}
+
+// dx[t] = sum_k wf[k] g_f[t+(W-1)-k] + sum_k wb[k] g_b[t-(W-1)+k] for t in the segment, with
+// gf[i] = g_f[seg + i] and gb[i] = g_b[seg - (W-1) + i], i < kSegTM + W - 1 (0 outside [0, L)).
+template <typename T, int W, bool kEdge, bool kSilu>
+__device__ __forceinline__ void conv_bi_bwd_tm_segment(SegmentPtr<const T> x, SegmentPtr<const T> dout_f,
+                                                       SegmentPtr<const T> dout_b, SegmentPtr<T> dx, int seg, int L,
+                                                       const float (&wf)[W], float bf, const float (&wb)[W], float bb,
+                                                       float (&dwf)[W], float& dbf, float (&dwb)[W], float& dbb) {
+  constexpr int kG = kSegTM + W - 1;
+  float xs[kSegTM + 2 * (W - 1)], gf[kG], gb[kG];
+#pragma unroll
+  for (int j = 0; j < kSegTM + 2 * (W - 1); ++j) xs[j] = load_seq<kEdge>(x, j - (W - 1), seg, L);
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+    gf[i] = load_seq<kEdge>(dout_f, i, seg, L);
+    gb[i] = load_seq<kEdge>(dout_b, i - (W - 1), seg, L);
+  }
+  if (kSilu) {
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {  // gf[i] at t = seg + i reads xs[i + k]; gb[i] at t = seg - (W-1) + i, xs[i + (W-1) - k]
+      float pf = bf, pb = bb;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        pf = fmaf(wf[k], xs[i + k], pf);
+        pb = fmaf(wb[k], xs[i + (W - 1) - k], pb);
+      }
+      gf[i] = silu_backward(gf[i], pf);
+      gb[i] = silu_backward(gb[i], pb);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {  // t = seg + i; g is 0 past L
+    dbf += gf[i];
+    dbb += gb[i + W - 1];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      dwf[k] = fmaf(gf[i], xs[i + k], dwf[k]);
+      dwb[k] = fmaf(gb[i + W - 1], xs[i + 2 * (W - 1) - k], dwb[k]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSegTM; ++i) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      acc = fmaf(wf[k], gf[i + W - 1 - k], acc);
+      acc = fmaf(wb[k], gb[i + k], acc);
+    }
+    if (!kEdge || seg + i < L) dx.at[i * dx.step] = from_float<T>(acc);
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) conv_bi_bwd_tm_kernel(const ConvParams f, const ConvParams b) {
+  const TokenMajorGeo g = token_major_geo(f);
+  const int L = f.seqlen;
+  float dwf[W], dwb[W], dbf = 0.f, dbb = 0.f;
+#pragma unroll
+  for (int k = 0; k < W; ++k) dwf[k] = dwb[k] = 0.f;
+  if (g.active) {
+    float wf[W], wb[W];
+    const float bf = channel_weights(f, g.d, wf), bb = channel_weights(b, g.d, wb);
+    const int64_t row = int64_t(g.b) * L * f.dim + g.d;  // douts and dx: (batch, seqlen, dim) contiguous
+    const int64_t step = f.dim;
+    const SegmentPtr<const T> x = segment_ptr(reinterpret_cast<const T*>(f.x) + g.b * f.x_batch_stride + g.d,
+                                              f.x_seq_stride, g.seg, L, false);
+    const SegmentPtr<const T> dout_f = segment_ptr(reinterpret_cast<const T*>(f.dout) + row, step, g.seg, L, false);
+    const SegmentPtr<const T> dout_b = segment_ptr(reinterpret_cast<const T*>(b.dout) + row, step, g.seg, L, false);
+    const SegmentPtr<T> dx = segment_ptr(reinterpret_cast<T*>(f.dx) + row, step, g.seg, L, false);
+    const bool edge = g.seg < W - 1 || g.seg + kSegTM + W - 1 > L;
+    if (edge) {
+      f.silu ? conv_bi_bwd_tm_segment<T, W, true, true>(x, dout_f, dout_b, dx, g.seg, L, wf, bf, wb, bb, dwf, dbf, dwb, dbb)
+             : conv_bi_bwd_tm_segment<T, W, true, false>(x, dout_f, dout_b, dx, g.seg, L, wf, bf, wb, bb, dwf, dbf, dwb, dbb);
+    } else {
+      f.silu ? conv_bi_bwd_tm_segment<T, W, false, true>(x, dout_f, dout_b, dx, g.seg, L, wf, bf, wb, bb, dwf, dbf, dwb, dbb)
+             : conv_bi_bwd_tm_segment<T, W, false, false>(x, dout_f, dout_b, dx, g.seg, L, wf, bf, wb, bb, dwf, dbf, dwb, dbb);
+    }
+  }
+  __shared__ float red[kWarps][W + 1][32];
+  write_block_partials(f, g.d, dwf, dbf, red);
+  __syncthreads();  // red is reused
+  write_block_partials(b, g.d, dwb, dbb, red);
 }
 
 inline dim3 token_major_grid(const ConvParams& p) {
@@ -386,6 +536,21 @@ cudaError_t conv_tm_launch(const ConvParams& p, bool backward, cudaStream_t stre
                      : conv_fwd_tm_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
     case 4: backward ? conv_bwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p)
                      : conv_fwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t conv_bi_tm_launch(const ConvParams& f, const ConvParams& b, bool backward, cudaStream_t stream) {
+  const dim3 grid = token_major_grid(f);
+  switch (f.width) {
+    case 2: backward ? conv_bi_bwd_tm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(f, b)
+                     : conv_bi_fwd_tm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(f, b); break;
+    case 3: backward ? conv_bi_bwd_tm_kernel<T, 3><<<grid, kThreads, 0, stream>>>(f, b)
+                     : conv_bi_fwd_tm_kernel<T, 3><<<grid, kThreads, 0, stream>>>(f, b); break;
+    case 4: backward ? conv_bi_bwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(f, b)
+                     : conv_bi_fwd_tm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(f, b); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

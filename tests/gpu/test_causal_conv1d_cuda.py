@@ -85,6 +85,75 @@ def test_conv_token_major(seqlen, width, reverse, silu, has_bias, dtype):
     _run_case(3, dim, seqlen, width, dtype, silu=silu, has_bias=has_bias, reverse=reverse, token_major=True)
 
 
+def _run_bidirectional_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, strided=True):
+    """Both convs of a Vim block in one kernel against the two convs of the float64 reference (the
+    anti-causal one on the flipped sequence): both outputs, dx (the sum of both directions' terms) and
+    each direction's weight and bias gradients."""
+    from causal_conv1d import cuda_ops
+
+    seed = fresh_seed()
+    dev = "cuda"
+    # token-major x; strided: the x half of Vim's xz (batch, seqlen, 2*dim)
+    x = torch.randn(batch, seqlen, 2 * dim if strided else dim, device=dev, dtype=dtype)[..., :dim].transpose(1, 2)
+    params = []
+    for _ in range(2):
+        params.append((torch.randn(dim, width, device=dev) / width ** 0.5).to(dtype))
+        params.append(torch.randn(dim, device=dev).to(dtype) if has_bias else None)
+    douts = [torch.randn(batch, seqlen, dim, device=dev, dtype=dtype).transpose(1, 2) for _ in range(2)]
+    leaves = [x] + [t for t in params if t is not None]
+
+    def with_bias(ts):  # the leaves back in (x, wf, bf, wb, bb) order, None for absent biases
+        it = iter(ts[1:])
+        return [ts[0]] + [next(it) if t is not None else None for t in params]
+
+    xs = [t.detach().clone().requires_grad_() for t in leaves]
+    poison_allocator()
+    outs = cuda_ops.causal_conv1d_bidirectional(*with_bias(xs), silu)
+    poison_allocator()
+    torch.autograd.backward(outs, douts)
+
+    def reference(ts, cast):
+        x_, wf, bf, wb, bb = with_bias(ts)
+        o = (_ref(x_, wf, bf, silu, False), _ref(x_, wb, bb, silu, True))
+        torch.autograd.backward(o, [cast(d) for d in douts])
+        return o
+
+    r64 = [t.detach().double().requires_grad_() for t in leaves]
+    o64 = reference(r64, lambda d: d.double())
+    rlo = [t.detach().clone().requires_grad_() for t in leaves]
+    olo = reference(rlo, lambda d: d)
+    for name, got, e64, elo in zip(("out_f", "out_b"), outs, o64, olo):
+        assert got.dtype == dtype and got.stride(1) == 1  # x's dtype and token-major layout
+        check_bound(name, got, e64, elo, dtype, seed)
+    names = ["dx", "dweight_f"] + ["dbias_f"] * has_bias + ["dweight_b"] + ["dbias_b"] * has_bias
+    for name, a, b, c in zip(names, xs, r64, rlo):
+        assert a.grad.dtype == a.dtype
+        check_bound(name, a.grad, b.grad, c.grad, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("seqlen", [2, 5, 22, 197, 2049])  # 2, 5, 22: segments that reach both ends
+def test_conv_bidirectional_matches_float64(seqlen, dtype):
+    _run_bidirectional_case(3, 384 if seqlen != 5 else 40, seqlen, 4, dtype)
+
+
+@pytest.mark.parametrize("width,silu,has_bias,strided", [(2, True, False, True), (3, False, True, False),
+                                                         (4, False, False, True)])
+def test_conv_bidirectional_variants(width, silu, has_bias, strided):
+    _run_bidirectional_case(2, 64, 197, width, torch.float32, silu=silu, has_bias=has_bias, strided=strided)
+
+
+def test_conv_bidirectional_rejects_other_layouts_and_mixed_widths():
+    from causal_conv1d import cuda_ops
+
+    w = torch.randn(16, 4, device="cuda")
+    with pytest.raises(ValueError, match="token-major"):
+        cuda_ops.causal_conv1d_bidirectional(torch.randn(2, 16, 30, device="cuda"), w, None, w, None, True)
+    x = torch.randn(2, 30, 16, device="cuda").transpose(1, 2)
+    with pytest.raises(ValueError, match="one shape"):
+        cuda_ops.causal_conv1d_bidirectional(x, w, None, torch.randn(16, 3, device="cuda"), None, True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -130,6 +199,11 @@ def test_conv_opcheck():
     xt = torch.randn(2, 37, 16, device="cuda").transpose(1, 2).requires_grad_()
     torch.library.opcheck(torch.ops.causal_conv1d.fwd.default, (xt, w, b, True, True))
     torch.library.opcheck(torch.ops.causal_conv1d.bwd.default, (xt.detach(), w.detach(), b.detach(), dout, True, True))
+    w_b = torch.randn(16, 4, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.causal_conv1d.bi_fwd.default, (xt, w, b, w_b, None, True))
+    dout_t = torch.randn(2, 37, 16, device="cuda").transpose(1, 2)
+    torch.library.opcheck(torch.ops.causal_conv1d.bi_bwd.default,
+                          (xt.detach(), w.detach(), b.detach(), w_b.detach(), None, dout_t, dout, True))
 
 
 def test_conv_torch_compile_fullgraph():

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from causal_conv1d import causal_conv1d_fn
+from causal_conv1d import causal_conv1d_bidirectional_fn, causal_conv1d_fn
 from causal_conv1d.layout import is_token_major
 from mamba_ssm.ops import cpu_ops, cuda_ops, scan_ops
 
@@ -187,26 +187,33 @@ def _split_xz(xz):
     return xz.chunk(2, dim=1)
 
 
+def _conv_weight(conv1d_weight):
+    """A Conv1d weight (dim, 1, width) as the conv ops take it, (dim, width)."""
+    return conv1d_weight.reshape(conv1d_weight.shape[0], -1)
+
+
+def _project(u, x_proj_weight, dstate, delta_rank, B=None, C=None, B_proj_bias=None, C_proj_bias=None):
+    """x_proj of the conv output u (batch, channels, seqlen) -> [dt | B | C] per position. Returns the
+    low-rank dt (batch, delta_rank, seqlen) and B, C (batch, dstate, seqlen) (where not given), views of
+    the x_proj output."""
+    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
+    # One split, not three slices: its backward is one concatenation instead of a zero-filled
+    # x_dbl-sized gradient per slice, summed.
+    dt, B_proj, C_proj = x_dbl.split([delta_rank, dstate, x_dbl.shape[-1] - delta_rank - dstate], dim=-1)
+    if B is None:
+        B = (B_proj if B_proj_bias is None else B_proj + B_proj_bias).transpose(1, 2)
+    if C is None:
+        C = (C_proj if C_proj_bias is None else C_proj + C_proj_bias).transpose(1, 2)
+    return dt.transpose(1, 2), B, C
+
+
 def _ssm_inputs(x, conv1d_weight, conv1d_bias, x_proj_weight, dstate, delta_rank, B=None, C=None, B_proj_bias=None,
                 C_proj_bias=None, backend="auto", reverse=False):
-    """Conv (SiLU; anti-causal when reverse) of x, then x_proj -> [dt | B | C] per position. Returns
-    (x, dt, B, C): x (batch, channels, seqlen), the low-rank dt (batch, delta_rank, seqlen), B and C
-    (batch, dstate, seqlen) (where not given); all but x are views of the x_proj output."""
-    conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
-    x = causal_conv1d_fn(x, conv_weight, conv1d_bias, activation="silu", backend=backend, reverse=reverse)
-    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
-    dt = x_dbl[..., :delta_rank].transpose(1, 2)
-    if B is None:
-        B = x_dbl[..., delta_rank:delta_rank + dstate]
-        if B_proj_bias is not None:
-            B = B + B_proj_bias
-        B = B.transpose(1, 2)
-    if C is None:
-        C = x_dbl[..., -dstate:]
-        if C_proj_bias is not None:
-            C = C + C_proj_bias
-        C = C.transpose(1, 2)
-    return x, dt, B, C
+    """Conv (SiLU; anti-causal when reverse) of x, then x_proj (`_project`). Returns (u, dt, B, C) with u
+    the conv output (batch, channels, seqlen)."""
+    u = causal_conv1d_fn(x, _conv_weight(conv1d_weight), conv1d_bias, activation="silu", backend=backend,
+                         reverse=reverse)
+    return (u, *_project(u, x_proj_weight, dstate, delta_rank, B, C, B_proj_bias, C_proj_bias))
 
 
 def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
@@ -261,19 +268,27 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     # Inference on the fused kernel: the conv runs again inside the scan, so each direction's conv
     # output lives only until its x_proj has read it (peak memory at high resolution).
     fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
-    inputs = []
-    for params, reverse in zip(directions, (False, True)):
-        u, dt, B, C = _ssm_inputs(x, params["conv1d_weight"], params["conv1d_bias"], params["x_proj_weight"],
-                                  params["A"].shape[1], params["delta_proj_weight"].shape[1], backend=backend,
-                                  reverse=reverse)
-        inputs.append((x if fuse_conv else u, dt, B, C))
-        del u
+
+    def project(params, u):
+        return _project(u, params["x_proj_weight"], params["A"].shape[1], params["delta_proj_weight"].shape[1])
+
+    if fuse_conv:
+        inputs = []
+        for params, reverse in zip(directions, (False, True)):
+            u = causal_conv1d_fn(x, _conv_weight(params["conv1d_weight"]), params["conv1d_bias"], activation="silu",
+                                 backend=backend, reverse=reverse)
+            inputs.append((x, *project(params, u)))
+            del u
+    else:  # both convs in one pass over x where the kernel takes it (x read once, one dx written)
+        convs = [t for p in directions for t in (_conv_weight(p["conv1d_weight"]), p["conv1d_bias"])]
+        us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
+        inputs = [(u, *project(params, u)) for params, u in zip(directions, us)]
     if fused:
         def kernel_args(params, u, dt, B, C):
             return (u, dt, params["A"], B.unsqueeze(1), C.unsqueeze(1), params["D"], params["delta_bias"])
 
         def conv(params):
-            return (params["conv1d_weight"].reshape(x.shape[1], -1), params["conv1d_bias"]) if fuse_conv else None
+            return (_conv_weight(params["conv1d_weight"]), params["conv1d_bias"]) if fuse_conv else None
 
         return cuda_ops.bimamba_scan(*kernel_args(forward_params, *inputs[0]), *kernel_args(backward_params, *inputs[1]),
                                      z, delta_softplus=True,
