@@ -81,10 +81,11 @@ def get_args_parser():
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--compile', nargs='?', const='reduce-overhead', default=None, metavar='MODE',
-                   choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'],
+                   choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'none'],
                    help='train through torch.compile(mode=MODE) (without MODE: reduce-overhead, which replays '
                         'CUDA graphs: Vim-tiny trained 1.5x (fp32) to 2.9x (bf16) faster than eager on an H200); '
-                        'compiling takes a minute or two at start')
+                        'compiling takes a minute or two at start. The recipes in scripts/ turn it on; '
+                        '--compile none turns it off again')
     g.add_argument('--grad-checkpointing', action='store_true',
                    help='recompute activations in the backward pass to save memory')
     g.add_argument('--model-ema', action='store_true',
@@ -256,6 +257,8 @@ def check_input_size(model, name, size):
 
 
 def check_args(args):
+    if args.compile == 'none':  # a later flag overriding a recipe's --compile
+        args.compile = None
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} but no CUDA device is available: use --device cpu')
     if args.batch_size < 1:
