@@ -316,7 +316,7 @@ def build_optimizer(model, args, lr):
     if args.opt_betas:
         extra['betas'] = tuple(args.opt_betas)
     if args.opt.lower() in FUSED_OPTIMIZERS and next(model.parameters()).is_cuda:
-        extra['fused'] = True  # one kernel per step instead of a few per parameter group
+        extra['fused'] = True  # one fused multi-tensor kernel instead of a sequence of foreach ops
     return create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                **extra)
 

@@ -212,7 +212,8 @@ def test_two_gloo_processes_match_one_process(image_folder, one_process_run, tmp
     two = launch_two(launcher, tiny_args(image_folder, tmp_path, *GLOO_RUN, *extra))
     assert two.returncode == 0, two.stderr
     assert 'on cpu x 2' in two.stdout
-    assert ('torch.compile(' in two.stdout) == ('--compile' in extra)
+    assert ('torch.compile(mode=default)' in two.stdout) == ('--compile' in extra)
+    assert ('torch.compile(' in two.stdout) == ('--compile' in extra)  # the recipe's --compile was turned off
     log_one = json.loads((one_process_run / 'log.txt').read_text())
     log_two = json.loads((tmp_path / 'log.txt').read_text())
     assert log_two['train_loss'] == pytest.approx(log_one['train_loss'], rel=1e-5)

@@ -162,7 +162,7 @@ std::pair<Prepared, Prepared> prepare_bi(const at::Tensor& x, const at::Tensor& 
                                          const std::optional<at::Tensor>& bias_f, const at::Tensor& weight_b,
                                          const std::optional<at::Tensor>& bias_b, bool silu) {
   Prepared f = prepare(x, weight_f, bias_f, silu, false);
-  Prepared b = prepare(x, weight_b, bias_b, silu, true);
+  Prepared b = prepare(x, weight_b, bias_b, silu, true);  // the bidirectional kernels read no `reverse`
   TORCH_CHECK(f.p.token_major, "causal_conv1d: the bidirectional kernels take a token-major x (channel stride 1, "
               "e.g. a (batch, seqlen, dim) tensor transposed); got strides ", x.strides(),
               ": call causal_conv1d once per direction instead");

@@ -13,8 +13,8 @@
 // splits (done by the caller) is deterministic.
 //
 // Token-major inputs (channel stride 1) use their own kernels: lane = channel (coalesced), warp =
-// a segment of kSegTM positions walked in order with the W-1 previous inputs sliding through
-// registers; a block is 32 channels x kWarps segments of one batch element, and its partial
+// a segment of kSegTM positions whose inputs, with the W-1 neighbours the taps reach, are all loaded
+// into registers first; a block is 32 channels x kWarps segments of one batch element, and its partial
 // weight/bias gradients are reduced over the warps and written once per (block, channel).
 #pragma once
 #include <cuda_bf16.h>
