@@ -20,19 +20,23 @@ def _ref(x, weight, bias, silu, reverse):
     return causal_conv1d_ref(x, weight, bias, act)
 
 
+def _conv_input(batch, dim, seqlen, dtype, strided, token_major, dev="cuda"):
+    """x (batch, dim, seqlen) in one of the layouts the kernels take."""
+    if token_major:  # channel stride 1: a (batch, seqlen, dim) tensor transposed
+        # strided: the x half of Vim's token-major xz (batch, seqlen, 2*dim), position stride 2*dim
+        return torch.randn(batch, seqlen, 2 * dim if strided else dim, device=dev, dtype=dtype)[..., :dim].transpose(1, 2)
+    if strided:  # x as the first half of a (batch, 2*dim, seqlen) tensor, like Vim's xz.chunk(2)
+        return torch.randn(batch, 2 * dim, seqlen, device=dev, dtype=dtype)[:, :dim]
+    return torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
+
+
 def _run_case(batch, dim, seqlen, width, dtype, silu=True, has_bias=True, reverse=False, strided=False,
               token_major=False):
     from causal_conv1d import cuda_ops
 
     seed = fresh_seed()
     dev = "cuda"
-    if token_major:  # channel stride 1: a (batch, seqlen, dim) tensor transposed
-        # strided: the x half of Vim's token-major xz (batch, seqlen, 2*dim), position stride 2*dim
-        x = torch.randn(batch, seqlen, 2 * dim if strided else dim, device=dev, dtype=dtype)[..., :dim].transpose(1, 2)
-    elif strided:  # x as the first half of a (batch, 2*dim, seqlen) tensor, like Vim's xz.chunk(2)
-        x = torch.randn(batch, 2 * dim, seqlen, device=dev, dtype=dtype)[:, :dim]
-    else:
-        x = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
+    x = _conv_input(batch, dim, seqlen, dtype, strided, token_major)
     weight = (torch.randn(dim, width, device=dev) / width ** 0.5).to(dtype)
     bias = torch.randn(dim, device=dev).to(dtype) if has_bias else None
     dout = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
@@ -93,8 +97,7 @@ def _run_bidirectional_case(batch, dim, seqlen, width, dtype, silu=True, has_bia
 
     seed = fresh_seed()
     dev = "cuda"
-    # token-major x; strided: the x half of Vim's xz (batch, seqlen, 2*dim)
-    x = torch.randn(batch, seqlen, 2 * dim if strided else dim, device=dev, dtype=dtype)[..., :dim].transpose(1, 2)
+    x = _conv_input(batch, dim, seqlen, dtype, strided, token_major=True)
     params = []
     for _ in range(2):
         params.append((torch.randn(dim, width, device=dev) / width ** 0.5).to(dtype))

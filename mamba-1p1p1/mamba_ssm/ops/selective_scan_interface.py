@@ -268,21 +268,15 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     # Inference on the fused kernel: the conv runs again inside the scan, so each direction's conv
     # output lives only until its x_proj has read it (peak memory at high resolution).
     fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
-
-    def project(params, u):
-        return _project(u, params["x_proj_weight"], params["A"].shape[1], params["delta_proj_weight"].shape[1])
-
+    ranks = [(p["A"].shape[1], p["delta_proj_weight"].shape[1]) for p in directions]
     if fuse_conv:
-        inputs = []
-        for params, reverse in zip(directions, (False, True)):
-            u = causal_conv1d_fn(x, _conv_weight(params["conv1d_weight"]), params["conv1d_bias"], activation="silu",
-                                 backend=backend, reverse=reverse)
-            inputs.append((x, *project(params, u)))
-            del u
+        inputs = [(x, *_ssm_inputs(x, p["conv1d_weight"], p["conv1d_bias"], p["x_proj_weight"], *r, backend=backend,
+                                   reverse=reverse)[1:])
+                  for p, r, reverse in zip(directions, ranks, (False, True))]
     else:  # both convs in one pass over x where the kernel takes it (x read once, one dx written)
         convs = [t for p in directions for t in (_conv_weight(p["conv1d_weight"]), p["conv1d_bias"])]
         us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
-        inputs = [(u, *project(params, u)) for params, u in zip(directions, us)]
+        inputs = [(u, *_project(u, p["x_proj_weight"], *r)) for u, p, r in zip(us, directions, ranks)]
     if fused:
         def kernel_args(params, u, dt, B, C):
             return (u, dt, params["A"], B.unsqueeze(1), C.unsqueeze(1), params["D"], params["delta_bias"])
