@@ -325,13 +325,14 @@ def test_mamba_inner_matches_oracle(fn, seqlen):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_bimamba_inner_is_forward_plus_flipped_backward():
+@pytest.mark.parametrize("out_scale", [1.0, 0.5])
+def test_bimamba_inner_is_forward_plus_flipped_backward(out_scale):
     pf, pb = _direction(seed=1), _direction(seed=2)
     xz = torch.randn(2, 8, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    out = bimamba_inner_fn_no_out_proj(xz, pf, pb)
+    out = bimamba_inner_fn_no_out_proj(xz, pf, pb, out_scale=out_scale)
     args = lambda p: (p["conv1d_weight"], p["conv1d_bias"], p["x_proj_weight"], p["delta_proj_weight"],  # noqa: E731
                       p["A"], p["D"], p["delta_bias"])
-    ref = inner_oracle(xz, *args(pf)) + inner_oracle(xz.flip(-1), *args(pb)).flip(-1)
+    ref = (inner_oracle(xz, *args(pf)) + inner_oracle(xz.flip(-1), *args(pb)).flip(-1)) * out_scale
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 

@@ -143,6 +143,7 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.nchunks = int((seqlen + kChunk - 1) / kChunk);
   p.delta_softplus = delta_softplus;
   p.reverse = reverse;
+  p.out_scale = 1.f;
   p.token_major = token_major;
   p.u = r.u.data_ptr();
   p.u_batch_stride = r.u.stride(0);
@@ -308,15 +309,16 @@ void check_pair(const Prepared& rf, const Prepared& rb, const at::Tensor& u_f, c
               "bimamba_scan: both directions need the same dstate and groups");
 }
 
-// -> (out, ysum = y_f + y_b in fp32 (ungated, for the backward), ckpt_f, ckpt_b); ysum and the
-// checkpoints are empty unless save_ckpt.
+// -> (out = silu(z) * ysum * out_scale, ysum = y_f + y_b in fp32 (ungated, unscaled, for the backward),
+// ckpt_f, ckpt_b); ysum and the checkpoints are empty unless save_ckpt.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
     const at::Tensor& u_f, const at::Tensor& delta_f, const at::Tensor& A_f, const at::Tensor& B_f,
     const at::Tensor& C_f, const OptTensor& D_f, const OptTensor& bias_f, const at::Tensor& u_b,
     const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
     const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, const OptTensor& dt_proj_f,
     const OptTensor& dt_proj_b, const OptTensor& conv_weight_f, const OptTensor& conv_bias_f,
-    const OptTensor& conv_weight_b, const OptTensor& conv_bias_b, bool delta_softplus, bool save_ckpt) {
+    const OptTensor& conv_weight_b, const OptTensor& conv_bias_b, bool delta_softplus, bool save_ckpt,
+    double out_scale) {
   c10::cuda::CUDAGuard guard(u_f.device());
   TORCH_CHECK(!(save_ckpt && (conv_weight_f.has_value() || conv_weight_b.has_value())),
               "bimamba_scan: the fused conv is forward-only (inference); it cannot save checkpoints");
@@ -344,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
   pb.y_acc_in = acc.data_ptr<float>();
   pb.y_acc_out = save_ckpt ? ysum.data_ptr<float>() : nullptr;
   pb.out = out.data_ptr();
+  pb.out_scale = float(out_scale);
   pb.ckpt = save_ckpt ? ck_b.data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   check_launch(dispatch_bi(u_f.scalar_type(), [&](auto t) { return ss_bifwd_cuda<decltype(t)::value>(pf, pb, stream); }),
@@ -358,7 +361,7 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
                                const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
                                const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z,
                                const at::Tensor& dout, const at::Tensor& ysum, const at::Tensor& ckpt_f,
-                               const at::Tensor& ckpt_b, bool delta_softplus) {
+                               const at::Tensor& ckpt_b, bool delta_softplus, double out_scale) {
   c10::cuda::CUDAGuard guard(u_f.device());
   const bool token_major = is_token_major(u_f);
   Prepared rf = prepare(u_f, delta_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, false, token_major);
@@ -378,6 +381,7 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
       p->dout = dout_c.data_ptr();
       p->ysum = ysum_c.data_ptr<float>();
       p->dz = dz.data_ptr();
+      p->out_scale = float(out_scale);
     }
     pf.ckpt = cf.data_ptr<float>();
     pb.ckpt = cb.data_ptr<float>();
@@ -406,12 +410,13 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
       "bi_fwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
       "Tensor z, Tensor? dt_proj_f, Tensor? dt_proj_b, Tensor? conv_weight_f, Tensor? conv_bias_f, "
-      "Tensor? conv_weight_b, Tensor? conv_bias_b, bool delta_softplus, bool save_ckpt) "
+      "Tensor? conv_weight_b, Tensor? conv_bias_b, bool delta_softplus, bool save_ckpt, float out_scale=1.0) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bi_bwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
-      "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus) -> Tensor[]");
+      "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus, float out_scale=1.0) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {

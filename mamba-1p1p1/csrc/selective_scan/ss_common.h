@@ -16,6 +16,9 @@ struct ScanParams {
   int batch, dim, seqlen, dstate, ngroups, nchunks;
   bool delta_softplus;
   bool reverse;  // scan positions L-1 .. 0 (the scan of the flipped sequence, in place)
+  // out is multiplied by out_scale and the backward reads dout * out_scale: Vim averages its two
+  // directions (0.5) without a separate pass over the output and its gradient.
+  float out_scale;
 
   // Layout of the (batch, dim, seqlen) tensors: token-major (channel stride 1, e.g. the output of a
   // linear layer as (batch, seqlen, dim)) or channel-major (seqlen stride 1). Element tiles are then
@@ -50,7 +53,7 @@ struct ScanParams {
   const float* delta_bias;  // (dim,) or nullptr
 
   // Forward outputs.
-  void* out;          // (batch, dim, seqlen) u's dtype, = (y [+ y_acc_in]) * silu(z); nullptr: not written
+  void* out;          // (batch, dim, seqlen) u's dtype, = (y [+ y_acc_in]) * silu(z) * out_scale; nullptr: none
   float* ckpt;        // (batch, dim, nchunks, kMaxState): state before each chunk; nullptr: not saved
   float* last_state;  // (batch, dim, dstate) or nullptr
   const float* y_acc_in;  // fp32 (batch, dim, seqlen) added to y before the gate (fused bidirectional)

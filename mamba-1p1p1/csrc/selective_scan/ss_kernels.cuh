@@ -398,6 +398,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
 #pragma unroll
         for (int j = 0; j < kSeg; ++j) uv[j] *= zv[j] * sigmoid(zv[j]);
       }
+#pragma unroll
+      for (int j = 0; j < kSeg; ++j) uv[j] *= p.out_scale;
       store_rows<kTM, kSeg>(p, reinterpret_cast<T*>(p.out), geo, s0, len, uv, sm.tile);
     }
   }
@@ -546,7 +548,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
         const bool ok = r < geo.nch && j < len;
         uv[i] = ok ? to_float(u[ou]) : 0.f;
         xv[i] = ok ? to_float(delta[od]) : 0.f;
-        gv[i] = ok ? to_float(dout[o]) : 0.f;
+        gv[i] = ok ? to_float(dout[o]) * p.out_scale : 0.f;
         zv[i] = ok && has_z ? to_float(z[oz]) : 0.f;
         ysv[i] = ok && p.ysum != nullptr ? p.ysum[o] : 1.f;
       }

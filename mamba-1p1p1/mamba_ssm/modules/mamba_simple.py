@@ -105,11 +105,8 @@ class Mamba(nn.Module):
         elif self.bimamba_type == "v1":
             y = bimamba_v1_inner_fn_no_out_proj(xz, A_b=-torch.exp(self.A_b_log.float()), **forward_params)
         else:
-            y = bimamba_inner_fn_no_out_proj(xz, forward_params, self._direction_params("_b"))
-            if self.if_divide_out:
-                # In place where no graph is recorded: a second (batch, d_inner, seqlen) tensor would set
-                # the inference peak (autograd forbids in-place ops on the fused op's output).
-                y = y / 2 if y.requires_grad else y.mul_(0.5)
+            y = bimamba_inner_fn_no_out_proj(xz, forward_params, self._direction_params("_b"),
+                                             out_scale=0.5 if self.if_divide_out else 1.0)
         # Without autograd nothing else holds xz (2 x d_inner per token): free it before out_proj allocates.
         del xz
         return self.out_proj(y.transpose(1, 2))

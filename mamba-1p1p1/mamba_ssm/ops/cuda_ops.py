@@ -62,18 +62,20 @@ def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
             D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, dt_proj_f: Optional[Tensor],
             dt_proj_b: Optional[Tensor], conv_weight_f: Optional[Tensor], conv_bias_f: Optional[Tensor],
             conv_weight_b: Optional[Tensor], conv_bias_b: Optional[Tensor], delta_softplus: bool,
-            save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (out in u's dtype, ysum = y_f + y_b fp32 (ungated), ckpt_f, ckpt_b); all but out empty unless save_ckpt."""
+            save_ckpt: bool, out_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out = silu(z) * ysum * out_scale in u's dtype, ysum = y_f + y_b fp32 (ungated, unscaled), ckpt_f,
+    ckpt_b); all but out empty unless save_ckpt."""
     require()
     out, ysum, ck_f, ck_b = torch.ops.selective_scan_cuda.bi_fwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-        dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt)
+        dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt,
+        out_scale)
     return out, ysum, ck_f, ck_b
 
 
 @_bi_fwd.register_fake
 def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-      dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt):
+      dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt, out_scale):
     batch, dim, seqlen = u_f.shape
     f32 = torch.float32
     ck_shape = (batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,)
@@ -85,17 +87,17 @@ def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_
 def _bi_bwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Optional[Tensor],
             delta_bias_f: Optional[Tensor], u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
             D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, dout: Tensor, ysum: Tensor,
-            ckpt_f: Tensor, ckpt_b: Tensor, delta_softplus: bool) -> list[Tensor]:
+            ckpt_f: Tensor, ckpt_b: Tensor, delta_softplus: bool, out_scale: float) -> list[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, ddelta_bias of f, the same of b, dz]; absent ones empty."""
     require()
     return list(torch.ops.selective_scan_cuda.bi_bwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z, dout,
-        ysum, ckpt_f, ckpt_b, delta_softplus))
+        ysum, ckpt_f, ckpt_b, delta_softplus, out_scale))
 
 
 @_bi_bwd.register_fake
 def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z, dout, ysum,
-      ckpt_f, ckpt_b, delta_softplus):
+      ckpt_f, ckpt_b, delta_softplus, out_scale):
     f32 = torch.float32
     dim = u_f.shape[1]
     grads = []
@@ -114,11 +116,12 @@ def _by_direction(tensors):
 
 
 def _bi_setup_context(ctx, inputs, output):
-    *tensors, delta_softplus, save_ckpt = inputs
+    *tensors, delta_softplus, save_ckpt, out_scale = inputs
     out, ysum, ck_f, ck_b = output
     ctx.mark_non_differentiable(ysum, ck_f, ck_b)
     ctx.save_for_backward(*tensors, *((ysum, ck_f, ck_b) if save_ckpt else (None, None, None)))
     ctx.delta_softplus = delta_softplus
+    ctx.out_scale = out_scale
 
 
 def _delta_proj_grads(ddelta, dt, weight):
@@ -132,14 +135,14 @@ def _delta_proj_grads(ddelta, dt, weight):
 def _bi_backward(ctx, dout, dysum, dck_f, dck_b):
     *tensors, ysum, ck_f, ck_b = ctx.saved_tensors
     if ck_f is None:  # forward ran without checkpoints: recompute them
-        _, ysum, ck_f, ck_b = _bi_fwd(*tensors, ctx.delta_softplus, True)
+        _, ysum, ck_f, ck_b = _bi_fwd(*tensors, ctx.delta_softplus, True, ctx.out_scale)
     directions = _by_direction(tensors)
     kernel_inputs = []
     for u, delta, A, B, C, D, bias, dt_proj in directions:
         if dt_proj is not None:  # the full-size delta, for this backward only
             delta = scan_ops.delta_projection(delta, dt_proj.to(delta.dtype))
         kernel_inputs += [u, delta, A, B, C, D, bias]
-    g = _bi_bwd(*kernel_inputs, tensors[14], dout, ysum, ck_f, ck_b, ctx.delta_softplus)
+    g = _bi_bwd(*kernel_inputs, tensors[14], dout, ysum, ck_f, ck_b, ctx.delta_softplus, ctx.out_scale)
     grads = []
     for (u, delta, A, B, C, D, bias, dt_proj), gd in zip(directions, (g[0:7], g[7:14])):
         ddelta, ddt_proj = gd[1], None
@@ -148,17 +151,18 @@ def _bi_backward(ctx, dout, dysum, dck_f, dck_b):
         grads.append([gd[0], ddelta, *gd[2:5], gd[5] if D is not None else None, gd[6] if bias is not None else None,
                       ddt_proj])
     (*gf, ddt_proj_f), (*gb, ddt_proj_b) = grads
-    return (*gf, *gb, g[14], ddt_proj_f, ddt_proj_b, None, None, None, None, None, None)
+    return (*gf, *gb, g[14], ddt_proj_f, ddt_proj_b, None, None, None, None, None, None, None)
 
 
 _bi_fwd.register_autograd(_bi_backward, setup_context=_bi_setup_context)
 
 
 def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-                 delta_softplus: bool, delta_proj_weight_f=None, delta_proj_weight_b=None, conv_f=None, conv_b=None):
+                 delta_softplus: bool, delta_proj_weight_f=None, delta_proj_weight_b=None, conv_f=None, conv_b=None,
+                 out_scale: float = 1.0):
     """Differentiable fused bidirectional selective scan of a Vim v2 block.
 
-    Returns silu(z) * (y_f + y_b) in u's dtype (the sum: the caller divides by 2), where y_f is the scan
+    Returns silu(z) * (y_f + y_b) * out_scale in u's dtype (Vim's average: out_scale 0.5), where y_f is the scan
     of direction f (no gate) and y_b the scan of direction b run from position L-1 down to 0, i.e.
     flip(scan(flip(inputs_b))) without any flipped copy. All sequence inputs are in natural order, with
     the shapes of `selective_scan` (B/C as (batch, groups, dstate, seqlen)); z is required. With
@@ -189,5 +193,5 @@ def bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A
     if save_ckpt and (conv_f is not None or conv_b is not None):
         raise ValueError("bimamba_scan: the fused conv (conv_f / conv_b) is for inference; without it, apply "
                          "causal_conv1d first, or run under torch.no_grad() / inference_mode()")
-    out, _, _, _ = _bi_fwd(*tensors, *convs, bool(delta_softplus), save_ckpt)
+    out, _, _, _ = _bi_fwd(*tensors, *convs, bool(delta_softplus), save_ckpt, float(out_scale))
     return out

@@ -252,14 +252,15 @@ def bimamba_v1_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weigh
             + selective_scan_fn(x, delta, A_b, B, C, reverse=True, **scan))
 
 
-def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="auto"):
+def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="auto", out_scale=1.0):
     """Both directions of a bidirectional ("v2") Mamba mixer before its output projection.
 
     forward_params / backward_params: dicts with each direction's conv1d_weight, conv1d_bias,
     x_proj_weight, delta_proj_weight, A, D and delta_bias. The backward direction is the forward
     computation on the flipped sequence, flipped back: an anti-causal conv and a scan from the end, on
     natural-order tensors. On CUDA both scans run in one fused kernel, which also forms delta from the
-    low-rank dt itself. Returns y_forward + y_backward, (batch, d_inner, seqlen).
+    low-rank dt itself. Returns (y_forward + y_backward) * out_scale, (batch, d_inner, seqlen): Vim averages
+    the directions with out_scale 0.5, which the fused kernels apply to the output and its gradient.
     """
     x, z = _split_xz(xz)
     directions = (forward_params, backward_params)
@@ -288,9 +289,10 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
                                      z, delta_softplus=True,
                                      delta_proj_weight_f=forward_params["delta_proj_weight"],
                                      delta_proj_weight_b=backward_params["delta_proj_weight"],
-                                     conv_f=conv(forward_params), conv_b=conv(backward_params))
+                                     conv_f=conv(forward_params), conv_b=conv(backward_params), out_scale=out_scale)
     ys = [selective_scan_fn(u, scan_ops.delta_projection(dt, params["delta_proj_weight"]), params["A"], B, C,
                             params["D"], z=z, delta_bias=params["delta_bias"], delta_softplus=True, backend=backend,
                             reverse=reverse)
           for params, (u, dt, B, C), reverse in zip(directions, inputs, (False, True))]
-    return ys[0] + ys[1]
+    y = ys[0] + ys[1]
+    return y if out_scale == 1.0 else y.mul_(out_scale)  # in place: the sum is a fresh tensor
