@@ -148,6 +148,44 @@ def test_low_precision_output_dtype_follows_x():
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti_causal"])
+@pytest.mark.parametrize("width,use_bias,activation", [(2, True, "silu"), (3, False, None), (4, True, "silu"),
+                                                       (4, False, "silu")])
+def test_fp32_cpu_path_matches_float64(monkeypatch, token_major, reverse, width, use_bias, activation):
+    """fp32 CPU convs run on torch's oneDNN conv, not the reference: the output against explicit float64
+    loops, the gradients of x, weight and bias against the float64 reference, and x's layout kept."""
+    import causal_conv1d.causal_conv1d_interface as iface
+
+    g = torch.Generator().manual_seed(width * 10 + reverse)
+    shape = (2, 9, 6)
+    x64 = torch.randn(shape[0], shape[2], shape[1], generator=g, dtype=torch.float64).transpose(1, 2) \
+        if token_major else torch.randn(*shape, generator=g, dtype=torch.float64)
+    w64 = torch.randn(shape[1], width, generator=g, dtype=torch.float64)
+    b64 = torch.randn(shape[1], generator=g, dtype=torch.float64) if use_bias else None
+    dout = torch.randn(*shape, generator=g, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in (x64, w64, b64) if t is not None]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
+
+    def reference_must_not_run(*args):
+        raise AssertionError("fp32 CPU conv fell back to the reference")
+
+    monkeypatch.setattr(iface, "causal_conv1d_ref", reference_must_not_run)
+    out = causal_conv1d_fn(*leaves32[:2], leaves32[2] if use_bias else None, activation, reverse=reverse)
+    monkeypatch.undo()
+    (out.double() * dout).sum().backward()
+    ref = causal_conv1d_ref(*leaves64[:2], leaves64[2] if use_bias else None, activation, reverse=reverse)
+    (ref * dout).sum().backward()
+
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+    expected = flip(conv_oracle(flip(x64), w64, b64, activation))
+    assert out.dtype == torch.float32 and (out.stride(1) == 1) == token_major
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "weight", "bias"), leaves32, leaves64):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
 def test_backend_reference_equals_auto_on_cpu():
     x, w, b = _inputs(2, 3, 7, 4, seed=9)
     torch.testing.assert_close(causal_conv1d_fn(x, w, b, "silu", backend="reference"),

@@ -6,7 +6,7 @@ from causal_conv1d import cuda_ops
 from causal_conv1d.layout import is_token_major
 
 ACTIVATIONS = (None, "silu", "swish")
-BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu" runs the reference: no CPU kernel is needed
+BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu": oneDNN for fp32 (_conv_onednn), else the reference
 
 
 def _check_inputs(x, weight, bias, activation):
@@ -56,18 +56,43 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     return out.to(x.dtype)
 
 
+def _onednn_applies(x, weight, bias):
+    """Whether `_conv_onednn` runs this conv: fp32 CPU tensors where torch has oneDNN (its depthwise conv
+    is slower than the reference in bf16 and float64, which it does not vectorise)."""
+    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.numel() > 0
+            and all(t is None or t.dtype == torch.float32 for t in (x, weight, bias)))
+
+
+def _conv_onednn(x, weight, bias, activation, reverse):
+    """causal_conv1d_ref's result through torch's depthwise conv2d (oneDNN on CPUs): at Vim-tiny's shape
+    (batch 16, 2 cores) 2-3x faster than the reference's shifted copies forward, 1.6x forward+backward.
+    x is seen as a (batch, dim, 1, seqlen) image: a token-major x is then a channels-last image, so the
+    output keeps x's layout without copies. Padding both ends by width-1 makes output j see
+    x[j-(width-1) .. j]: the causal conv is outputs 0..seqlen-1; the anti-causal one, with the taps
+    reversed, outputs width-1 onward."""
+    dim, width = weight.shape
+    taps = (weight.flip(-1) if reverse else weight).reshape(dim, 1, 1, width)
+    out = F.conv2d(x.unsqueeze(2), taps, bias, padding=(0, width - 1), groups=dim)
+    out = out.narrow(3, width - 1 if reverse else 0, x.shape[-1]).squeeze(2)
+    return F.silu(out) if activation is not None else out
+
+
 def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reverse=False):
-    """Causal depthwise conv1d on the compiled kernel for CUDA tensors, else on the reference.
+    """Causal depthwise conv1d on the compiled kernel for CUDA tensors, on torch's oneDNN conv for fp32
+    CPU tensors, else on the reference.
 
     reverse=True gives the anti-causal conv, conv(x.flip(-1)).flip(-1), without flipped copies on the
-    kernel. backend: "auto" (kernel when the input is on a GPU and the extension is built), "cuda" (the
-    kernel, or an error saying how to build it), "cpu" or "reference" (the reference).
+    kernel. backend: "auto" (the kernel when the input is on a GPU and the extension is built, else as
+    "cpu"), "cuda" (the kernel, or an error saying how to build it), "cpu" (oneDNN where it applies, else
+    the reference) or "reference".
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_inputs(x, weight, bias, activation)
     use_kernel = backend == "cuda" or (backend == "auto" and x.is_cuda and cuda_ops.available())
     if not use_kernel:
+        if backend != "reference" and _onednn_applies(x, weight, bias):
+            return _conv_onednn(x, weight, bias, activation, reverse)
         return causal_conv1d_ref(x, weight, bias, activation, reverse)
     cuda_ops.require()
     if not x.is_cuda:
