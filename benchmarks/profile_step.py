@@ -18,8 +18,8 @@ import vim  # noqa: F401  (registers the Vim models)
 
 # First matching pattern wins; kernel names as the profiler reports them.
 KINDS = (
-    ("scan backward", r"ss_bibwd|ss_bwd"),
-    ("scan forward", r"ss_bifwd|ss_fwd"),
+    ("scan backward", r"ssm::ss_bi?bwd_kernel"),
+    ("scan forward", r"ssm::ss_bi?fwd_kernel"),
     ("conv", r"causal_conv1d::conv_"),
     ("matmul", r"gemm|xmma|cutlass|cublas|splitKreduce|nvjet"),
     ("optimizer", r"multi_tensor_apply"),
@@ -75,6 +75,8 @@ def main():
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     totals, kernels = by_kind(prof, args.steps)
     total = sum(totals.values())
+    if total == 0:
+        raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available?)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.model}, batch {args.batch}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'compiled' if args.compile else 'eager'}: "
           f"{total:.2f} ms of GPU time per step")

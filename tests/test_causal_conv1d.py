@@ -149,19 +149,23 @@ def test_low_precision_output_dtype_follows_x():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-@pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
+@pytest.mark.parametrize("xz_half", [False, True], ids=["dense", "half_of_xz"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti_causal"])
-@pytest.mark.parametrize("width,use_bias,activation", [(2, True, "silu"), (3, False, None), (4, True, "silu"),
-                                                       (4, False, "silu")])
-def test_fp32_cpu_path_matches_float64(monkeypatch, token_major, reverse, width, use_bias, activation):
-    """fp32 CPU convs run on torch's oneDNN conv, not the reference: the output against explicit float64
-    loops, the gradients of x, weight and bias against the float64 reference, and x's layout kept."""
+@pytest.mark.parametrize("width,seqlen,use_bias,activation", [(2, 6, True, "silu"), (3, 6, False, None),
+                                                              (4, 6, True, "silu"), (4, 2, False, "silu"),
+                                                              (4, 3, True, None)])
+def test_fp32_token_major_cpu_path_matches_float64(monkeypatch, xz_half, reverse, width, seqlen, use_bias,
+                                                   activation):
+    """fp32 token-major CPU convs (a dense one, and Vim's x: a channel half of xz) run on torch's oneDNN
+    conv, not the reference: the output against explicit float64 loops, the gradients of x, weight and
+    bias against the float64 reference, and a new dense token-major output (sequences shorter than the
+    conv too)."""
     import causal_conv1d.causal_conv1d_interface as iface
 
-    g = torch.Generator().manual_seed(width * 10 + reverse)
-    shape = (2, 9, 6)
-    x64 = torch.randn(shape[0], shape[2], shape[1], generator=g, dtype=torch.float64).transpose(1, 2) \
-        if token_major else torch.randn(*shape, generator=g, dtype=torch.float64)
+    g = torch.Generator().manual_seed(width * 10 + seqlen + reverse)
+    shape = (2, 9, seqlen)
+    x64 = torch.randn(shape[0], seqlen, 2 * shape[1] if xz_half else shape[1], generator=g,
+                      dtype=torch.float64).transpose(1, 2)[:, :shape[1]]
     w64 = torch.randn(shape[1], width, generator=g, dtype=torch.float64)
     b64 = torch.randn(shape[1], generator=g, dtype=torch.float64) if use_bias else None
     dout = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -180,10 +184,29 @@ def test_fp32_cpu_path_matches_float64(monkeypatch, token_major, reverse, width,
 
     flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
     expected = flip(conv_oracle(flip(x64), w64, b64, activation))
-    assert out.dtype == torch.float32 and (out.stride(1) == 1) == token_major
+    assert out.dtype == torch.float32 and out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(("x", "weight", "bias"), leaves32, leaves64):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+def test_fp32_cpu_convs_outside_the_onednn_case_run_the_reference(monkeypatch):
+    """Channel-major x, bf16, and fp32 under CPU autocast (where conv2d would run in bf16) stay on the
+    reference; a token-major fp32 x does not."""
+    import causal_conv1d.causal_conv1d_interface as iface
+
+    calls = []
+    reference = iface.causal_conv1d_ref
+    monkeypatch.setattr(iface, "causal_conv1d_ref", lambda *a, **k: calls.append(1) or reference(*a, **k))
+    w, b = torch.randn(8, 4), torch.randn(8)
+    token_major = torch.randn(2, 5, 8).transpose(1, 2)
+    causal_conv1d_fn(torch.randn(2, 8, 5), w, b, "silu")
+    causal_conv1d_fn(token_major.bfloat16(), w.bfloat16(), b.bfloat16(), "silu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_conv1d_fn(token_major, w, b, "silu")
+    assert len(calls) == 3 and out.dtype == torch.float32
+    causal_conv1d_fn(token_major, w, b, "silu")
+    assert len(calls) == 3
 
 
 def test_backend_reference_equals_auto_on_cpu():

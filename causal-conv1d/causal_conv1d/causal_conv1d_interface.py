@@ -6,7 +6,7 @@ from causal_conv1d import cuda_ops
 from causal_conv1d.layout import is_token_major
 
 ACTIVATIONS = (None, "silu", "swish")
-BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu": oneDNN for fp32 (_conv_onednn), else the reference
+BACKENDS = ("auto", "cuda", "cpu", "reference")  # "cpu": oneDNN where it applies, else the reference
 
 
 def _check_inputs(x, weight, bias, activation):
@@ -57,29 +57,34 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
 
 
 def _onednn_applies(x, weight, bias):
-    """Whether `_conv_onednn` runs this conv: fp32 CPU tensors where torch has oneDNN (its depthwise conv
-    is slower than the reference in bf16 and float64, which it does not vectorise)."""
-    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.numel() > 0
+    """Whether `_conv_onednn` runs this conv: fp32 token-major CPU tensors (what Vim passes; the case
+    measured faster), oneDNN built and enabled, no CPU autocast (which would run conv2d in bf16). In bf16
+    and float64 oneDNN's depthwise conv is slower than the reference; without oneDNN conv2d is far slower."""
+    return (x.device.type == "cpu" and is_token_major(x) and x.numel() > 0
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
             and all(t is None or t.dtype == torch.float32 for t in (x, weight, bias)))
 
 
 def _conv_onednn(x, weight, bias, activation, reverse):
     """causal_conv1d_ref's result through torch's depthwise conv2d (oneDNN on CPUs): at Vim-tiny's shape
     (batch 16, 2 cores) 2-3x faster than the reference's shifted copies forward, 1.6x forward+backward.
-    x is seen as a (batch, dim, 1, seqlen) image: a token-major x is then a channels-last image, so the
-    output keeps x's layout without copies. Padding both ends by width-1 makes output j see
-    x[j-(width-1) .. j]: the causal conv is outputs 0..seqlen-1; the anti-causal one, with the taps
-    reversed, outputs width-1 onward."""
+    The token-major x is seen as a (batch, dim, 1, seqlen) channels-last image, so the output is
+    token-major too. Padding both ends by width-1 makes output j see x[j-(width-1) .. j]: the causal conv
+    is outputs 0..seqlen-1; the anti-causal one, with the taps reversed, outputs width-1 onward. Returns
+    a new dense token-major tensor, as the reference does (SiLU writes one; without it, a copy)."""
     dim, width = weight.shape
     taps = (weight.flip(-1) if reverse else weight).reshape(dim, 1, 1, width)
     out = F.conv2d(x.unsqueeze(2), taps, bias, padding=(0, width - 1), groups=dim)
     out = out.narrow(3, width - 1 if reverse else 0, x.shape[-1]).squeeze(2)
-    return F.silu(out) if activation is not None else out
+    if activation is not None:
+        return F.silu(out)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None, backend="auto", reverse=False):
     """Causal depthwise conv1d on the compiled kernel for CUDA tensors, on torch's oneDNN conv for fp32
-    CPU tensors, else on the reference.
+    token-major CPU tensors, else on the reference.
 
     reverse=True gives the anti-causal conv, conv(x.flip(-1)).flip(-1), without flipped copies on the
     kernel. backend: "auto" (the kernel when the input is on a GPU and the extension is built, else as

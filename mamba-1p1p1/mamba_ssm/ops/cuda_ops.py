@@ -44,7 +44,7 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused bidirectional scan (Vim v2 block): out = silu(z) * (y_f + y_b), where direction b runs
+# Fused bidirectional scan (Vim v2 block): out = silu(z) * (y_f + y_b) * out_scale, where direction b runs
 # from position L-1 down to 0 over natural-order inputs: no flipped copies, one launch each way.
 # With a direction's delta projection weight W (dim, rank), its `delta` input is the low-rank dt
 # (batch, rank, seqlen): the forward kernel forms delta = W @ dt itself, so the full-size delta is
@@ -75,7 +75,8 @@ def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
 
 @_bi_fwd.register_fake
 def _(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
-      dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt, out_scale):
+      dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt,
+      out_scale):
     batch, dim, seqlen = u_f.shape
     f32 = torch.float32
     ck_shape = (batch, dim, (seqlen + CHUNK - 1) // CHUNK, MAX_STATE) if save_ckpt else (0,)
