@@ -47,11 +47,26 @@ def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor, s
     return dx, dweight, dbias
 
 
+def _fake_weight_grads(x, weight, bias):
+    """Shapes of the backward ops' fp32 (dweight, dbias), dbias empty without a bias."""
+    return (x.new_empty(weight.shape, dtype=torch.float32),
+            x.new_empty((x.shape[1],) if bias is not None else (0,), dtype=torch.float32))
+
+
+def _param_grad(grad, param):
+    """A backward op's fp32 parameter gradient in the parameter's dtype; None for an absent parameter."""
+    return grad.to(param.dtype) if param is not None else None
+
+
+def _check_shapes(op, x, weight):
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"{op}: x must be (batch, dim, seqlen) and weight (dim, width) with width 2..4; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+
+
 @_conv_bwd.register_fake
 def _(x, weight, bias, dout, silu, reverse):
-    dbias_shape = (x.shape[1],) if bias is not None else (0,)
-    return (empty_in_layout(x), x.new_empty(weight.shape, dtype=torch.float32),
-            x.new_empty(dbias_shape, dtype=torch.float32))
+    return (empty_in_layout(x), *_fake_weight_grads(x, weight, bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -64,7 +79,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
     dx, dweight, dbias = _conv_bwd(x, weight, bias, dout, ctx.silu, ctx.reverse)
-    return dx, dweight.to(weight.dtype), (dbias.to(bias.dtype) if bias is not None else None), None, None
+    return dx, _param_grad(dweight, weight), _param_grad(dbias, bias), None, None
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -79,9 +94,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, rever
     (= conv(x.flip(-1)).flip(-1)). Returns a tensor in x's dtype and layout (causal_conv1d.layout).
     """
     require()
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or not 2 <= weight.shape[1] <= 4:
-        raise ValueError(f"causal_conv1d: x must be (batch, dim, seqlen) and weight (dim, width) with width 2..4; "
-                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    _check_shapes("causal_conv1d", x, weight)
     return _conv_fwd(x, weight, bias, bool(silu), bool(reverse))
 
 
@@ -110,11 +123,7 @@ def _bi_bwd(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], weight_b: Ten
 
 @_bi_bwd.register_fake
 def _(x, weight_f, bias_f, weight_b, bias_b, dout_f, dout_b, silu):
-    def dbias(bias):
-        return x.new_empty((x.shape[1],) if bias is not None else (0,), dtype=torch.float32)
-
-    return (empty_in_layout(x), x.new_empty(weight_f.shape, dtype=torch.float32), dbias(bias_f),
-            x.new_empty(weight_b.shape, dtype=torch.float32), dbias(bias_b))
+    return (empty_in_layout(x), *_fake_weight_grads(x, weight_f, bias_f), *_fake_weight_grads(x, weight_b, bias_b))
 
 
 def _bi_setup_context(ctx, inputs, output):
@@ -126,11 +135,8 @@ def _bi_setup_context(ctx, inputs, output):
 def _bi_backward(ctx, dout_f, dout_b):
     x, weight_f, bias_f, weight_b, bias_b = ctx.saved_tensors
     dx, dwf, dbf, dwb, dbb = _bi_bwd(x, weight_f, bias_f, weight_b, bias_b, dout_f, dout_b, ctx.silu)
-
-    def cast(grad, param):
-        return grad.to(param.dtype) if param is not None else None
-
-    return dx, cast(dwf, weight_f), cast(dbf, bias_f), cast(dwb, weight_b), cast(dbb, bias_b), None
+    return (dx, _param_grad(dwf, weight_f), _param_grad(dbf, bias_f), _param_grad(dwb, weight_b),
+            _param_grad(dbb, bias_b), None)
 
 
 _bi_fwd.register_autograd(_bi_backward, setup_context=_bi_setup_context)
@@ -143,9 +149,7 @@ def causal_conv1d_bidirectional(x: torch.Tensor, weight_f: torch.Tensor, bias_f,
     of one width 2..4. The backward writes one dx, the sum of both directions' terms."""
     require()
     for weight in (weight_f, weight_b):
-        if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or not 2 <= weight.shape[1] <= 4:
-            raise ValueError(f"causal_conv1d_bidirectional: x must be (batch, dim, seqlen) and each weight (dim, width) "
-                             f"with width 2..4; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        _check_shapes("causal_conv1d_bidirectional", x, weight)
     if weight_f.shape != weight_b.shape:
         raise ValueError(f"causal_conv1d_bidirectional: both weights must have one shape, got {tuple(weight_f.shape)} "
                          f"and {tuple(weight_b.shape)}")
