@@ -44,6 +44,11 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def cell(value, width, spec, suffix=""):
+    """A table cell: the value formatted (with suffix), or "-" where it was not measured (--skip-reference)."""
+    return (f"{value:{spec}}{suffix}" if value is not None else "-").rjust(width)
+
+
 def main():
     args = parse()
     if args.ext_dir:
@@ -107,8 +112,9 @@ def main():
                             out.backward(torch.ones_like(out))
                     ms[name] = best_time(run, reps) * 1e3
                     row[f"{pass_name}_{name}_ms"] = ms[name]
-                ref = ms.get("reference", float("nan"))
-                print(f"{batch:>5} {pass_name:>8} {ref:>13.1f} {ms['kernel']:>10.2f} {ref / ms['kernel']:>7.1f}x")
+                ref = ms.get("reference")
+                print(f"{batch:>5} {pass_name:>8} {cell(ref, 13, '.1f')} {ms['kernel']:>10.2f} "
+                      f"{cell(ref and ref / ms['kernel'], 8, '.1f', 'x')}")
             results["scan"].append(row)
 
     # 2. Whole model, inference.
@@ -128,8 +134,9 @@ def main():
                 row[f"{name}_img_s"] = batch / best_time(run, reps)
             finally:
                 ssi.selective_scan_fn = original_fn
-        ref = row.get("reference_img_s", float("nan"))
-        print(f"{batch:>5} {ref:>10.2f} {row['kernel_img_s']:>10.2f} {row['kernel_img_s'] / ref:>7.1f}x")
+        ref = row.get("reference_img_s")
+        print(f"{batch:>5} {cell(ref, 10, '.2f')} {row['kernel_img_s']:>10.2f} "
+              f"{cell(ref and row['kernel_img_s'] / ref, 8, '.1f', 'x')}")
         results["model"].append(row)
 
     if args.json:
