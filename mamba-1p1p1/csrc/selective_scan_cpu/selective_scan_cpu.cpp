@@ -218,7 +218,7 @@ SS_INLINE V fexp(V x) {
 // where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f by
 // a degree-5 minimax polynomial (relative error below 2e-7 evaluated in fp32, like the GPU's ex2.approx)
 // times 2^k built from the exponent bits: ~14 vector operations against fexp's ~24. 2^x is subnormal below
-// -126: the result is 0 below -126.5 and a subnormal 2^x above.
+// -126: the result is 0 below -126.5 and 2^x (subnormal) from there to -126.
 template <class V>
 SS_INLINE V fexp2_nonpos(V x) {
   // Raised to -127, where k = -127 builds a zero scale: one select instead of a clamp and a zeroing.
