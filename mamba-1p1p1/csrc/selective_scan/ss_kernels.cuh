@@ -422,13 +422,27 @@ __global__ void __launch_bounds__(kFwdThreads, 12) ss_fwd_kernel(const ScanParam
 // Both directions of a bidirectional block in one launch: each warp runs the forward direction for its
 // channels (y into the fp32 buffer y_acc_out), then the reverse direction, which adds that buffer before
 // the gate. The buffer is written and read by the same warp (ordered by __syncwarp) and mostly stays in L2.
+struct BiScanParams {
+  ScanParams dir[2];  // the forward direction, then the reverse one
+};
+
 template <typename T, bool kTM>
-__global__ void __launch_bounds__(kFwdThreads, 12) ss_bifwd_kernel(const ScanParams pf, const ScanParams pb) {
+__global__ void __launch_bounds__(kFwdThreads, 12) ss_bifwd_kernel(const __grid_constant__ BiScanParams bp) {
   __shared__ FwdSmem sm;
   extern __shared__ __align__(16) float fwd_proj_smem[];
-  fwd_direction<T, kTM>(pf, sm, fwd_proj_smem);
-  __syncwarp();
-  fwd_direction<T, kTM>(pb, sm, fwd_proj_smem);
+  if constexpr (kTM) {
+    // A loop, not two inlined calls: one copy of the direction's code (fp32: 79 KB of SASS instead of 141,
+    // on which warps waited for instruction fetches 13% of the time; 3-8% faster on an H200).
+#pragma unroll 1
+    for (int i = 0; i < 2; ++i) {
+      __syncwarp();
+      fwd_direction<T, kTM>(bp.dir[i], sm, fwd_proj_smem);
+    }
+  } else {  // channel-major: the loop spilled registers and ran 2.1x slower
+    fwd_direction<T, kTM>(bp.dir[0], sm, fwd_proj_smem);
+    __syncwarp();
+    fwd_direction<T, kTM>(bp.dir[1], sm, fwd_proj_smem);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -492,6 +506,43 @@ struct BwdSmem {
   __align__(16) float dbc[2][kSub][kDbcRow];          // per-channel dB / dC of one sub-chunk
 };
 
+// Asks L2 for the line holding `at` (no registers, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* at) { asm volatile("prefetch.global.L2 [%0];" ::"l"(at)); }
+
+// The lines of a row of `count` elements `stride` apart: those of its first and last element (a row of the
+// model's tensors spans at most two 128-byte lines).
+template <typename T>
+__device__ __forceinline__ void prefetch_row(const T* first, int count, int64_t stride) {
+  prefetch_l2(first);
+  prefetch_l2(first + (count - 1) * stride);
+}
+
+// Token-major backward: the rows of the next chunk (logical positions s0 .. s0+kT-1) that its element
+// and B/C loads read, asked for one chunk ahead, so that those loads find them in L2 (4-5% faster in bf16,
+// 1-2% in fp32 on an H200; the same prefetch made the forward 8% slower in fp32). Thread 32 q + j takes
+// position j of u and B (q = 0), delta and C (1), z and ysum (2), dout (3).
+template <typename T>
+__device__ __forceinline__ void prefetch_chunk(const ScanParams& p, const BlockGeo& geo, int s0, const T* u,
+                                               const T* delta, const T* z, const T* dout) {
+  const int q = threadIdx.x / kT, j = threadIdx.x % kT;
+  const int64_t pos = phys(p, s0 + j);
+  const int64_t out_row = (int64_t(geo.b) * p.seqlen + pos) * p.dim + geo.d0;
+  if (q == 0) {
+    prefetch_row(u + geo.d0 + pos * p.u_seq_stride, geo.nch, p.u_dim_stride);
+    prefetch_row(reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
+                     pos * p.B_seq_stride, p.dstate, p.B_state_stride);
+  } else if (q == 1) {
+    prefetch_row(delta + geo.d0 + pos * p.delta_seq_stride, geo.nch, p.delta_dim_stride);
+    prefetch_row(reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
+                     pos * p.C_seq_stride, p.dstate, p.C_state_stride);
+  } else if (q == 2) {
+    if (z != nullptr) prefetch_row(z + geo.d0 + pos * p.z_seq_stride, geo.nch, p.z_dim_stride);
+    if (p.ysum != nullptr) prefetch_row(p.ysum + out_row, geo.nch, int64_t(1));
+  } else {
+    prefetch_row(dout + out_row, geo.nch, int64_t(1));
+  }
+}
+
 template <typename T, bool kTM>
 __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -532,6 +583,9 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
   for (int c = p.nchunks - 1; c >= 0; --c) {
     const int s0 = c * kT;
     const int len = min(kT, L - s0);
+    if constexpr (kTM) {
+      if (c > 0) prefetch_chunk(p, geo, s0 - kT, u, delta, z, dout);
+    }
     const ElemWalk wu = elem_walk<kTM>(p, geo, s0, p.u_dim_stride, p.u_seq_stride);
     const ElemWalk wd = elem_walk<kTM>(p, geo, s0, p.delta_dim_stride, p.delta_seq_stride);
     const ElemWalk wz = elem_walk<kTM>(p, geo, s0, p.z_dim_stride, p.z_seq_stride);
@@ -758,7 +812,7 @@ cudaError_t ss_bwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
 template <typename T, bool kTM>
 cudaError_t ss_bifwd_launch_layout(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
   const int smem = std::max(fwd_dynamic_smem(pf), fwd_dynamic_smem(pb));
-  ss_bifwd_kernel<T, kTM><<<scan_grid(pf), kFwdThreads, smem, stream>>>(pf, pb);
+  ss_bifwd_kernel<T, kTM><<<scan_grid(pf), kFwdThreads, smem, stream>>>(BiScanParams{{pf, pb}});
   return cudaGetLastError();
 }
 
