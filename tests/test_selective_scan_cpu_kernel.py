@@ -169,6 +169,38 @@ def test_backward_without_saved_checkpoints_and_noncontiguous():
     close(u.grad, ref_u.grad, 5e-6, 1e-6, "grad u")
 
 
+@pytest.mark.parametrize("batch,groups,reverse", [(2, 3, False), (2, 3, True), (8, 1, True)])
+def test_token_major_blocks_of_channels(batch, groups, reverse):
+    """Token-major operands as Vim passes them (u and z channel halves of one (batch, seqlen, 2 dim) tensor,
+    delta and dout (batch, seqlen, dim) transposed): the kernels move rows 8 channels at a time, so dim 21
+    leaves a partial block; 3 groups of 7 channels put block and group boundaries in different places, and
+    with batch 8 the backward's work units span more than 8 channels (several blocks each)."""
+    dim, L, N = 21, 70, 16
+    g = torch.Generator().manual_seed(21 + batch + reverse)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    xz = r(batch, L, 2 * dim).transpose(1, 2)
+    t = dict(u=xz[:, :dim], delta=(torch.rand(batch, L, dim, generator=g, dtype=torch.float64) * 0.6 - 0.3).transpose(1, 2),
+             A=-(0.5 + torch.rand(dim, N, generator=g, dtype=torch.float64)), B=r(batch, groups, N, L),
+             C=r(batch, groups, N, L), D=r(dim), z=xz[:, dim:], delta_bias=r(dim) * 0.3)
+    dout = r(batch, L, dim).transpose(1, 2)
+    out_r, last_r, gr = oracle(t, True, reverse, dout)
+    leaves = {k: (v.detach().float().requires_grad_() if k in ("A", "D", "delta_bias", "B", "C") else None)
+              for k, v in t.items()}
+    xz32 = xz.detach().float().requires_grad_()
+    delta32 = t["delta"].detach().float().requires_grad_()
+    leaves.update(u=xz32[:, :dim], delta=delta32, z=xz32[:, dim:])
+    out, last = cpu_ops.selective_scan(*(leaves[k] for k in NAMES), True, True, reverse=reverse)
+    assert out.stride(1) == 1, "the output keeps u's token-major layout"
+    out.backward(dout.float())
+    close(out, out_r, 2e-6, 1e-6, "out")
+    close(last, last_r, 2e-6, 1e-6, "last_state")
+    close(xz32.grad[:, :dim], gr["u"], 5e-6, 1e-6, "grad u")
+    close(xz32.grad[:, dim:], gr["z"], 5e-6, 1e-6, "grad z")
+    close(delta32.grad, gr["delta"], 5e-6, 1e-6, "grad delta")
+    for k in ("A", "B", "C", "D", "delta_bias"):
+        close(leaves[k].grad, gr[k], 5e-6, 1e-6, f"grad {k}")
+
+
 def test_empty_and_no_grad():
     t = make(seqlen=5)
     with torch.no_grad():

@@ -606,6 +606,34 @@ SS_INLINE void store_row(const float* src, T* dst, int64_t stride, int L) {
   }
 }
 
+// Channels whose rows are moved together: in a token-major operand (channel stride 1) 8 adjacent
+// channels of a position share a cache line.
+constexpr int kRowBlock = 8;
+
+// Rows of nch <= kRowBlock channels (positions 0..L-1) of a (batch, dim, seqlen) operand, `src` at the
+// first one, into dst[c * L + t] as fp32. A token-major operand is read position by position, its nch
+// adjacent values at a time: one strided row per channel touched a new cache line at every position (the
+// token-major forward ran 35% slower than the channel-major one).
+template <typename T>
+SS_INLINE void load_rows(const T* src, int64_t dim_stride, int64_t seq_stride, int nch, int L, float* dst) {
+  if (dim_stride == 1 && seq_stride != 1) {
+    for (int t = 0; t < L; ++t)
+      for (int c = 0; c < nch; ++c) dst[c * L + t] = static_cast<float>(src[t * seq_stride + c]);
+  } else {
+    for (int c = 0; c < nch; ++c) load_row(src + c * dim_stride, seq_stride, dst + c * L, L);
+  }
+}
+// The inverse of load_rows: src[c * L + t] into the operand's rows.
+template <typename T>
+SS_INLINE void store_rows(const float* src, T* dst, int64_t dim_stride, int64_t seq_stride, int nch, int L) {
+  if (dim_stride == 1 && seq_stride != 1) {
+    for (int t = 0; t < L; ++t)
+      for (int c = 0; c < nch; ++c) dst[t * seq_stride + c] = static_cast<T>(src[c * L + t]);
+  } else {
+    for (int c = 0; c < nch; ++c) store_row(src + c * L, dst + c * dim_stride, seq_stride, L);
+  }
+}
+
 // A new (batch, dim, seqlen) tensor in u's layout, so that a Mamba block stays in the linear layers'
 // layout, as with the CUDA kernels.
 at::Tensor empty_in_layout(const at::Tensor& u) {
@@ -688,33 +716,42 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
   const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
   T* o = out.data_ptr<T>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), ds0 = p.delta.stride(0), ds1 = p.delta.stride(1);
-  const int64_t zs0 = z ? p.z.stride(0) : 0, zs1 = z ? p.z.stride(1) : 0;
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.L));
-  at::parallel_for(0, p.batch * dim, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(L) * 7);
-    float *fu = buf.data(), *fd = fu + L, *fz = fd + L, *dt = fz + L, *sig = dt + L, *dtu = sig + L, *y = dtu + L;
-    for (int64_t bd = begin; bd < end; ++bd) {
-      const int64_t b = bd / dim, d = bd % dim, g = d / per_group;
-      load_row(u + b * us0 + d * us1, p.u.stride(2), fu, L);
-      load_row(delta + b * ds0 + d * ds1, p.delta.stride(2), fd, L);
-      prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
-      FwdChannel a;
-      a.L = L;
-      a.N = N;
-      a.reverse = reverse;
-      a.dt = dt;
-      a.dtu = dtu;
-      a.A = A + d * N;
-      a.Bt = Bt + (b * p.groups + g) * p.L * N;
-      a.Ct = Ct + (b * p.groups + g) * p.L * N;
-      a.y = y;
-      a.last = last ? last + bd * N : nullptr;
-      a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
-      fwd_channel(a);
-      if (z) load_row(z + b * zs0 + d * zs1, p.z.stride(2), fz, L);
-      finish_rows(L, y, fu, Dp ? Dp[d] : 0.0f, z ? fz : nullptr);
-      store_row(y, o + b * os0 + d * os1, os2, L);
+  const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), us2 = p.u.stride(2);
+  const int64_t ds0 = p.delta.stride(0), ds1 = p.delta.stride(1), ds2 = p.delta.stride(2);
+  const int64_t zs0 = z ? p.z.stride(0) : 0, zs1 = z ? p.z.stride(1) : 0, zs2 = z ? p.z.stride(2) : 0;
+  const int64_t nblk = (dim + kRowBlock - 1) / kRowBlock;  // blocks of channels per batch element
+  const int64_t grain = std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L)));
+  at::parallel_for(0, p.batch * nblk, grain, [&](int64_t begin, int64_t end) {
+    const size_t rows = static_cast<size_t>(L) * kRowBlock;
+    std::vector<float> buf(rows * 4 + static_cast<size_t>(L) * 3);
+    float *fu = buf.data(), *fd = fu + rows, *fz = fd + rows, *y = fz + rows, *dt = y + rows, *sig = dt + L,
+          *dtu = sig + L;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / nblk, d0 = (i % nblk) * kRowBlock;
+      const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, dim - d0));
+      load_rows(u + b * us0 + d0 * us1, us1, us2, nch, L, fu);
+      load_rows(delta + b * ds0 + d0 * ds1, ds1, ds2, nch, L, fd);
+      if (z) load_rows(z + b * zs0 + d0 * zs1, zs1, zs2, nch, L, fz);
+      for (int c = 0; c < nch; ++c) {
+        const int64_t d = d0 + c, bd = b * dim + d, g = d / per_group;
+        float *uc = fu + c * L, *yc = y + c * L;
+        prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
+        FwdChannel a;
+        a.L = L;
+        a.N = N;
+        a.reverse = reverse;
+        a.dt = dt;
+        a.dtu = dtu;
+        a.A = A + d * N;
+        a.Bt = Bt + (b * p.groups + g) * p.L * N;
+        a.Ct = Ct + (b * p.groups + g) * p.L * N;
+        a.y = yc;
+        a.last = last ? last + bd * N : nullptr;
+        a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
+        fwd_channel(a);
+        finish_rows(L, yc, uc, Dp ? Dp[d] : 0.0f, z ? fz + c * L : nullptr);
+      }
+      store_rows(y, o + b * os0 + d0 * os1, os1, os2, nch, L);
     }
   });
 }
@@ -794,75 +831,84 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
       float* dApp = dAp.data_ptr<float>();
       float* dDpp = dDp.data_ptr<float>();
       float* ddbpp = ddbp.data_ptr<float>();
-      const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), ds0 = p.delta.stride(0), ds1 = p.delta.stride(1);
-      const int64_t zs0 = zp ? p.z.stride(0) : 0, zs1 = zp ? p.z.stride(1) : 0;
-      const int64_t gs0 = dout_c.stride(0), gs1 = dout_c.stride(1);
+      const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), us2 = p.u.stride(2);
+      const int64_t ds0 = p.delta.stride(0), ds1 = p.delta.stride(1), ds2 = p.delta.stride(2);
+      const int64_t zs0 = zp ? p.z.stride(0) : 0, zs1 = zp ? p.z.stride(1) : 0, zs2 = zp ? p.z.stride(2) : 0;
+      const int64_t gs0 = dout_c.stride(0), gs1 = dout_c.stride(1), gs2 = dout_c.stride(2);
       at::parallel_for(0, bg * nblocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(static_cast<size_t>(L) * 10 + static_cast<size_t>(kChunk) * N * 2);
-        float *fu = buf.data(), *fd = fu + L, *fz = fd + L, *fg = fz + L, *dt = fg + L, *sig = dt + L,
-              *dtu = sig + L, *dy = dtu + L, *y = dy + L, *ddt = y + L;
-        float* hbuf = ddt + L;
+        const size_t rows = static_cast<size_t>(L) * kRowBlock;
+        std::vector<float> buf(rows * 7 + static_cast<size_t>(L) * 5 + static_cast<size_t>(kChunk) * N * 2);
+        // Rows of a block of channels: inputs, then the gradients written back together.
+        float *fu = buf.data(), *fd = fu + rows, *fz = fd + rows, *fg = fz + rows, *gu = fg + rows, *gd = gu + rows,
+              *gz = gd + rows;
+        float *dt = gz + rows, *sig = dt + L, *dtu = sig + L, *dy = dtu + L, *y = dy + L;  // one channel's
+        float* hbuf = y + L;
         float* abuf = hbuf + static_cast<size_t>(kChunk) * N;
-        float* dsilu = fz;  // silu'(z) replaces z once dy is known
-        std::vector<float> fdu(L);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t bgi = w / nblocks, blk = w % nblocks;
           const int64_t b = bgi / groups, g = bgi % groups;
           const int64_t d0 = g * per_group + blk * block, d1 = std::min(g * per_group + per_group, d0 + block);
           float* dBt = dBpp + w * p.L * N;
           float* dCt = dCpp + w * p.L * N;
-          for (int64_t d = d0; d < d1; ++d) {
-            const int64_t bd = b * dim + d;
-            load_row(up + b * us0 + d * us1, p.u.stride(2), fu, L);
-            load_row(dp + b * ds0 + d * ds1, p.delta.stride(2), fd, L);
-            load_row(gp + b * gs0 + d * gs1, dout_c.stride(2), fg, L);
-            const float Dv = Dp ? Dp[d] : 0.0f;
-            prep_rows(L, fd, fu, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
-            if (zp) {
-              load_row(zp + b * zs0 + d * zs1, p.z.stride(2), fz, L);
-              gate_bwd_rows(L, fg, fz, dy, dsilu);
-            } else {
-              std::copy(fg, fg + L, dy);
+          for (int64_t r0 = d0; r0 < d1; r0 += kRowBlock) {
+            const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, d1 - r0));
+            load_rows(up + b * us0 + r0 * us1, us1, us2, nch, L, fu);
+            load_rows(dp + b * ds0 + r0 * ds1, ds1, ds2, nch, L, fd);
+            load_rows(gp + b * gs0 + r0 * gs1, gs1, gs2, nch, L, fg);
+            if (zp) load_rows(zp + b * zs0 + r0 * zs1, zs1, zs2, nch, L, fz);
+            for (int c = 0; c < nch; ++c) {
+              const int64_t d = r0 + c, bd = b * dim + d;
+              const float *uc = fu + c * L, *gc = fg + c * L;
+              float* dsilu = fz + c * L;  // silu'(z) replaces z once dy is known
+              float *duc = gu + c * L, *ddt = gd + c * L;
+              const float Dv = Dp ? Dp[d] : 0.0f;
+              prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
+              if (zp) {
+                gate_bwd_rows(L, gc, dsilu, dy, dsilu);
+              } else {
+                std::copy(gc, gc + L, dy);
+              }
+              BwdChannel a;
+              a.L = L;
+              a.N = N;
+              a.reverse = reverse;
+              a.u = uc;
+              a.dt = dt;
+              a.dtu = dtu;
+              a.dy = dy;
+              a.A = Ap + d * N;
+              a.Bt = Bt + bgi * p.L * N;
+              a.Ct = Ct + bgi * p.L * N;
+              a.ckpt = ck + bd * p.nchunks * N;
+              a.dlast = dl ? dl + bd * N : nullptr;
+              a.Dv = Dv;
+              a.y = y;
+              a.du = duc;
+              a.ddt = ddt;
+              a.dA = dApp + bd * N;
+              a.dBt = dBt;
+              a.dCt = dCt;
+              a.hbuf = hbuf;
+              a.abuf = abuf;
+              bwd_channel(a);
+              float sD = 0.0f, sdb = 0.0f;
+              for (int t = 0; t < L; ++t) {
+                sD += dy[t] * uc[t];
+                const float ddl = ddt[t] * sig[t];
+                ddt[t] = ddl;
+                sdb += ddl;
+              }
+              dDpp[bd] = sD;
+              ddbpp[bd] = sdb;
+              if (zp) {
+                float* dzc = gz + c * L;
+                for (int t = 0; t < L; ++t) dzc[t] = gc[t] * (y[t] + Dv * uc[t]) * dsilu[t];
+              }
             }
-            BwdChannel a;
-            a.L = L;
-            a.N = N;
-            a.reverse = reverse;
-            a.u = fu;
-            a.dt = dt;
-            a.dtu = dtu;
-            a.dy = dy;
-            a.A = Ap + d * N;
-            a.Bt = Bt + bgi * p.L * N;
-            a.Ct = Ct + bgi * p.L * N;
-            a.ckpt = ck + bd * p.nchunks * N;
-            a.dlast = dl ? dl + bd * N : nullptr;
-            a.Dv = Dv;
-            a.y = y;
-            a.du = fdu.data();
-            a.ddt = ddt;
-            a.dA = dApp + bd * N;
-            a.dBt = dBt;
-            a.dCt = dCt;
-            a.hbuf = hbuf;
-            a.abuf = abuf;
-            bwd_channel(a);
-            float sD = 0.0f, sdb = 0.0f;
-            for (int t = 0; t < L; ++t) {
-              sD += dy[t] * fu[t];
-              const float ddl = ddt[t] * sig[t];
-              ddt[t] = ddl;
-              sdb += ddl;
-            }
-            dDpp[bd] = sD;
-            ddbpp[bd] = sdb;
-            const int64_t o = b * os0 + d * os1;
-            store_row(fdu.data(), dup + o, os2, L);
-            store_row(ddt, ddp + o, os2, L);
-            if (zp) {
-              for (int t = 0; t < L; ++t) y[t] = fg[t] * (y[t] + Dv * fu[t]) * dsilu[t];
-              store_row(y, dzp + o, os2, L);
-            }
+            const int64_t o = b * os0 + r0 * os1;
+            store_rows(gu, dup + o, os1, os2, nch, L);
+            store_rows(gd, ddp + o, os1, os2, nch, L);
+            if (zp) store_rows(gz, dzp + o, os1, os2, nch, L);
           }
         }
       });
