@@ -610,12 +610,14 @@ SS_INLINE void store_row(const float* src, T* dst, int64_t stride, int L) {
 // channels of a position share a cache line.
 constexpr int kRowBlock = 8;
 
-// Rows of nch <= kRowBlock channels (positions 0..L-1) of a (batch, dim, seqlen) operand, `src` at the
-// first one, into dst[c * L + t] as fp32. A token-major operand is read position by position, its nch
-// adjacent values at a time: one strided row per channel touched a new cache line at every position (the
-// token-major forward ran 35% slower than the channel-major one).
+// Rows of channels d0 .. d0+nch-1 (nch <= kRowBlock, positions 0..L-1) of batch element b of a (batch,
+// dim, seqlen) operand of type T, into dst[c * L + t] as fp32. A token-major operand is read position by
+// position, its nch adjacent values at a time: one strided row per channel touched a new cache line at
+// every position (the token-major forward ran 35% slower than the channel-major one).
 template <typename T>
-SS_INLINE void load_rows(const T* src, int64_t dim_stride, int64_t seq_stride, int nch, int L, float* dst) {
+SS_INLINE void load_rows(const at::Tensor& operand, int64_t b, int64_t d0, int nch, int L, float* dst) {
+  const int64_t dim_stride = operand.stride(1), seq_stride = operand.stride(2);
+  const T* src = operand.const_data_ptr<T>() + b * operand.stride(0) + d0 * dim_stride;
   if (dim_stride == 1 && seq_stride != 1) {
     for (int t = 0; t < L; ++t)
       for (int c = 0; c < nch; ++c) dst[c * L + t] = static_cast<float>(src[t * seq_stride + c]);
@@ -625,7 +627,9 @@ SS_INLINE void load_rows(const T* src, int64_t dim_stride, int64_t seq_stride, i
 }
 // The inverse of load_rows: src[c * L + t] into the operand's rows.
 template <typename T>
-SS_INLINE void store_rows(const float* src, T* dst, int64_t dim_stride, int64_t seq_stride, int nch, int L) {
+SS_INLINE void store_rows(const float* src, at::Tensor& operand, int64_t b, int64_t d0, int nch, int L) {
+  const int64_t dim_stride = operand.stride(1), seq_stride = operand.stride(2);
+  T* dst = operand.data_ptr<T>() + b * operand.stride(0) + d0 * dim_stride;
   if (dim_stride == 1 && seq_stride != 1) {
     for (int t = 0; t < L; ++t)
       for (int c = 0; c < nch; ++c) dst[t * seq_stride + c] = static_cast<T>(src[c * L + t]);
@@ -706,19 +710,12 @@ template <typename T>
 void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, float* last, float* ckpt) {
   const int L = static_cast<int>(p.L), N = static_cast<int>(p.N);
   const int64_t dim = p.dim, per_group = p.dim / p.groups;
-  const T* u = p.u.data_ptr<T>();
-  const T* delta = p.delta.data_ptr<T>();
-  const T* z = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
+  const bool has_z = p.z.defined();
   const float* A = p.A.data_ptr<float>();
   const float* Bt = p.Bt.data_ptr<float>();
   const float* Ct = p.Ct.data_ptr<float>();
   const float* Dp = p.D.defined() ? p.D.data_ptr<float>() : nullptr;
   const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
-  T* o = out.data_ptr<T>();
-  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), us2 = p.u.stride(2);
-  const int64_t ds0 = p.delta.stride(0), ds1 = p.delta.stride(1), ds2 = p.delta.stride(2);
-  const int64_t zs0 = z ? p.z.stride(0) : 0, zs1 = z ? p.z.stride(1) : 0, zs2 = z ? p.z.stride(2) : 0;
   const int64_t nblk = (dim + kRowBlock - 1) / kRowBlock;  // blocks of channels per batch element
   const int64_t grain = std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L)));
   at::parallel_for(0, p.batch * nblk, grain, [&](int64_t begin, int64_t end) {
@@ -729,12 +726,13 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nblk, d0 = (i % nblk) * kRowBlock;
       const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, dim - d0));
-      load_rows(u + b * us0 + d0 * us1, us1, us2, nch, L, fu);
-      load_rows(delta + b * ds0 + d0 * ds1, ds1, ds2, nch, L, fd);
-      if (z) load_rows(z + b * zs0 + d0 * zs1, zs1, zs2, nch, L, fz);
+      load_rows<T>(p.u, b, d0, nch, L, fu);
+      load_rows<T>(p.delta, b, d0, nch, L, fd);
+      if (has_z) load_rows<T>(p.z, b, d0, nch, L, fz);
       for (int c = 0; c < nch; ++c) {
         const int64_t d = d0 + c, bd = b * dim + d, g = d / per_group;
-        float *uc = fu + c * L, *yc = y + c * L;
+        const float* uc = fu + c * L;
+        float* yc = y + c * L;
         prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
         FwdChannel a;
         a.L = L;
@@ -749,9 +747,9 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
         a.last = last ? last + bd * N : nullptr;
         a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
         fwd_channel(a);
-        finish_rows(L, yc, uc, Dp ? Dp[d] : 0.0f, z ? fz + c * L : nullptr);
+        finish_rows(L, yc, uc, Dp ? Dp[d] : 0.0f, has_z ? fz + c * L : nullptr);
       }
-      store_rows(y, o + b * os0 + d0 * os1, os1, os2, nch, L);
+      store_rows<T>(y, out, b, d0, nch, L);
     }
   });
 }
@@ -798,7 +796,6 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   at::Tensor du = empty_in_layout(u);
   at::Tensor ddelta = empty_in_layout(u);
   at::Tensor dz = z.has_value() ? empty_in_layout(u) : empty0(u);
-  const int64_t os0 = du.stride(0), os1 = du.stride(1), os2 = du.stride(2);
   // Work units: (batch, group, block of channels); each owns a private dB/dC accumulator.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t bg = batch * groups;
@@ -812,10 +809,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   if (du.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_cpu_bwd", [&] {
       using T = scalar_t;
-      const T* up = p.u.data_ptr<T>();
-      const T* dp = p.delta.data_ptr<T>();
-      const T* zp = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
-      const T* gp = dout_c.data_ptr<T>();
+      const bool has_z = p.z.defined();
       const float* Ap = p.A.data_ptr<float>();
       const float* Bt = p.Bt.data_ptr<float>();
       const float* Ct = p.Ct.data_ptr<float>();
@@ -823,18 +817,11 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
       const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
       const float* ck = ckpt_c.data_ptr<float>();
       const float* dl = dlast_c.defined() ? dlast_c.data_ptr<float>() : nullptr;
-      T* dup = du.data_ptr<T>();
-      T* ddp = ddelta.data_ptr<T>();
-      T* dzp = zp ? dz.data_ptr<T>() : nullptr;
       float* dBpp = dBp.data_ptr<float>();
       float* dCpp = dCp.data_ptr<float>();
       float* dApp = dAp.data_ptr<float>();
       float* dDpp = dDp.data_ptr<float>();
       float* ddbpp = ddbp.data_ptr<float>();
-      const int64_t us0 = p.u.stride(0), us1 = p.u.stride(1), us2 = p.u.stride(2);
-      const int64_t ds0 = p.delta.stride(0), ds1 = p.delta.stride(1), ds2 = p.delta.stride(2);
-      const int64_t zs0 = zp ? p.z.stride(0) : 0, zs1 = zp ? p.z.stride(1) : 0, zs2 = zp ? p.z.stride(2) : 0;
-      const int64_t gs0 = dout_c.stride(0), gs1 = dout_c.stride(1), gs2 = dout_c.stride(2);
       at::parallel_for(0, bg * nblocks, 1, [&](int64_t begin, int64_t end) {
         const size_t rows = static_cast<size_t>(L) * kRowBlock;
         std::vector<float> buf(rows * 7 + static_cast<size_t>(L) * 5 + static_cast<size_t>(kChunk) * N * 2);
@@ -852,10 +839,10 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
           float* dCt = dCpp + w * p.L * N;
           for (int64_t r0 = d0; r0 < d1; r0 += kRowBlock) {
             const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, d1 - r0));
-            load_rows(up + b * us0 + r0 * us1, us1, us2, nch, L, fu);
-            load_rows(dp + b * ds0 + r0 * ds1, ds1, ds2, nch, L, fd);
-            load_rows(gp + b * gs0 + r0 * gs1, gs1, gs2, nch, L, fg);
-            if (zp) load_rows(zp + b * zs0 + r0 * zs1, zs1, zs2, nch, L, fz);
+            load_rows<T>(p.u, b, r0, nch, L, fu);
+            load_rows<T>(p.delta, b, r0, nch, L, fd);
+            load_rows<T>(dout_c, b, r0, nch, L, fg);
+            if (has_z) load_rows<T>(p.z, b, r0, nch, L, fz);
             for (int c = 0; c < nch; ++c) {
               const int64_t d = r0 + c, bd = b * dim + d;
               const float *uc = fu + c * L, *gc = fg + c * L;
@@ -863,7 +850,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
               float *duc = gu + c * L, *ddt = gd + c * L;
               const float Dv = Dp ? Dp[d] : 0.0f;
               prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
-              if (zp) {
+              if (has_z) {
                 gate_bwd_rows(L, gc, dsilu, dy, dsilu);
               } else {
                 std::copy(gc, gc + L, dy);
@@ -900,15 +887,14 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
               }
               dDpp[bd] = sD;
               ddbpp[bd] = sdb;
-              if (zp) {
+              if (has_z) {
                 float* dzc = gz + c * L;
                 for (int t = 0; t < L; ++t) dzc[t] = gc[t] * (y[t] + Dv * uc[t]) * dsilu[t];
               }
             }
-            const int64_t o = b * os0 + r0 * os1;
-            store_rows(gu, dup + o, os1, os2, nch, L);
-            store_rows(gd, ddp + o, os1, os2, nch, L);
-            if (zp) store_rows(gz, dzp + o, os1, os2, nch, L);
+            store_rows<T>(gu, du, b, r0, nch, L);
+            store_rows<T>(gd, ddelta, b, r0, nch, L);
+            if (has_z) store_rows<T>(gz, dz, b, r0, nch, L);
           }
         }
       });
