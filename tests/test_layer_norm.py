@@ -106,3 +106,16 @@ def test_rmsnorm_module():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stream.double(), ref_s, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(m(x).double(), rms_oracle(x, m.weight, eps=1e-5)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("residual_shape,weight_shape,bias_shape,message", [
+    ((2, 3, 7), (8,), None, "residual must have x's shape"),
+    ((2, 3, 8), (7,), None, "weight must be (8,)"),
+    (None, (8,), (1, 8), "bias must be (8,)"),
+])
+def test_mismatched_shapes_are_named(residual_shape, weight_shape, bias_shape, message):
+    x = torch.randn(2, 3, 8)
+    residual = torch.randn(residual_shape) if residual_shape else None
+    bias = torch.randn(bias_shape) if bias_shape else None
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rms_norm_fn(x, torch.randn(weight_shape), bias, residual=residual)

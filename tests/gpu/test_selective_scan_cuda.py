@@ -326,7 +326,8 @@ def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major, ra
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_bimamba_scan_equals_two_single_scans(dtype):
     """Same function as the two single-direction kernels (reverse flag) combined; without gradients the
-    fused op accumulates y_f in its fp32 output (float32) or in a scratch buffer (bfloat16)."""
+    fused op keeps y_f in its output tensor, rounded to the dtype (bfloat16) before the reverse direction
+    adds it, as the single-direction output y_f is rounded here."""
     from mamba_ssm.ops import cuda_ops
 
     seed = fresh_seed()

@@ -336,15 +336,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
   at::Tensor ck_f = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   at::Tensor ck_b = save_ckpt ? at::empty({pf.batch, pf.dim, pf.nchunks, kMaxState}, f32) : empty0(u_f);
   if (out.numel() == 0) return {out, ysum, ck_f, ck_b};
-  // y_f goes to an fp32 buffer that the reverse pass adds to: ysum when the backward needs it, else
-  // the fp32 output itself (inference keeps one tensor less alive), else a scratch buffer.
-  at::Tensor acc = save_ckpt ? ysum
-                   : u_f.scalar_type() == at::kFloat ? out
-                                                     : empty_seq(pf.batch, pf.dim, pf.seqlen, token_major, f32);
-  pf.y_acc_out = acc.data_ptr<float>();
+  // y_f goes to a buffer that the reverse pass adds to: the fp32 ysum when the backward needs it, else the
+  // output itself. In bf16/fp16 inference y_f is then rounded to u's dtype once before the sum, and no fp32
+  // buffer of the output's size exists (1.2 GB for Vim-tiny at 1248, batch 128: above DeiT-tiny's peak).
+  at::Tensor acc = save_ckpt ? ysum : out;
+  pf.acc_fp32 = pb.acc_fp32 = acc.scalar_type() == at::kFloat;
+  pf.y_acc_out = acc.data_ptr();
   pf.ckpt = save_ckpt ? ck_f.data_ptr<float>() : nullptr;
-  pb.y_acc_in = acc.data_ptr<float>();
-  pb.y_acc_out = save_ckpt ? ysum.data_ptr<float>() : nullptr;
+  pb.y_acc_in = acc.data_ptr();
+  pb.y_acc_out = save_ckpt ? ysum.data_ptr() : nullptr;
   pb.out = out.data_ptr();
   pb.out_scale = float(out_scale);
   pb.ckpt = save_ckpt ? ck_b.data_ptr<float>() : nullptr;
@@ -396,6 +396,60 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
           gb.du, gb.ddelta, gb.dA, gb.dB.to(dt), gb.dC.to(dt), gb.dD, gb.ddb, dz};
 }
 
+// Inference residual add + RMSNorm over x's last dim: (out in x's dtype, stream = x + residual in fp32 when
+// stream_fp32 else in x's dtype; stream empty unless return_stream).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptTensor& residual,
+                                                const at::Tensor& weight, const OptTensor& bias, double eps,
+                                                bool stream_fp32, bool return_stream) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.is_contiguous(), "add_rms_norm: x must be a contiguous CUDA tensor");
+  const int64_t hidden = x.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= kMaxNormHidden, "add_rms_norm: the last dim must be 1..", kMaxNormHidden,
+              ", got ", hidden);
+  const at::ScalarType stream_type = stream_fp32 ? at::kFloat : x.scalar_type();
+  NormParams p{};
+  p.rows = x.numel() / hidden;
+  p.hidden = int(hidden);
+  p.eps = float(eps);
+  TORCH_CHECK(p.rows / kNormRowsPerBlock < (int64_t(1) << 31), "add_rms_norm: too many rows");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == stream_type &&
+                    residual->device() == x.device(),
+                "add_rms_norm: residual must be contiguous, on x's device, with x's shape and the stream's dtype");
+    p.residual = residual->data_ptr();
+  }
+  const at::Tensor w = f32_param(weight, x, "weight");
+  TORCH_CHECK(w.numel() == hidden, "add_rms_norm: weight must have ", hidden, " elements, got ", w.numel());
+  p.weight = w.data_ptr<float>();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = f32_param(*bias, x, "bias");
+    TORCH_CHECK(b.numel() == hidden, "add_rms_norm: bias must have ", hidden, " elements, got ", b.numel());
+    p.bias = b.data_ptr<float>();
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  p.x = x.data_ptr();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  p.out = out.data_ptr();
+  at::Tensor stream = at::empty(return_stream ? x.sizes() : at::IntArrayRef{0}, x.options().dtype(stream_type));
+  p.stream = return_stream ? stream.data_ptr() : nullptr;
+  if (p.rows == 0) return {out, stream};
+  const cudaStream_t s = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (x.scalar_type()) {
+    case at::kFloat: err = add_rms_norm_cuda<DType::kFloat32, true>(p, s); break;
+    case at::kHalf:
+      err = stream_fp32 ? add_rms_norm_cuda<DType::kFloat16, true>(p, s) : add_rms_norm_cuda<DType::kFloat16, false>(p, s);
+      break;
+    case at::kBFloat16:
+      err = stream_fp32 ? add_rms_norm_cuda<DType::kBFloat16, true>(p, s)
+                        : add_rms_norm_cuda<DType::kBFloat16, false>(p, s);
+      break;
+    default: TORCH_CHECK(false, "add_rms_norm: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  check_launch(err, "add_rms_norm");
+  return {out, stream};
+}
+
 }  // namespace
 }  // namespace ssm
 
@@ -417,6 +471,9 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
       "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus, float out_scale=1.0) "
       "-> Tensor[]");
+  m.def(
+      "add_rms_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool stream_fp32, "
+      "bool return_stream) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
@@ -424,6 +481,7 @@ TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
   m.impl("bwd", &ssm::scan_bwd);
   m.impl("bi_fwd", &ssm::bi_fwd);
   m.impl("bi_bwd", &ssm::bi_bwd);
+  m.impl("add_rms_norm", &ssm::add_rms_norm);
 }
 
 static struct PyModuleDef selective_scan_module = {PyModuleDef_HEAD_INIT, "selective_scan_cuda",

@@ -56,8 +56,11 @@ struct ScanParams {
   void* out;          // (batch, dim, seqlen) u's dtype, = (y [+ y_acc_in]) * silu(z) * out_scale; nullptr: none
   float* ckpt;        // (batch, dim, nchunks, kMaxState): state before each chunk; nullptr: not saved
   float* last_state;  // (batch, dim, dstate) or nullptr
-  const float* y_acc_in;  // fp32 (batch, dim, seqlen) added to y before the gate (fused bidirectional)
-  float* y_acc_out;       // fp32 (batch, dim, seqlen): receives y (+ y_acc_in), ungated; may equal y_acc_in
+  // Fused bidirectional forward; both in the output layout, fp32 when acc_fp32 (training: ysum) else in u's
+  // dtype (inference: the output tensor itself holds the first direction's y).
+  const void* y_acc_in;  // (batch, dim, seqlen) added to y before the gate
+  void* y_acc_out;       // (batch, dim, seqlen): receives y (+ y_acc_in), ungated; may equal y_acc_in
+  bool acc_fp32;
 
   // Backward (dB, dC, dA, dD, ddelta_bias contiguous).
   const void* dout;      // (batch, dim, seqlen), u's dtype
@@ -80,5 +83,22 @@ template <DType kDType> cudaError_t ss_bwd_cuda(const ScanParams& p, cudaStream_
 // Both directions in one launch (pf: forward direction, pb: reverse direction; same shapes).
 template <DType kDType> cudaError_t ss_bifwd_cuda(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream);
 template <DType kDType> cudaError_t ss_bibwd_cuda(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream);
+
+// Residual add + RMSNorm over the last dim of contiguous rows, for inference (add_rms_norm.cu):
+//   stream = x + residual (fp32),  out = stream * rsqrt(mean(stream^2) + eps) * weight (+ bias).
+constexpr int kMaxNormHidden = 1024;  // row length the kernel holds in registers (one warp per row)
+constexpr int kNormRowsPerBlock = 8;
+struct NormParams {
+  int64_t rows;
+  int hidden;
+  float eps;
+  const void* x;         // (rows, hidden)
+  const void* residual;  // (rows, hidden) in the stream's dtype, or nullptr
+  const float* weight;   // (hidden,)
+  const float* bias;     // (hidden,) or nullptr
+  void* out;             // (rows, hidden), x's dtype
+  void* stream;          // (rows, hidden) in fp32 (kStreamFp32) or x's dtype, or nullptr: not written
+};
+template <DType kDType, bool kStreamFp32> cudaError_t add_rms_norm_cuda(const NormParams& p, cudaStream_t stream);
 
 }  // namespace ssm

@@ -20,12 +20,10 @@
 // dB and dC (shared by all channels) are reduced over the block's channels in shared memory and
 // added to global fp32 buffers with one atomic per (block, position, state).
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
+#include <type_traits>
 
-#include "ss_common.h"
+#include "dtype_convert.cuh"
 
 namespace ssm {
 
@@ -35,21 +33,6 @@ constexpr int kFwdThreads = kCh;  // forward: one warp, one channel per lane
 constexpr int kSeg = 16;          // forward: positions held in registers at a time
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kChunk % kSeg == 0 && kN == 16, "tile sizes");
-
-template <DType> struct TypeOf;
-template <> struct TypeOf<DType::kFloat32> { using type = float; };
-template <> struct TypeOf<DType::kFloat16> { using type = __half; };
-template <> struct TypeOf<DType::kBFloat16> { using type = __nv_bfloat16; };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -143,7 +126,7 @@ __device__ __forceinline__ void load_rows(const ScanParams& p, const T* base, in
   }
 }
 
-// load_rows for an fp32 buffer in the output layout (y_acc_in): (batch, seqlen, dim) contiguous when
+// load_rows for a buffer in the output layout (y_acc_in): (batch, seqlen, dim) contiguous when
 // token-major, else (batch, dim, seqlen) contiguous.
 template <bool kTM, int kLen, typename T>
 __device__ __forceinline__ void load_out_rows(const ScanParams& p, const T* t, const BlockGeo& geo, int s0, int len,
@@ -384,13 +367,22 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
     }
 
     // Outputs of the segment.
+    const bool acc_fp32 = std::is_same_v<T, float> || p.acc_fp32;
     if (p.y_acc_in != nullptr) {
       float acc[kSeg];
-      load_out_rows<kTM, kSeg>(p, p.y_acc_in, geo, s0, len, acc, sm.tile);
+      if (acc_fp32)
+        load_out_rows<kTM, kSeg>(p, static_cast<const float*>(p.y_acc_in), geo, s0, len, acc, sm.tile);
+      else
+        load_out_rows<kTM, kSeg>(p, static_cast<const T*>(p.y_acc_in), geo, s0, len, acc, sm.tile);
 #pragma unroll
       for (int j = 0; j < kSeg; ++j) uv[j] += acc[j];
     }
-    if (p.y_acc_out != nullptr) store_rows<kTM, kSeg>(p, p.y_acc_out, geo, s0, len, uv, sm.tile);
+    if (p.y_acc_out != nullptr) {
+      if (acc_fp32)
+        store_rows<kTM, kSeg>(p, static_cast<float*>(p.y_acc_out), geo, s0, len, uv, sm.tile);
+      else
+        store_rows<kTM, kSeg>(p, static_cast<T*>(p.y_acc_out), geo, s0, len, uv, sm.tile);
+    }
     if (p.out != nullptr) {
       if (z != nullptr) {
         float zv[kSeg];
@@ -420,8 +412,9 @@ __global__ void __launch_bounds__(kFwdThreads, 12) ss_fwd_kernel(const ScanParam
 }
 
 // Both directions of a bidirectional block in one launch: each warp runs the forward direction for its
-// channels (y into the fp32 buffer y_acc_out), then the reverse direction, which adds that buffer before
-// the gate. The buffer is written and read by the same warp (ordered by __syncwarp) and mostly stays in L2.
+// channels (y into the buffer y_acc_out), then the reverse direction, which adds that buffer before the gate.
+// The buffer is written and read by the same warp (ordered by __syncwarp); in inference it is the output
+// itself, each segment read before it is overwritten.
 struct BiScanParams {
   ScanParams dir[2];  // the forward direction, then the reverse one
 };

@@ -26,6 +26,8 @@ available = _EXTENSION.available
 require = _EXTENSION.require
 CHUNK = 32       # positions per checkpoint (kChunk in csrc/selective_scan/ss_common.h)
 MAX_STATE = 16   # d_state the kernels support (kMaxState)
+MAX_NORM_HIDDEN = 1024  # row length of add_rms_norm (kMaxNormHidden)
+NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 if available():
@@ -41,6 +43,17 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
         raise ValueError(f"selective_scan: the CUDA kernels support dstate 1..{MAX_STATE} (A is (dim, dstate)); "
                          f"got A of shape {tuple(A.shape)}")
     return scan_ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
+
+
+def add_rms_norm(x, residual, weight, bias, eps: float, stream_dtype, return_stream: bool):
+    """Inference (no autograd) residual add + RMSNorm of CUDA rows on one kernel, as
+    layer_norm.rms_norm_fn computes it: (out in x's dtype, stream = x + residual in stream_dtype, float32
+    or x's dtype; stream empty unless return_stream). x's last dim must be at most MAX_NORM_HIDDEN and the
+    residual (if any) in stream_dtype."""
+    require()
+    return torch.ops.selective_scan_cuda.add_rms_norm(
+        x.contiguous(), None if residual is None else residual.contiguous(), weight, bias, float(eps),
+        stream_dtype == torch.float32, return_stream)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,18 @@
-"""RMSNorm with the residual add folded in ("add, then normalise, return both"), in PyTorch."""
+"""RMSNorm with the residual add folded in ("add, then normalise, return both")."""
 import torch
 import torch.nn as nn
+
+from mamba_ssm.ops import cuda_ops, scan_ops
+
+
+def _fused_kernel_applies(x, weight, bias, residual, stream_dtype):
+    """Eager CUDA inference: one kernel instead of ~8 element-wise passes. Under torch.compile the
+    PyTorch form is kept, since inductor fuses it with its neighbours; with autograd too. The kernel
+    reads the residual in the stream's dtype (Vim's blocks pass the previous stream back)."""
+    return (x.is_cuda and x.dtype in cuda_ops.NORM_DTYPES and x.shape[-1] <= cuda_ops.MAX_NORM_HIDDEN
+            and (residual is None or residual.dtype == stream_dtype)
+            and cuda_ops.available() and not torch.compiler.is_compiling()
+            and not scan_ops.needs_grad(x, weight, bias, residual))
 
 
 def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6):
@@ -9,6 +21,16 @@ def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_
     The sum and the statistics are computed in float32; the output has x's dtype. With prenorm the
     updated residual stream s is returned too, in float32 when residual_in_fp32 else in x's dtype.
     """
+    hidden = x.shape[-1]
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm_fn: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None and tuple(v.shape) != (hidden,):
+            raise ValueError(f"rms_norm_fn: {name} must be ({hidden},) for rows of {hidden}, got {tuple(v.shape)}")
+    stream_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    if _fused_kernel_applies(x, weight, bias, residual, stream_dtype):
+        out, stream = cuda_ops.add_rms_norm(x, residual, weight, bias, eps, stream_dtype, prenorm)
+        return (out, stream) if prenorm else out
     x_dtype = x.dtype
     stream = x.float() if residual is None else x.float() + residual.float()
     rstd = torch.rsqrt(stream.square().mean(dim=-1, keepdim=True) + eps)
@@ -18,7 +40,7 @@ def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_
     out = out.to(x_dtype)
     if not prenorm:
         return out
-    return out, stream if residual_in_fp32 else stream.to(x_dtype)
+    return out, stream.to(stream_dtype)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,25 @@
+// The kernels' element types and their conversions to and from the fp32 they compute in.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "ss_common.h"
+
+namespace ssm {
+
+template <DType> struct TypeOf;
+template <> struct TypeOf<DType::kFloat32> { using type = float; };
+template <> struct TypeOf<DType::kFloat16> { using type = __half; };
+template <> struct TypeOf<DType::kBFloat16> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+}  // namespace ssm
