@@ -59,6 +59,30 @@ def test_vim_tiny_kernels_match_float64_reference(name):
         assert _rel_err(gpu_model(images.cuda()).cpu(), ref_logits.detach()) < 1e-4
 
 
+@pytest.mark.parametrize("size", [(224, 224), (40, 57)])
+def test_patch_embedding_matmul_equals_the_conv(size):
+    """On CUDA non-overlapping patches are embedded by one matmul: the same map as the strided conv (float64,
+    rows and columns that do not fill a patch dropped), with the same gradients."""
+    from vim.models_mamba import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(img_size=size, patch_size=16, stride=16, embed_dim=24).double()
+    images = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.conv2d(images, embed.proj.weight, embed.proj.bias, stride=16).flatten(2).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (images, embed.proj.weight, embed.proj.bias))
+    embed.cuda()
+    gpu_images = images.detach().cuda().requires_grad_()
+    out = embed(gpu_images)
+    grads = torch.autograd.grad(out.square().sum(), (gpu_images, embed.proj.weight, embed.proj.bias))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = embed.float()(gpu_images.detach().float())
+    assert bf16.dtype == torch.bfloat16
+    assert _rel_err(bf16.float().cpu(), ref.detach()) < 1e-2
+
+
 def test_bf16_autocast_follows_fp32():
     model = _perturbed_model("vim_tiny_patch16_224", num_classes=10).cuda().eval()
     images = torch.randn(4, 3, 224, 224, device="cuda")
