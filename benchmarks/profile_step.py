@@ -2,6 +2,9 @@
 by kind (scan, conv, matmul, compiled element-wise kernels, optimizer, other).
 
     python benchmarks/profile_step.py [--model vim_tiny_patch16_224] [--batch 128] [--bf16] [--compile]
+                                      [--features RES]
+
+--features RES profiles feature extraction (forward_features under inference_mode) at RES x RES instead.
 
 --compile profiles the step as torch.compile runs it (default mode: the same kernels as the trainer's
 CUDA-graph mode, each visible to the profiler).
@@ -51,19 +54,30 @@ def main():
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (times are per step)")
+    parser.add_argument("--features", type=int, metavar="RES", help="profile feature extraction at RES x RES")
     args = parser.parse_args()
-    model = timm.create_model(args.model).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as main.py builds it
-    forward = torch.compile(model) if args.compile else model
-    images = torch.randn(args.batch, 3, 224, 224, device="cuda")
-    labels = torch.randint(0, 1000, (args.batch,), device="cuda")
+    size = args.features or 224
+    model = timm.create_model(args.model, img_size=size).cuda()
+    images = torch.randn(args.batch, 3, size, size, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16)
+    if args.features:
+        model.eval()
+        features = torch.compile(model.forward_features) if args.compile else model.forward_features
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = torch.nn.functional.cross_entropy(forward(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step():
+            with torch.inference_mode(), autocast:
+                features(images)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as main.py builds it
+        forward = torch.compile(model) if args.compile else model
+        labels = torch.randint(0, 1000, (args.batch,), device="cuda")
+
+        def step():
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(forward(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(4):
         step()
@@ -78,8 +92,8 @@ def main():
     if total == 0:
         raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available?)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.model}, batch {args.batch}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'compiled' if args.compile else 'eager'}: "
-          f"{total:.2f} ms of GPU time per step")
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'compiled' if args.compile else 'eager'}, "
+          f"{f'features at {size}' if args.features else 'training step at 224'}: {total:.2f} ms of GPU time per step")
     for kind, ms in totals.most_common():
         print(f"  {kind:32s} {ms:7.2f} ms  {100 * ms / total:5.1f}%")
         for name, kernel_ms in kernels[kind].most_common(3):

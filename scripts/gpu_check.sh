@@ -2,9 +2,10 @@
 # GPU check, meant for one `run` call on the device machine (see /work/.library/device):
 # builds both extensions in place for sm_90 only, runs the GPU tests, runs the kernel benchmark,
 # and writes the logs under $OUT (default ./gpu_check_out). Usage: bash scripts/gpu_check.sh [bench args]
-# GPU_CHECK_BENCH=0 skips the benchmark. GPU_CHECK_BASELINE=FILE (an older ss_kernels.cuh, e.g. from
-# `git show REV:mamba-1p1p1/csrc/selective_scan/ss_kernels.cuh`) builds those scan kernels from a copy of
-# mamba-1p1p1 while the tests run, then times both builds with benchmarks/profile_scan.py --time.
+# GPU_CHECK_BENCH=0 skips the benchmark. GPU_CHECK_BASE_TREE=DIR (an older tree's causal-conv1d,
+# mamba-1p1p1 and vim, e.g. `git archive REV causal-conv1d mamba-1p1p1 vim | tar -x -C DIR`) builds that
+# tree while the tests run, then times both trees' scan kernels (benchmarks/profile_scan.py --time) and
+# Vim end to end (benchmarks/compare_trees.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -29,12 +30,10 @@ echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
 if [ $rc -ne 0 ]; then exit $rc; fi
 
 if [ -n "${diag_pid:-}" ]; then wait $diag_pid; cat "$OUT/exc_diag.log"; fi
-if [ -n "${GPU_CHECK_BASELINE:-}" ]; then
-  baseline=/tmp/scan_baseline
-  rm -rf $baseline && cp -r mamba-1p1p1 $baseline && rm -rf $baseline/build $baseline/*.so
-  cp "$GPU_CHECK_BASELINE" $baseline/csrc/selective_scan/ss_kernels.cuh
-  bash scripts/build_inplace.sh "$OUT/baseline_build.log" $baseline &
-  baseline_pid=$!
+if [ -n "${GPU_CHECK_BASE_TREE:-}" ]; then
+  base=$(realpath "$GPU_CHECK_BASE_TREE")
+  bash scripts/build_inplace.sh "$OUT/base_build.log" "$base/causal-conv1d" "$base/mamba-1p1p1" &
+  base_pid=$!
 fi
 python3 -m pytest tests/gpu -x -q ${PYTEST_ARGS:-} -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
@@ -47,13 +46,16 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
 fi
 echo "bench rc=$bench_rc" | tee -a "$OUT/env.log"
 
-if [ -n "${baseline_pid:-}" ]; then
-  if wait $baseline_pid; then
-    python3 benchmarks/profile_scan.py --time --dtypes float32 bfloat16 2>&1 | tee "$OUT/profile_scan_time.txt"
-    PYTHONPATH=$PWD/causal-conv1d:$baseline:$PWD python3 benchmarks/profile_scan.py --time --dtypes float32 bfloat16 \
-      2>&1 | tee "$OUT/profile_scan_time_baseline.txt"
+if [ -n "${base_pid:-}" ]; then
+  if wait $base_pid; then
+    for side in "base:$base" "new:$PWD"; do
+      tree=${side#*:}
+      PYTHONPATH=$tree/causal-conv1d:$tree/mamba-1p1p1:$tree python3 benchmarks/profile_scan.py --time \
+        --dtypes float32 bfloat16 2>&1 | tee "$OUT/profile_scan_time_${side%%:*}.txt"
+    done
+    python3 benchmarks/compare_trees.py base="$base" new=. --out "$OUT/compare_trees.txt"
   else
-    echo "baseline build failed (see baseline_build.log)" | tee -a "$OUT/env.log"
+    echo "base tree build failed (see base_build.log)" | tee -a "$OUT/env.log"
   fi
 fi
 exit $(( test_rc != 0 ? test_rc : bench_rc ))
