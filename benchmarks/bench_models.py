@@ -48,17 +48,15 @@ def timed(fn, warmup, iters):
     return sorted(times)[len(times) // 2]
 
 
-def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=None):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = build(name, img_size, fused_attn)
-    run = torch.compile(model, mode=compile_mode) if compile_mode else model
-    images = torch.randn(batch, 3, img_size, img_size, device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
+def make_step(kind, model, images, bf16, compile_mode=None):
+    """One training step (forward, cross-entropy, backward, fused AdamW as main.py builds it) or one
+    feature extraction (forward_features under inference_mode) of the CUDA model on images, as a function."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     if kind == "train":
         model.train()
-        labels = torch.randint(0, 1000, (batch,), device="cuda")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as main.py builds it
+        run = torch.compile(model, mode=compile_mode) if compile_mode else model
+        labels = torch.randint(0, 1000, (images.shape[0],), device="cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             with autocast:
@@ -73,12 +71,21 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=
         def step():
             with torch.inference_mode(), autocast:
                 features(images)
+    return step
+
+
+def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=None):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build(name, img_size, fused_attn)
+    images = torch.randn(batch, 3, img_size, img_size, device="cuda")
+    step = make_step(kind, model, images, dtype == "bf16", compile_mode)
     try:  # compiled: the first call compiles, the next ones record CUDA graphs (reduce-overhead)
         seconds = timed(step, warmup=4 if compile_mode else 2, iters=iters)
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
-        del model, run
+        del model, step
         if compile_mode:  # dynamo's caches (and CUDA-graph pools) would otherwise keep the model alive
             torch._dynamo.reset()
     return {"img_per_s": batch / seconds, "ms": seconds * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}

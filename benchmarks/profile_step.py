@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import timm
 import vim  # noqa: F401  (registers the Vim models)
+from bench_models import make_step
 
 # First matching pattern wins; kernel names as the profiler reports them.
 KINDS = (
@@ -59,25 +60,8 @@ def main():
     size = args.features or 224
     model = timm.create_model(args.model, img_size=size).cuda()
     images = torch.randn(args.batch, 3, size, size, device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16)
-    if args.features:
-        model.eval()
-        features = torch.compile(model.forward_features) if args.compile else model.forward_features
-
-        def step():
-            with torch.inference_mode(), autocast:
-                features(images)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as main.py builds it
-        forward = torch.compile(model) if args.compile else model
-        labels = torch.randint(0, 1000, (args.batch,), device="cuda")
-
-        def step():
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(forward(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    step = make_step("features" if args.features else "train", model, images, args.bf16,
+                     "default" if args.compile else None)
 
     for _ in range(4):
         step()
