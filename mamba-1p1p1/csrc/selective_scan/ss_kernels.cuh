@@ -27,6 +27,9 @@
 
 namespace ssm {
 
+template <typename T>
+constexpr bool kIsHalf = !std::is_same_v<T, float>;  // bf16 / fp16 inputs
+
 constexpr int kCh = 32;           // channels per block (both mappings)
 constexpr int kN = kMaxState;     // states per channel
 constexpr int kFwdThreads = kCh;  // forward: one warp, one channel per lane
@@ -39,11 +42,25 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(w),
-// w = e / (2 + e) in (0, 1/3]: an odd series in w whose first omitted term is below 2e-8 relative.
-// Also returns the sigmoid (softplus' derivative) from the same exp. About half the instructions of
-// log1pf(expf(x)); the forward and the backward's recomputation use this same function.
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1]; also returns the sigmoid (softplus'
+// derivative) from the same exp. The forward and the backward's recomputation use this same function.
+// fp32 inputs: log1p(e) = 2 atanh(w), w = e / (2 + e) in (0, 1/3], by an odd series in w whose first
+// omitted term is below 2e-8 relative (about half the instructions of log1pf(expf(x))).
+// bf16/fp16 inputs (kHalf): log2(1 + e) by the hardware approximation, ~1e-7 absolute, far below what
+// the inputs' own rounding moves x by (2^-9 of |x|), in 6 instructions instead of ~20 (bf16 inference
+// scan at Vim-tiny 1248, batch 128: -4% on an H200).
+template <bool kHalf>
 __device__ __forceinline__ float softplus(float x, float& sig) {
+  if constexpr (kHalf) {
+    const float e = ex2(-fabsf(x) * kLog2e), one_plus_e = 1.f + e;
+    sig = __fdividef(x >= 0.f ? 1.f : e, one_plus_e);
+    return fmaf(lg2(one_plus_e), 0.6931471805599453f, fmaxf(x, 0.f));
+  }
   const float e = expf(-fabsf(x));
   const float w = __fdividef(e, 2.f + e), w2 = w * w;
   float series = 1.f / 13.f;
@@ -59,6 +76,17 @@ __device__ __forceinline__ float softplus(float x, float& sig) {
 // For the SiLU gate and its derivative: __expf and the approximate division (a few ulp; 0 where
 // 1 + e^-x overflows), not IEEE division, whose slow path costs ~20 instructions.
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+
+// Asks L2 for the line holding `at` (no registers, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* at) { asm volatile("prefetch.global.L2 [%0];" ::"l"(at)); }
+
+// The lines of a row of `count` elements `stride` apart: those of its first and last element (a row of the
+// model's tensors spans at most two 128-byte lines).
+template <typename T>
+__device__ __forceinline__ void prefetch_row(const T* first, int count, int64_t stride) {
+  prefetch_l2(first);
+  prefetch_l2(first + (count - 1) * stride);
+}
 
 __device__ __forceinline__ void unpack(float4 v, float* r) {
   r[0] = v.x;
@@ -166,56 +194,80 @@ __device__ __forceinline__ void store_rows(const ScanParams& p, T* t, const Bloc
   }
 }
 
+// A thread's share of B and C at kLen logical positions, all states, for a block of kThreads: fetch()
+// issues the global loads into registers, store() writes them to shared memory later, so that a kernel can
+// put other work between the two (the forward fetches with its other loads of a segment).
+template <typename T, int kThreads, int kLen>
+struct BcTile {
+  static constexpr int kPer = kLen * kN / kThreads;
+  static_assert(kPer * kThreads == kLen * kN && kThreads % kN == 0 && kThreads % kLen == 0, "B/C tile split");
+  float b[kPer], c[kPer];
+
+  // This thread's elements; lanes run along the states when B's state stride is 1 (the model's x_proj
+  // output), else along the positions.
+  __device__ __forceinline__ static void first(const ScanParams& p, int& n0, int& j0, int& dn, int& dj) {
+    const bool state_fast = p.B_state_stride == 1;
+    const int t = threadIdx.x;
+    n0 = state_fast ? t % kN : t / kLen;
+    j0 = state_fast ? t / kN : t % kLen;
+    dn = state_fast ? 0 : kThreads / kLen;
+    dj = state_fast ? kThreads / kN : 0;
+  }
+  // Global loads of logical positions s0 .. s0+kLen-1 (zero past len and for n >= dstate), one fixed step
+  // apart, without index arithmetic.
+  __device__ __forceinline__ void fetch(const ScanParams& p, const BlockGeo& geo, int s0, int len) {
+    int n0, j0, dn, dj;
+    first(p, n0, j0, dn, dj);
+    const int64_t dir = p.reverse ? -1 : 1;
+    const int64_t pos0 = phys(p, s0 + j0);
+    const T* Bq = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
+                  n0 * p.B_state_stride + pos0 * p.B_seq_stride;
+    const T* Cq = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
+                  n0 * p.C_state_stride + pos0 * p.C_seq_stride;
+    const int64_t B_step = dn * p.B_state_stride + dj * dir * p.B_seq_stride;
+    const int64_t C_step = dn * p.C_state_stride + dj * dir * p.C_seq_stride;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i, Bq += B_step, Cq += C_step) {
+      const int n = n0 + i * dn, j = j0 + i * dj;
+      b[i] = c[i] = 0.f;
+      if (n < p.dstate && j < len) {
+        b[i] = to_float(*Bq);
+        c[i] = to_float(*Cq);
+      }
+    }
+  }
+  // Into shared-memory rows [position][kN].
+  __device__ __forceinline__ void store(const ScanParams& p, float* B_rows, float* C_rows) const {
+    int n0, j0, dn, dj;
+    first(p, n0, j0, dn, dj);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int at = (j0 + i * dj) * kN + n0 + i * dn;
+      B_rows[at] = b[i];
+      C_rows[at] = c[i];
+    }
+  }
+};
+
 // B and C of logical positions s0 .. s0+kLen-1, all states, into shared-memory rows [position][kN] by a
-// block of kThreads; zero past len and for n >= dstate. Lanes run along the states when B's state stride
-// is 1 (the model's x_proj output), else along the positions; all loads are issued before the stores.
+// block of kThreads; zero past len and for n >= dstate. All loads are issued before the stores.
 template <typename T, int kThreads, int kLen>
 __device__ __forceinline__ void load_bc_tile(const ScanParams& p, const BlockGeo& geo, int s0, int len, float* B_rows,
                                              float* C_rows) {
-  constexpr int kPer = kLen * kN / kThreads;
-  static_assert(kPer * kThreads == kLen * kN && kThreads % kN == 0 && kThreads % kLen == 0, "B/C tile split");
-  // A thread's elements are one fixed step apart: kThreads / kN positions when lanes run along the
-  // states, else kThreads / kLen states; the pointers advance by that step, without index arithmetic.
-  const bool state_fast = p.B_state_stride == 1;
-  const int t = threadIdx.x;
-  const int n0 = state_fast ? t % kN : t / kLen, j0 = state_fast ? t / kN : t % kLen;
-  const int dn = state_fast ? 0 : kThreads / kLen, dj = state_fast ? kThreads / kN : 0;
-  const int64_t dir = p.reverse ? -1 : 1;
-  const int64_t pos0 = phys(p, s0 + j0);
-  const T* Bq = reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
-                n0 * p.B_state_stride + pos0 * p.B_seq_stride;
-  const T* Cq = reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
-                n0 * p.C_state_stride + pos0 * p.C_seq_stride;
-  const int64_t B_step = dn * p.B_state_stride + dj * dir * p.B_seq_stride;
-  const int64_t C_step = dn * p.C_state_stride + dj * dir * p.C_seq_stride;
-  float bv[kPer], cv[kPer];
-  int at[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i, Bq += B_step, Cq += C_step) {
-    const int n = n0 + i * dn, j = j0 + i * dj;
-    at[i] = j * kN + n;
-    bv[i] = cv[i] = 0.f;
-    if (n < p.dstate && j < len) {
-      bv[i] = to_float(*Bq);
-      cv[i] = to_float(*Cq);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    B_rows[at[i]] = bv[i];
-    C_rows[at[i]] = cv[i];
-  }
+  BcTile<T, kThreads, kLen> tile;
+  tile.fetch(p, geo, s0, len);
+  tile.store(p, B_rows, C_rows);
 }
 
 // dt from the raw delta (+ bias), zero where the lane or position is padding (so a = 1 and the state
 // is unchanged there).
-template <int kLen>
+template <typename T, int kLen>
 __device__ __forceinline__ void make_dt(const ScanParams& p, float bias, bool ok, int len, float (&dv)[kLen]) {
 #pragma unroll
   for (int j = 0; j < kLen; ++j) {
     const float x = dv[j] + bias;
     float sig;
-    const float sp = softplus(x, sig);  // unconditionally: a branch per element costs more than it saves
+    const float sp = softplus<kIsHalf<T>>(x, sig);  // unconditionally: a branch per element costs more than it saves
     dv[j] = (ok && j < len) ? (p.delta_softplus ? sp : x) : 0.f;
   }
 }
@@ -233,6 +285,69 @@ struct FwdSmem {
   __align__(16) float C[kSeg * kN];
   float tile[tile_floats(kSeg)];
 };
+
+// The segment's dt_low (rank x kSeg) for the fused delta projection, into shared memory [rank][kSeg].
+// Lanes run along the segment's positions and two ranks: lane = (k % 2) * kSeg + j; a lane's loads are
+// one fixed step (2 ranks) apart. The first 16 ranks (all of Vim-tiny's 12) are fetched into registers
+// with the segment's other loads; store() adds any further ones.
+template <typename T>
+struct DtLowTile {
+  static_assert(kFwdThreads == 2 * kSeg, "dt_low tile: one lane per (position, rank parity)");
+  static constexpr int kPer = 8;  // ranks per lane and batch of loads
+  float v[kPer];
+
+  // Ranks kb .. kb+15 into v.
+  __device__ __forceinline__ void load(const ScanParams& p, const T* dt_low, int s0, int len, int kb) {
+    const int j = threadIdx.x % kSeg, k0 = threadIdx.x / kSeg;
+    const T* q = dt_low + (kb + k0) * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride;
+    const int64_t step = 2 * p.dt_low_rank_stride;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) v[i] = (j < len && kb + 2 * i + k0 < p.rank) ? to_float(q[i * step]) : 0.f;
+  }
+  __device__ __forceinline__ void fetch(const ScanParams& p, const T* dt_low, int s0, int len) {
+    load(p, dt_low, s0, len, 0);
+  }
+  __device__ __forceinline__ void store(const ScanParams& p, const T* dt_low, int s0, int len, float* sLow) {
+    const int j = threadIdx.x % kSeg, k0 = threadIdx.x / kSeg;
+    for (int kb = 0; kb < p.rank; kb += 2 * kPer) {
+      if (kb > 0) load(p, dt_low, s0, len, kb);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+        if (kb + 2 * i + k0 < p.rank) sLow[(kb + 2 * i + k0) * kSeg + j] = v[i];
+    }
+  }
+};
+
+// Token-major, bf16/fp16: asks L2 for the rows of logical positions s .. s+kSeg-1 (the next segment), so
+// that its loads find them there. Lane j < kSeg takes position j of u, the delta or dt_low row, B and C;
+// lane kSeg + j the z and y_acc_in rows. Measured on an H200 at Vim-tiny 1248, batch 128: 3.5% faster
+// bf16 inference scan; 7% slower in fp32, where it is not used.
+template <typename T, typename TAcc>
+__device__ __forceinline__ void prefetch_segment(const ScanParams& p, const BlockGeo& geo, int s, const T* u,
+                                                 const T* delta, const T* dt_low, const T* z) {
+  const int lane = threadIdx.x;
+  s += lane % kSeg;
+  if (s >= p.seqlen) return;
+  const int64_t pos = phys(p, s);
+  if (lane < kSeg) {
+    prefetch_row(u + geo.d0 + pos * p.u_seq_stride, geo.nch, p.u_dim_stride);
+    if (dt_low != nullptr) {
+      prefetch_l2(dt_low + pos * p.dt_low_seq_stride);
+    } else {
+      prefetch_row(delta + geo.d0 + pos * p.delta_seq_stride, geo.nch, p.delta_dim_stride);
+    }
+    prefetch_row(reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
+                     pos * p.B_seq_stride, p.dstate, p.B_state_stride);
+    prefetch_row(reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
+                     pos * p.C_seq_stride, p.dstate, p.C_state_stride);
+  } else {
+    if (z != nullptr) prefetch_row(z + geo.d0 + pos * p.z_seq_stride, geo.nch, p.z_dim_stride);
+    if (p.y_acc_in != nullptr) {
+      prefetch_row(static_cast<const TAcc*>(p.y_acc_in) + (int64_t(geo.b) * p.seqlen + pos) * p.dim + geo.d0,
+                   geo.nch, int64_t(1));
+    }
+  }
+}
 
 // TAcc: the element type of y_acc_in / y_acc_out (float, or T in bf16/fp16 inference).
 template <typename T, bool kTM, typename TAcc = float>
@@ -291,6 +406,12 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
 
     float uv[kSeg], dv[kSeg];
     load_rows<kTM, kSeg>(p, u, p.u_dim_stride, p.u_seq_stride, geo, s0, len, uv, sm.tile);
+    // The segment's other loads too, before any of them is used, so that their latencies overlap.
+    BcTile<T, kFwdThreads, kSeg> bc;
+    bc.fetch(p, geo, s0, len);
+    DtLowTile<T> low;
+    if (fused_delta) low.fetch(p, dt_low, s0, len);
+    if constexpr (kTM && kIsHalf<T>) prefetch_segment<T, TAcc>(p, geo, s0 + kSeg, u, delta, dt_low, z);
     if (conv) {
       const float next_halo[3] = {uv[kSeg - 3], uv[kSeg - 2], uv[kSeg - 1]};
       // Descending, so that uv[j-3 .. j] still hold the inputs when position j is formed.
@@ -309,22 +430,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
       for (int m = 0; m < 3; ++m) halo[m] = next_halo[m];
     }
     if (fused_delta) {
-      // Lanes run along the segment's positions and two ranks: lane = (k % 2) * kSeg + j.
-      static_assert(kFwdThreads == 2 * kSeg, "dt_low tile: one lane per (position, rank parity)");
-      // A lane's loads are one fixed step (2 ranks) apart; 8 per batch are in flight.
-      const int j = lane % kSeg, k0 = lane / kSeg;
-      const bool j_ok = j < len;
-      const T* q = dt_low + k0 * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride;
-      const int64_t step = 2 * p.dt_low_rank_stride;
-      for (int kb = 0; kb < p.rank; kb += 16) {
-        float lv[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) lv[i] = (j_ok && kb + 2 * i + k0 < p.rank) ? to_float(q[i * step]) : 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (kb + 2 * i + k0 < p.rank) sLow[(kb + 2 * i + k0) * kSeg + j] = lv[i];
-        q += 8 * step;
-      }
+      low.store(p, dt_low, s0, len, sLow);
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < kSeg; ++j) dv[j] = 0.f;
@@ -341,8 +447,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
     } else {
       load_rows<kTM, kSeg>(p, delta, p.delta_dim_stride, p.delta_seq_stride, geo, s0, len, dv, sm.tile);
     }
-    make_dt(p, bias, ok, len, dv);
-    load_bc_tile<T, kFwdThreads, kSeg>(p, geo, s0, len, sm.B, sm.C);
+    make_dt<T>(p, bias, ok, len, dv);
+    bc.store(p, sm.B, sm.C);
     __syncwarp();
 
     // Scan; uv[j] becomes y_j once position j is done.
@@ -491,20 +597,9 @@ struct BwdSmem {
   __align__(16) float dbc[2][kSub][kDbcRow];          // per-channel dB / dC of one sub-chunk
 };
 
-// Asks L2 for the line holding `at` (no registers, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* at) { asm volatile("prefetch.global.L2 [%0];" ::"l"(at)); }
-
-// The lines of a row of `count` elements `stride` apart: those of its first and last element (a row of the
-// model's tensors spans at most two 128-byte lines).
-template <typename T>
-__device__ __forceinline__ void prefetch_row(const T* first, int count, int64_t stride) {
-  prefetch_l2(first);
-  prefetch_l2(first + (count - 1) * stride);
-}
-
 // Token-major backward: the rows of the next chunk (logical positions s0 .. s0+kT-1) that its element
 // and B/C loads read, asked for one chunk ahead, so that those loads find them in L2 (4-5% faster in bf16,
-// 1-2% in fp32 on an H200; the same prefetch made the forward 8% slower in fp32). Thread 32 q + j takes
+// 1-2% in fp32 on an H200; prefetch_segment is the forward's, for bf16/fp16 only). Thread 32 q + j takes
 // position j of u and B (q = 0), delta and C (1), z and ysum (2), dout (3).
 template <typename T>
 __device__ __forceinline__ void prefetch_chunk(const ScanParams& p, const BlockGeo& geo, int s0, const T* u,
@@ -600,7 +695,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
       const bool ok = r < geo.nch && j < len;
       const float draw = xv[i] + sm.bias[r];
       float dtv = draw, sgv = 1.f;
-      if (p.delta_softplus) dtv = softplus(draw, sgv);
+      if (p.delta_softplus) dtv = softplus<kIsHalf<T>>(draw, sgv);
       float dyv = gv[i], zfv = 0.f;
       if (has_z) {
         const float sz = sigmoid(zv[i]);
