@@ -24,7 +24,8 @@ from setuptools import find_packages, setup
 PREFIX = "MAMBA_"
 EXT_NAME = "selective_scan_cuda"
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/selective_scan/selective_scan.cpp", "csrc/selective_scan/add_rms_norm.cu"] + [
+SOURCES = ["csrc/selective_scan/selective_scan.cpp", "csrc/selective_scan/add_rms_norm.cu",
+           "csrc/selective_scan/conv_x_proj.cu"] + [
     f"csrc/selective_scan/ss_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")
 ]
 DEFAULT_ARCHS = "8.0;9.0+PTX"

@@ -396,6 +396,73 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
           gb.du, gb.ddelta, gb.dA, gb.dB.to(dt), gb.dC.to(dt), gb.dD, gb.ddb, dz};
 }
 
+// Inference front end of a bidirectional block in bf16/fp16 (conv_x_proj.cu): both directions' convs
+// (SiLU; the backward direction's anti-causal) of x and their x_proj products, without the conv outputs.
+// x: (batch, dim, seqlen) token-major (channel stride 1, e.g. the x half of the in_proj output).
+// -> (x_dbl_f, x_dbl_b), each (batch, seqlen, out_dim) contiguous in x's dtype.
+std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Tensor& conv_weight_f,
+                                               const OptTensor& conv_bias_f, const at::Tensor& conv_weight_b,
+                                               const OptTensor& conv_bias_b, const at::Tensor& proj_weight_f,
+                                               const at::Tensor& proj_weight_b) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 3, "conv_x_proj: x must be a (batch, dim, seqlen) CUDA tensor, got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "conv_x_proj: x must be bfloat16 or float16 (tensor cores), got ", x.scalar_type());
+  const int64_t dim = x.size(1);
+  TORCH_CHECK(x.stride(1) == 1 || dim == 1, "conv_x_proj: x must be token-major (channel stride 1), got strides ",
+              x.strides());
+  TORCH_CHECK(dim % 8 == 0, "conv_x_proj: dim must be a multiple of 8, got ", dim);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0 && x.stride(0) % 2 == 0 && x.stride(2) % 2 == 0,
+              "conv_x_proj: x must hold channel pairs 4-byte aligned (even strides, aligned start), got strides ",
+              x.strides());
+  c10::cuda::CUDAGuard guard(x.device());
+  ConvProjParams p{};
+  p.batch = int(x.size(0));
+  p.dim = int(dim);
+  p.seqlen = int(x.size(2));
+  p.x = x.data_ptr();
+  p.x_batch_stride = x.stride(0);
+  p.x_seq_stride = x.stride(2);
+  const at::Tensor* conv_weights[2] = {&conv_weight_f, &conv_weight_b};
+  const OptTensor* conv_biases[2] = {&conv_bias_f, &conv_bias_b};
+  const at::Tensor* proj_weights[2] = {&proj_weight_f, &proj_weight_b};
+  at::Tensor held[6];
+  at::Tensor out[2];
+  for (int dir = 0; dir < 2; ++dir) {
+    const at::Tensor& w = *conv_weights[dir];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == dim && w.size(1) >= 1 && w.size(1) <= 4,
+                "conv_x_proj: conv weights must be (dim, width) with dim = ", dim, " and width <= 4, got ", w.sizes());
+    TORCH_CHECK(dir == 0 || w.size(1) == p.conv_width, "conv_x_proj: both conv weights must have one width");
+    p.conv_width = int(w.size(1));
+    held[dir] = f32_param(w, x, "conv_weight");
+    p.conv_weight[dir] = held[dir].data_ptr<float>();
+    if (conv_biases[dir]->has_value()) {
+      const at::Tensor& bias = **conv_biases[dir];
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == dim, "conv_x_proj: conv biases must be (dim,), got ", bias.sizes());
+      held[2 + dir] = f32_param(bias, x, "conv_bias");
+      p.conv_bias[dir] = held[2 + dir].data_ptr<float>();
+    }
+    const at::Tensor& pw = *proj_weights[dir];
+    TORCH_CHECK(pw.dim() == 2 && pw.size(1) == dim && pw.size(0) >= 1 && pw.size(0) <= kMaxConvProjOut &&
+                    pw.size(0) == proj_weight_f.size(0),
+                "conv_x_proj: x_proj weights must both be (out_dim, dim) with dim = ", dim, " and out_dim <= ",
+                kMaxConvProjOut, ", got ", proj_weight_f.sizes(), " and ", proj_weight_b.sizes());
+    TORCH_CHECK(pw.device() == x.device(), "conv_x_proj: x_proj weights must be on x's device");
+    held[4 + dir] = pw.to(x.scalar_type()).contiguous();
+    p.proj_weight[dir] = held[4 + dir].data_ptr();
+    p.out_dim = int(pw.size(0));
+    out[dir] = at::empty({p.batch, p.seqlen, p.out_dim}, x.options());
+    p.out[dir] = out[dir].data_ptr();
+  }
+  if (out[0].numel() > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    check_launch(x.scalar_type() == at::kHalf ? conv_x_proj_cuda<DType::kFloat16>(p, stream)
+                                              : conv_x_proj_cuda<DType::kBFloat16>(p, stream),
+                 "conv_x_proj");
+  }
+  return {out[0], out[1]};
+}
+
 // Inference residual add + RMSNorm over x's last dim: (out in x's dtype, stream = x + residual in fp32 when
 // stream_fp32 else in x's dtype; stream empty unless return_stream).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptTensor& residual,
@@ -472,6 +539,9 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
       "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus, float out_scale=1.0) "
       "-> Tensor[]");
   m.def(
+      "conv_x_proj(Tensor x, Tensor conv_weight_f, Tensor? conv_bias_f, Tensor conv_weight_b, Tensor? conv_bias_b, "
+      "Tensor proj_weight_f, Tensor proj_weight_b) -> (Tensor, Tensor)");
+  m.def(
       "add_rms_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool stream_fp32, "
       "bool return_stream) -> (Tensor, Tensor)");
 }
@@ -482,6 +552,7 @@ TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
   m.impl("bi_fwd", &ssm::bi_fwd);
   m.impl("bi_bwd", &ssm::bi_bwd);
   m.impl("add_rms_norm", &ssm::add_rms_norm);
+  m.impl("conv_x_proj", &ssm::conv_x_proj);
 }
 
 static struct PyModuleDef selective_scan_module = {PyModuleDef_HEAD_INIT, "selective_scan_cuda",

@@ -56,6 +56,31 @@ def add_rms_norm(x, residual, weight, bias, eps: float, stream_dtype, return_str
         stream_dtype == torch.float32, return_stream)
 
 
+MAX_CONV_PROJ_OUT = 96  # rank + 2 * dstate that conv_x_proj holds (kMaxConvProjOut in csrc/selective_scan/ss_common.h)
+CONV_PROJ_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def conv_x_proj_applies(x, proj_weights) -> bool:
+    """Whether `bidirectional_conv_x_proj` takes x (batch, dim, seqlen) and these x_proj weights: eager
+    (not under torch.compile, whose inductor has its own conv and matmul kernels), CUDA, bf16/fp16 (tensor
+    cores), token-major x whose channel pairs are 4-byte aligned (as a linear layer's output is), dim a
+    multiple of 8 and out_dim <= MAX_CONV_PROJ_OUT."""
+    return (x.is_cuda and x.dtype in CONV_PROJ_DTYPES and x.stride(1) == 1 and x.shape[1] % 8 == 0
+            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0 and x.stride(2) % 2 == 0
+            and all(w.shape[0] <= MAX_CONV_PROJ_OUT for w in proj_weights)
+            and available() and not torch.compiler.is_compiling())
+
+
+def bidirectional_conv_x_proj(x, conv_f, conv_b, proj_weight_f, proj_weight_b):
+    """Inference front end of a Vim v2 block in one kernel: silu(conv_f(x)) @ proj_weight_f.T and
+    silu(conv_b(x)) @ proj_weight_b.T, where conv_* = (weight (dim, width <= 4), bias or None) and conv_b is
+    anti-causal (the conv of the flipped sequence, flipped back). The conv outputs are rounded to x's dtype,
+    as a separate conv would write them, and never stored. Returns (x_dbl_f, x_dbl_b), each (batch,
+    seqlen, out_dim) in x's dtype (the weights are cast to it, as autocast does for a linear layer)."""
+    require()
+    return torch.ops.selective_scan_cuda.conv_x_proj(x, *conv_f, *conv_b, proj_weight_f, proj_weight_b)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused bidirectional scan (Vim v2 block): out = silu(z) * (y_f + y_b) * out_scale, where direction b runs
 # from position L-1 down to 0 over natural-order inputs: no flipped copies, one launch each way.

@@ -193,10 +193,14 @@ def _conv_weight(conv1d_weight):
 
 
 def _project(u, x_proj_weight, dstate, delta_rank, B=None, C=None, B_proj_bias=None, C_proj_bias=None):
-    """x_proj of the conv output u (batch, channels, seqlen) -> [dt | B | C] per position. Returns the
-    low-rank dt (batch, delta_rank, seqlen) and B, C (batch, dstate, seqlen) (where not given), views of
-    the x_proj output."""
+    """x_proj of the conv output u (batch, channels, seqlen) -> [dt | B | C] per position (`_split_x_dbl`)."""
     x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
+    return _split_x_dbl(x_dbl, dstate, delta_rank, B, C, B_proj_bias, C_proj_bias)
+
+
+def _split_x_dbl(x_dbl, dstate, delta_rank, B=None, C=None, B_proj_bias=None, C_proj_bias=None):
+    """An x_proj output (batch, seqlen, rank + 2 * dstate) as the low-rank dt (batch, delta_rank, seqlen)
+    and B, C (batch, dstate, seqlen) (where not given), views of x_dbl."""
     # One split, not three slices: its backward is one concatenation instead of a zero-filled
     # x_dbl-sized gradient per slice, summed.
     dt, B_proj, C_proj = x_dbl.split([delta_rank, dstate, x_dbl.shape[-1] - delta_rank - dstate], dim=-1)
@@ -270,7 +274,15 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     # output lives only until its x_proj has read it (peak memory at high resolution).
     fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
     ranks = [(p["A"].shape[1], p["delta_proj_weight"].shape[1]) for p in directions]
-    if fuse_conv:
+    proj_weights = [p["x_proj_weight"] for p in directions]
+
+    def conv(params):
+        return (_conv_weight(params["conv1d_weight"]), params["conv1d_bias"]) if fuse_conv else None
+
+    if fuse_conv and cuda_ops.conv_x_proj_applies(x, proj_weights):  # no conv output at all
+        x_dbls = cuda_ops.bidirectional_conv_x_proj(x, *map(conv, directions), *proj_weights)
+        inputs = [(x, *_split_x_dbl(x_dbl, *r)) for x_dbl, r in zip(x_dbls, ranks)]
+    elif fuse_conv:
         inputs = [(x, *_ssm_inputs(x, p["conv1d_weight"], p["conv1d_bias"], p["x_proj_weight"], *r, backend=backend,
                                    reverse=reverse)[1:])
                   for p, r, reverse in zip(directions, ranks, (False, True))]
@@ -281,9 +293,6 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     if fused:
         def kernel_args(params, u, dt, B, C):
             return (u, dt, params["A"], B.unsqueeze(1), C.unsqueeze(1), params["D"], params["delta_bias"])
-
-        def conv(params):
-            return (_conv_weight(params["conv1d_weight"]), params["conv1d_bias"]) if fuse_conv else None
 
         return cuda_ops.bimamba_scan(*kernel_args(forward_params, *inputs[0]), *kernel_args(backward_params, *inputs[1]),
                                      z, delta_softplus=True,

@@ -1,0 +1,126 @@
+"""GPU tests of the bidirectional conv + x_proj inference kernel (selective_scan_cuda::conv_x_proj) against
+float64, and of when the v2 mixer uses it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpu_test_helpers import fresh_seed, poison_allocator
+from mamba_ssm.ops import cuda_ops
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ops.available()),
+                                reason="needs a CUDA GPU and the built extension")
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _silu_conv64(x, weight, bias, reverse):
+    """float64 depthwise conv of x (batch, dim, seqlen) with zero padding, then SiLU: causal (taps over
+    x[t-w+1 .. t]), or for reverse the conv of the time-flipped sequence, flipped back."""
+    x = x.double()
+    if reverse:
+        x = x.flip(-1)
+    width = weight.shape[1]
+    u = F.conv1d(F.pad(x, (width - 1, 0)), weight.double().unsqueeze(1),
+                 None if bias is None else bias.double(), groups=x.shape[1])
+    u = F.silu(u)
+    return u.flip(-1) if reverse else u
+
+
+def _check(got, u64, weight, dtype, what, seed):
+    """got (batch, seqlen, out) against u64 @ W^T (W as the kernel uses it, in dtype): the kernel rounds each
+    conv output to dtype (at most a unit roundoff of |u| each: |W| @ |u| bounds the effect), accumulates in
+    fp32 and rounds the result once; a factor 2 of margin on both."""
+    w = weight.to(dtype).double()
+    ref = u64.transpose(1, 2) @ w.t()
+    slack = UNIT_ROUNDOFF[dtype] * (u64.abs().transpose(1, 2) @ w.abs().t())
+    bound = 2 * (slack + UNIT_ROUNDOFF[dtype] * ref.abs()) + 1e-6 * ref.abs().max()
+    assert got.dtype == dtype and got.shape == ref.shape, what
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (seed {seed})"
+    excess = (got.double().cpu() - ref.cpu()).abs() - bound.cpu()
+    assert (excess <= 0).all(), f"{what}: max excess {excess.max().item():.3e} (seed {seed})"
+
+
+# (dim, seqlen, out_dim): one and several channel chunks of 64 with a partial last one, sequences shorter
+# than a block's 128 positions and across blocks, and each accumulator size (<= 48, <= 64, <= 96).
+SHAPES = [(64, 1, 44), (136, 7, 44), (384, 301, 44), (200, 128, 56), (96, 129, 80), (64, 260, 96)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dim,seqlen,out_dim", SHAPES)
+@pytest.mark.parametrize("width,with_bias", [(4, True), (4, False), (2, True)])
+def test_matches_float64(dtype, dim, seqlen, out_dim, width, with_bias):
+    seed = fresh_seed()
+    poison_allocator()
+    batch = 2
+    # x as the model has it: the first half of the in_proj output (batch, seqlen, 2 dim), transposed.
+    xz = torch.randn(batch, seqlen, 2 * dim, device="cuda").to(dtype)
+    x = xz[..., :dim].transpose(1, 2)
+    convs = [(0.5 * torch.randn(dim, width, device="cuda"), torch.randn(dim, device="cuda") if with_bias else None)
+             for _ in range(2)]
+    proj = [torch.randn(out_dim, dim, device="cuda") / dim ** 0.5 for _ in range(2)]
+    with torch.inference_mode():
+        outs = cuda_ops.bidirectional_conv_x_proj(x, *convs, *proj)
+    for reverse, (out, (weight, bias), w) in enumerate(zip(outs, convs, proj)):
+        _check(out, _silu_conv64(x, weight, bias, bool(reverse)), w, dtype, f"direction {reverse}", seed)
+
+
+def test_rejects_what_it_cannot_run():
+    conv = (torch.randn(64, 4, device="cuda"), None)
+    proj = torch.randn(44, 64, device="cuda")
+    x32 = torch.randn(1, 10, 64, device="cuda").transpose(1, 2)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        cuda_ops.bidirectional_conv_x_proj(x32, conv, conv, proj, proj)
+    x = x32.bfloat16()
+    with pytest.raises(RuntimeError, match="token-major"):
+        cuda_ops.bidirectional_conv_x_proj(x.contiguous(), conv, conv, proj, proj)
+    x60 = torch.randn(1, 10, 60, device="cuda").bfloat16().transpose(1, 2)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cuda_ops.bidirectional_conv_x_proj(x60, (conv[0][:60], None), (conv[0][:60], None), proj[:, :60],
+                                           proj[:, :60])
+    odd = torch.randn(1, 10, 129, device="cuda").bfloat16()[..., 1:].transpose(1, 2)  # odd position stride
+    with pytest.raises(RuntimeError, match="4-byte aligned"):
+        cuda_ops.bidirectional_conv_x_proj(odd, conv, conv, proj, proj)
+    assert not cuda_ops.conv_x_proj_applies(odd, [proj])
+    with pytest.raises(RuntimeError, match="out_dim <= 96"):
+        big = torch.randn(97, 64, device="cuda")
+        cuda_ops.bidirectional_conv_x_proj(x, conv, conv, big, big)
+    assert not cuda_ops.conv_x_proj_applies(x32, [proj])
+    assert not cuda_ops.conv_x_proj_applies(x.contiguous(), [proj])
+    assert cuda_ops.conv_x_proj_applies(x, [proj])
+
+
+def test_mixer_uses_it_in_half_precision_inference_only(monkeypatch):
+    """The v2 mixer's inference in bf16 autocast goes through the kernel (one call per block) and equals the
+    separate conv and x_proj kernels it replaces; fp32 and training keep them."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+    from mamba_ssm.ops import selective_scan_interface
+
+    calls = []
+    original = cuda_ops.bidirectional_conv_x_proj
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(cuda_ops, "bidirectional_conv_x_proj", counting)
+    torch.manual_seed(0)
+    mixer = Mamba(96, bimamba_type="v2", if_divide_out=True).cuda()
+    with torch.no_grad():
+        for conv in (mixer.conv1d, mixer.conv1d_b):
+            conv.bias.add_(0.3 * torch.randn_like(conv.bias))
+    hidden = torch.randn(3, 150, 96, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = mixer(hidden)
+        assert len(calls) == 1
+        monkeypatch.setattr(selective_scan_interface.cuda_ops, "conv_x_proj_applies", lambda *args: False)
+        separate = mixer(hidden)
+    assert len(calls) == 1
+    rel = ((fused.double() - separate.double()).norm() / separate.double().norm()).item()
+    assert rel < 1e-2
+    monkeypatch.undo()
+    monkeypatch.setattr(cuda_ops, "bidirectional_conv_x_proj", counting)
+    with torch.no_grad():
+        mixer(hidden)  # fp32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixer(hidden).float().sum().backward()  # training
+    assert len(calls) == 1
