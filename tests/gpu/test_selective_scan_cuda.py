@@ -271,8 +271,9 @@ def _projected(inputs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("batch,dim,seqlen", [(3, 384, 197), (1, 768, 730), (2, 64, 1), (1, 96, 2049)])
-@pytest.mark.parametrize("token_major,rank", [(False, 0), (True, 0), (True, 12), (False, 48)],
-                         ids=["channel_major", "token_major", "token_major_dt_proj12", "channel_major_dt_proj48"])
+@pytest.mark.parametrize("token_major,rank", [(False, 0), (True, 0), (True, 12), (False, 48), (True, 48)],
+                         ids=["channel_major", "token_major", "token_major_dt_proj12", "channel_major_dt_proj48",
+                              "token_major_dt_proj48"])
 def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major, rank):
     """rank > 0: delta given as a low-rank dt and a projection weight, formed inside the kernels."""
     from mamba_ssm.ops import cuda_ops

@@ -415,6 +415,8 @@ std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Te
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0 && x.stride(0) % 2 == 0 && x.stride(2) % 2 == 0,
               "conv_x_proj: x must hold channel pairs 4-byte aligned (even strides, aligned start), got strides ",
               x.strides());
+  TORCH_CHECK(x.size(0) <= 65535, "conv_x_proj: batch must be at most 65535 (the grid's y dimension), got ",
+              x.size(0), "; run it on smaller batches");
   c10::cuda::CUDAGuard guard(x.device());
   ConvProjParams p{};
   p.batch = int(x.size(0));
@@ -449,6 +451,8 @@ std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Te
                 kMaxConvProjOut, ", got ", proj_weight_f.sizes(), " and ", proj_weight_b.sizes());
     TORCH_CHECK(pw.device() == x.device(), "conv_x_proj: x_proj weights must be on x's device");
     held[4 + dir] = pw.to(x.scalar_type()).contiguous();
+    // The kernel copies its rows 16 bytes at a time: a view that starts off that alignment is copied.
+    if (reinterpret_cast<uintptr_t>(held[4 + dir].data_ptr()) % 16 != 0) held[4 + dir] = held[4 + dir].clone();
     p.proj_weight[dir] = held[4 + dir].data_ptr();
     p.out_dim = int(pw.size(0));
     out[dir] = at::empty({p.batch, p.seqlen, p.out_dim}, x.options());

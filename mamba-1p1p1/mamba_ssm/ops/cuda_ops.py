@@ -60,15 +60,20 @@ MAX_CONV_PROJ_OUT = 96  # rank + 2 * dstate that conv_x_proj holds (kMaxConvProj
 CONV_PROJ_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def conv_x_proj_applies(x, proj_weights) -> bool:
-    """Whether `bidirectional_conv_x_proj` takes x (batch, dim, seqlen) and these x_proj weights: eager
-    (not under torch.compile, whose inductor has its own conv and matmul kernels), CUDA, bf16/fp16 (tensor
-    cores), token-major x whose channel pairs are 4-byte aligned (as a linear layer's output is), dim a
-    multiple of 8 and out_dim <= MAX_CONV_PROJ_OUT."""
-    return (x.is_cuda and x.dtype in CONV_PROJ_DTYPES and x.stride(1) == 1 and x.shape[1] % 8 == 0
-            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0 and x.stride(2) % 2 == 0
-            and all(w.shape[0] <= MAX_CONV_PROJ_OUT for w in proj_weights)
-            and available() and not torch.compiler.is_compiling())
+def conv_x_proj_applies(x, conv_weights, proj_weights) -> bool:
+    """Whether `bidirectional_conv_x_proj` takes x (batch, dim, seqlen) with these conv weights (dim, 1,
+    width) and x_proj weights (out_dim, dim), one per direction: eager (not under torch.compile, whose
+    inductor has its own conv and matmul kernels), CUDA, bf16/fp16 (tensor cores), batch <= 65535,
+    token-major x whose channel pairs are 4-byte aligned (as a linear layer's output is), dim a multiple
+    of 8, one conv width <= 4 and one out_dim <= MAX_CONV_PROJ_OUT for both directions."""
+    if not available() or torch.compiler.is_compiling():  # first: data_ptr() would break the traced graph
+        return False
+    widths = {w.shape[-1] for w in conv_weights}
+    out_shapes = {tuple(w.shape) for w in proj_weights}
+    return (x.is_cuda and x.dtype in CONV_PROJ_DTYPES and x.shape[0] <= 65535 and x.shape[1] % 8 == 0
+            and x.stride(1) == 1 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0 and x.stride(2) % 2 == 0
+            and len(widths) == 1 and widths.pop() <= 4
+            and len(out_shapes) == 1 and out_shapes.pop()[0] <= MAX_CONV_PROJ_OUT)
 
 
 def bidirectional_conv_x_proj(x, conv_f, conv_b, proj_weight_f, proj_weight_b):

@@ -274,12 +274,12 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     # output lives only until its x_proj has read it (peak memory at high resolution).
     fuse_conv = fused and not scan_ops.needs_grad(xz, *forward_params.values(), *backward_params.values())
     ranks = [(p["A"].shape[1], p["delta_proj_weight"].shape[1]) for p in directions]
-    proj_weights = [p["x_proj_weight"] for p in directions]
+    conv_weights, proj_weights = [p["conv1d_weight"] for p in directions], [p["x_proj_weight"] for p in directions]
 
     def conv(params):
         return (_conv_weight(params["conv1d_weight"]), params["conv1d_bias"]) if fuse_conv else None
 
-    if fuse_conv and cuda_ops.conv_x_proj_applies(x, proj_weights):  # no conv output at all
+    if fuse_conv and cuda_ops.conv_x_proj_applies(x, conv_weights, proj_weights):  # no conv outputs at all
         x_dbls = cuda_ops.bidirectional_conv_x_proj(x, *map(conv, directions), *proj_weights)
         inputs = [(x, *_split_x_dbl(x_dbl, *r)) for x_dbl, r in zip(x_dbls, ranks)]
     elif fuse_conv:
