@@ -2,6 +2,7 @@
 import os
 
 import torch
+import torch.nn.functional as F
 
 # Per-dtype floor of the error bound, relative to max|ref|: covers the rounding of the output to
 # the dtype (half an ulp: 2^-11 fp16, 2^-8 bf16) and fp32 noise, for cases where the same-precision
@@ -44,3 +45,15 @@ def check_bound(name, got, ref64, same_prec, dtype, seed, factor=FACTOR, floor=N
     assert e_got <= bound, (
         f"{name}: max error {e_got:.3e} > bound {bound:.3e} (same-precision reference error {e_ref:.3e}, "
         f"max|ref| {scale:.3e}, dtype {dtype}, seed {seed})")
+
+
+def conv_silu_ref(x, weight, bias, anti_causal):
+    """silu(depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width) and bias (dim,) or None), in
+    x's precision: causal, or anti-causal (the conv of the time-flipped sequence, flipped back); written with
+    F.conv1d, independently of the kernels and causal_conv1d_ref."""
+    width = weight.shape[1]
+    xs = x.flip(-1) if anti_causal else x
+    out = F.conv1d(F.pad(xs, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1),
+                   None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+    out = F.silu(out)
+    return out.flip(-1) if anti_causal else out

@@ -2,28 +2,14 @@
 float64, and of when the v2 mixer uses it."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gpu_test_helpers import fresh_seed, poison_allocator
+from gpu_test_helpers import conv_silu_ref, fresh_seed, poison_allocator
 from mamba_ssm.ops import cuda_ops
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ops.available()),
                                 reason="needs a CUDA GPU and the built extension")
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def _silu_conv64(x, weight, bias, reverse):
-    """float64 depthwise conv of x (batch, dim, seqlen) with zero padding, then SiLU: causal (taps over
-    x[t-w+1 .. t]), or for reverse the conv of the time-flipped sequence, flipped back."""
-    x = x.double()
-    if reverse:
-        x = x.flip(-1)
-    width = weight.shape[1]
-    u = F.conv1d(F.pad(x, (width - 1, 0)), weight.double().unsqueeze(1),
-                 None if bias is None else bias.double(), groups=x.shape[1])
-    u = F.silu(u)
-    return u.flip(-1) if reverse else u
 
 
 def _check(got, u64, weight, dtype, what, seed):
@@ -67,7 +53,8 @@ def test_matches_float64(dtype, dim, seqlen, out_dim, width, with_bias):
     with torch.inference_mode():
         outs = cuda_ops.bidirectional_conv_x_proj(x, *convs, *proj)
     for reverse, (out, (weight, bias), w) in enumerate(zip(outs, convs, proj)):
-        _check(out, _silu_conv64(x, weight, bias, bool(reverse)), w, dtype, f"direction {reverse}", seed)
+        ref = conv_silu_ref(x.double(), weight, bias, bool(reverse))
+        _check(out, ref, w, dtype, f"direction {reverse}", seed)
 
 
 def test_weights_at_any_alignment():

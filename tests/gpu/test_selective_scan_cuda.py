@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from gpu_test_helpers import check_bound, fresh_seed, poison_allocator  # noqa: E402
+from gpu_test_helpers import check_bound, conv_silu_ref, fresh_seed, poison_allocator  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEQLENS = [1, 63, 197, 730, 2049, 6085]
@@ -411,17 +411,6 @@ except RuntimeError as e:
         f"C++ error did not reach Python cleanly (rc {res.returncode}): {res.stderr[-2000:]}")
 
 
-def _conv_silu_ref(x, weight, bias, anti_causal):
-    """silu(depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width)): causal, or anti-causal
-    (the scan from the end); written with F.conv1d, independently of the kernels and causal_conv1d_ref."""
-    width = weight.shape[1]
-    xs = x.flip(-1) if anti_causal else x
-    # In x's precision: the low-precision reference that sets the tolerance rounds like a user's fp16 conv.
-    out = F.conv1d(F.pad(xs, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1), bias.to(x.dtype), groups=x.shape[1])
-    out = F.silu(out)
-    return out.flip(-1) if anti_causal else out
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("token_major,width,dim,seqlen", [
     (True, 4, 192, 197), (True, 2, 80, 37), (True, 3, 80, 730), (False, 4, 192, 197), (False, 3, 96, 1),
@@ -445,7 +434,9 @@ def test_bimamba_fused_conv_matches_float64(token_major, width, dim, seqlen, dty
     def reference(cast):
         def direction(inputs, conv, anti_causal):
             t = [cast(v) if v is not None else None for v in inputs]
-            t[0] = _conv_silu_ref(cast(x), cast(conv[0]), cast(conv[1]), anti_causal)
+            # In x's precision: the low-precision reference that sets the tolerance rounds like a user's
+            # fp16 conv.
+            t[0] = conv_silu_ref(cast(x), cast(conv[0]), cast(conv[1]), anti_causal)
             return t
         return _bi_ref(direction(f_in, convs[0], False), direction(b_in, convs[1], True), cast(z), True)
 

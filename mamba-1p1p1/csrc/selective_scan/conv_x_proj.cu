@@ -214,9 +214,8 @@ __global__ void __launch_bounds__(kThreads, (kNT <= 6 ? 16 : 8) / kWarps) conv_x
 
 template <typename T, int kNT>
 cudaError_t launch(const ConvProjParams& p, cudaStream_t stream) {
-  const int smem = int(sizeof(ConvProjSmem<T, kNT>));
-  cudaError_t err = cudaFuncSetAttribute(conv_x_proj_kernel<T, kNT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
+  constexpr int smem = int(sizeof(ConvProjSmem<T, kNT>));
+  static_assert(smem <= 48 * 1024, "within the default dynamic shared memory: no opt-in attribute per call");
   const dim3 grid((p.seqlen + kTile - 1) / kTile, p.batch);
   conv_x_proj_kernel<T, kNT><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -428,21 +428,20 @@ std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Te
   const at::Tensor* conv_weights[2] = {&conv_weight_f, &conv_weight_b};
   const OptTensor* conv_biases[2] = {&conv_bias_f, &conv_bias_b};
   const at::Tensor* proj_weights[2] = {&proj_weight_f, &proj_weight_b};
-  at::Tensor held[6];
-  at::Tensor out[2];
+  at::Tensor conv_w[2], conv_b[2], proj_w[2], out[2];  // hold what the raw pointers in p point into
   for (int dir = 0; dir < 2; ++dir) {
     const at::Tensor& w = *conv_weights[dir];
     TORCH_CHECK(w.dim() == 2 && w.size(0) == dim && w.size(1) >= 1 && w.size(1) <= 4,
                 "conv_x_proj: conv weights must be (dim, width) with dim = ", dim, " and width <= 4, got ", w.sizes());
     TORCH_CHECK(dir == 0 || w.size(1) == p.conv_width, "conv_x_proj: both conv weights must have one width");
     p.conv_width = int(w.size(1));
-    held[dir] = f32_param(w, x, "conv_weight");
-    p.conv_weight[dir] = held[dir].data_ptr<float>();
+    conv_w[dir] = f32_param(w, x, "conv_weight");
+    p.conv_weight[dir] = conv_w[dir].data_ptr<float>();
     if (conv_biases[dir]->has_value()) {
       const at::Tensor& bias = **conv_biases[dir];
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == dim, "conv_x_proj: conv biases must be (dim,), got ", bias.sizes());
-      held[2 + dir] = f32_param(bias, x, "conv_bias");
-      p.conv_bias[dir] = held[2 + dir].data_ptr<float>();
+      conv_b[dir] = f32_param(bias, x, "conv_bias");
+      p.conv_bias[dir] = conv_b[dir].data_ptr<float>();
     }
     const at::Tensor& pw = *proj_weights[dir];
     TORCH_CHECK(pw.dim() == 2 && pw.size(1) == dim && pw.size(0) >= 1 && pw.size(0) <= kMaxConvProjOut &&
@@ -450,10 +449,10 @@ std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Te
                 "conv_x_proj: x_proj weights must both be (out_dim, dim) with dim = ", dim, " and out_dim <= ",
                 kMaxConvProjOut, ", got ", proj_weight_f.sizes(), " and ", proj_weight_b.sizes());
     TORCH_CHECK(pw.device() == x.device(), "conv_x_proj: x_proj weights must be on x's device");
-    held[4 + dir] = pw.to(x.scalar_type()).contiguous();
+    proj_w[dir] = pw.to(x.scalar_type()).contiguous();
     // The kernel copies its rows 16 bytes at a time: a view that starts off that alignment is copied.
-    if (reinterpret_cast<uintptr_t>(held[4 + dir].data_ptr()) % 16 != 0) held[4 + dir] = held[4 + dir].clone();
-    p.proj_weight[dir] = held[4 + dir].data_ptr();
+    if (reinterpret_cast<uintptr_t>(proj_w[dir].data_ptr()) % 16 != 0) proj_w[dir] = proj_w[dir].clone();
+    p.proj_weight[dir] = proj_w[dir].data_ptr();
     p.out_dim = int(pw.size(0));
     out[dir] = at::empty({p.batch, p.seqlen, p.out_dim}, x.options());
     p.out[dir] = out[dir].data_ptr();

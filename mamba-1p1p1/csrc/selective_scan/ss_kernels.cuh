@@ -297,20 +297,17 @@ struct DtLowTile {
   float v[kPer];
 
   // Ranks kb .. kb+15 into v.
-  __device__ __forceinline__ void load(const ScanParams& p, const T* dt_low, int s0, int len, int kb) {
+  __device__ __forceinline__ void fetch(const ScanParams& p, const T* dt_low, int s0, int len, int kb = 0) {
     const int j = threadIdx.x % kSeg, k0 = threadIdx.x / kSeg;
     const T* q = dt_low + (kb + k0) * p.dt_low_rank_stride + int64_t(phys(p, s0 + j)) * p.dt_low_seq_stride;
     const int64_t step = 2 * p.dt_low_rank_stride;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) v[i] = (j < len && kb + 2 * i + k0 < p.rank) ? to_float(q[i * step]) : 0.f;
   }
-  __device__ __forceinline__ void fetch(const ScanParams& p, const T* dt_low, int s0, int len) {
-    load(p, dt_low, s0, len, 0);
-  }
   __device__ __forceinline__ void store(const ScanParams& p, const T* dt_low, int s0, int len, float* sLow) {
     const int j = threadIdx.x % kSeg, k0 = threadIdx.x / kSeg;
     for (int kb = 0; kb < p.rank; kb += 2 * kPer) {
-      if (kb > 0) load(p, dt_low, s0, len, kb);
+      if (kb > 0) fetch(p, dt_low, s0, len, kb);
 #pragma unroll
       for (int i = 0; i < kPer; ++i)
         if (kb + 2 * i + k0 < p.rank) sLow[(kb + 2 * i + k0) * kSeg + j] = v[i];
