@@ -126,3 +126,22 @@ def test_non_contiguous_input():
     with torch.inference_mode():
         out = rms_norm_fn(x, weight, eps=1e-6)
     _assert_close(out, _oracle(x, None, weight, None, 1e-6)[0], torch.float32, "out", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_starting_at_odd_elements(monkeypatch, dtype):
+    """Contiguous rows whose storage starts one element into its allocation: the kernel reads elements one by
+    one there (pairs need aligned pointers), with the same result."""
+    calls = _count_kernel_calls(monkeypatch)
+    seed = fresh_seed()
+    rows, hidden = 37, 192
+    x = torch.randn(rows * hidden + 1, device="cuda").to(dtype)[1:].view(rows, hidden)
+    residual = torch.randn(rows * hidden + 1, device="cuda")[1:].view(rows, hidden)
+    weight = torch.randn(hidden, device="cuda")
+    assert x.is_contiguous() and x.data_ptr() % (2 * x.element_size()) != 0
+    with torch.inference_mode():
+        out, stream = rms_norm_fn(x, weight, residual=residual, prenorm=True, residual_in_fp32=True, eps=1e-5)
+    assert len(calls) == 1
+    ref_out, ref_stream = _oracle(x, residual, weight, None, 1e-5)
+    _assert_close(out, ref_out, dtype, "out", seed)
+    _assert_close(stream, ref_stream, torch.float32, "stream", seed)

@@ -8,9 +8,10 @@
 // Forward mapping. A block is one warp and owns 32 channels of one batch element (and one group, so
 // B and C are shared by all of them); each lane runs one channel with all of its 16 states in
 // registers: 16 independent chains per lane, B and C read from shared memory as broadcasts, no
-// barriers and no shuffles. Element-wise data live in registers, one position per array slot: in the
-// token-major layout (channel stride 1, as linear layers produce it) each load instruction reads one
-// position of the 32 channels, contiguous; the channel-major layout goes through a transposing tile.
+// barriers and no shuffles. Element-wise stages hold a segment in registers, one position per array slot
+// (the scan loop reads its dt and u from shared memory, a position per iteration): in the token-major
+// layout (channel stride 1, as linear layers produce it) each load instruction reads one position of the
+// 32 channels, contiguous; the channel-major layout goes through a transposing tile.
 //
 // Backward without O(L*N) storage: the forward saves the state before every chunk of kChunk
 // positions (1/2 float per element at N = 16). The backward (mapping described in its section) walks
@@ -284,6 +285,9 @@ struct FwdSmem {
   __align__(16) float B[kSeg * kN];
   __align__(16) float C[kSeg * kN];
   float tile[tile_floats(kSeg)];
+  // The segment's dt and u by [position][lane], for the scan loop (u becomes y there).
+  float dt[kSeg * kCh];
+  float u[kSeg * kCh];
 };
 
 // The segment's dt_low (rank x kSeg) for the fused delta projection, into shared memory [rank][kSeg].
@@ -315,34 +319,39 @@ struct DtLowTile {
   }
 };
 
-// Token-major, bf16/fp16: asks L2 for the rows of logical positions s .. s+kSeg-1 (the next segment), so
-// that its loads find them there. Lane j < kSeg takes position j of u, the delta or dt_low row, B and C;
-// lane kSeg + j the z and y_acc_in rows. Measured on an H200 at Vim-tiny 1248, batch 128: 3.5% faster
-// bf16 inference scan; 7% slower in fp32, where it is not used.
+// The loads a segment starts from (u, B and C, the first ranks of dt_low), issued one segment ahead: the
+// forward fetches the next segment's during the current one's scan, so their latency is hidden (H200,
+// bf16 inference at Vim-tiny 1248, batch 128: 6.15 -> 6.03 ms with the rolled scan loop). Loading z and
+// y_acc_in before the scan too (registers, or cp.async into shared memory) was slower.
+template <typename T, bool kTM>
+struct SegmentInputs {
+  float u[kSeg];
+  BcTile<T, kFwdThreads, kSeg> bc;
+  DtLowTile<T> low;
+
+  __device__ __forceinline__ void fetch(const ScanParams& p, const BlockGeo& geo, const T* u_base, const T* dt_low,
+                                        int s0, float* tile) {
+    const int len = min(kSeg, p.seqlen - s0);
+    load_rows<kTM, kSeg>(p, u_base, p.u_dim_stride, p.u_seq_stride, geo, s0, len, u, tile);
+    bc.fetch(p, geo, s0, len);
+    if (dt_low != nullptr) low.fetch(p, dt_low, s0, len);
+  }
+};
+
+// Token-major, bf16/fp16: asks L2 for the z and y_acc_in rows of logical positions s .. s+kSeg-1 (the next
+// segment), which the segment reads after its scan; lane j < kSeg takes position j's z row, lane kSeg + j
+// its y_acc_in row. (The segment's other inputs are loaded a segment ahead, SegmentInputs.)
 template <typename T, typename TAcc>
-__device__ __forceinline__ void prefetch_segment(const ScanParams& p, const BlockGeo& geo, int s, const T* u,
-                                                 const T* delta, const T* dt_low, const T* z) {
+__device__ __forceinline__ void prefetch_outputs(const ScanParams& p, const BlockGeo& geo, int s, const T* z) {
   const int lane = threadIdx.x;
   s += lane % kSeg;
   if (s >= p.seqlen) return;
   const int64_t pos = phys(p, s);
   if (lane < kSeg) {
-    prefetch_row(u + geo.d0 + pos * p.u_seq_stride, geo.nch, p.u_dim_stride);
-    if (dt_low != nullptr) {
-      prefetch_l2(dt_low + pos * p.dt_low_seq_stride);
-    } else {
-      prefetch_row(delta + geo.d0 + pos * p.delta_seq_stride, geo.nch, p.delta_dim_stride);
-    }
-    prefetch_row(reinterpret_cast<const T*>(p.B) + geo.b * p.B_batch_stride + geo.g * p.B_group_stride +
-                     pos * p.B_seq_stride, p.dstate, p.B_state_stride);
-    prefetch_row(reinterpret_cast<const T*>(p.C) + geo.b * p.C_batch_stride + geo.g * p.C_group_stride +
-                     pos * p.C_seq_stride, p.dstate, p.C_state_stride);
-  } else {
     if (z != nullptr) prefetch_row(z + geo.d0 + pos * p.z_seq_stride, geo.nch, p.z_dim_stride);
-    if (p.y_acc_in != nullptr) {
-      prefetch_row(static_cast<const TAcc*>(p.y_acc_in) + (int64_t(geo.b) * p.seqlen + pos) * p.dim + geo.d0,
-                   geo.nch, int64_t(1));
-    }
+  } else if (p.y_acc_in != nullptr) {
+    prefetch_row(static_cast<const TAcc*>(p.y_acc_in) + (int64_t(geo.b) * p.seqlen + pos) * p.dim + geo.d0,
+                 geo.nch, int64_t(1));
   }
 }
 
@@ -392,6 +401,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
   const T* dt_low =
       fused_delta ? reinterpret_cast<const T*>(p.dt_low) + int64_t(geo.b) * p.dt_low_batch_stride : nullptr;
 
+  SegmentInputs<T, kTM> in;
+  in.fetch(p, geo, u, dt_low, 0, sm.tile);
   for (int s0 = 0; s0 < L; s0 += kSeg) {
     const int len = min(kSeg, L - s0);
     if (p.ckpt != nullptr && ok && s0 % kChunk == 0) {
@@ -399,16 +410,10 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
 #pragma unroll
       for (int q = 0; q < kN / 4; ++q) dst[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
     }
-    __syncwarp();  // the previous segment's reads of the shared tiles are done
 
     float uv[kSeg], dv[kSeg];
-    load_rows<kTM, kSeg>(p, u, p.u_dim_stride, p.u_seq_stride, geo, s0, len, uv, sm.tile);
-    // The segment's other loads too, before any of them is used, so that their latencies overlap.
-    BcTile<T, kFwdThreads, kSeg> bc;
-    bc.fetch(p, geo, s0, len);
-    DtLowTile<T> low;
-    if (fused_delta) low.fetch(p, dt_low, s0, len);
-    if constexpr (kTM && kIsHalf<T>) prefetch_segment<T, TAcc>(p, geo, s0 + kSeg, u, delta, dt_low, z);
+#pragma unroll
+    for (int j = 0; j < kSeg; ++j) uv[j] = in.u[j];
     if (conv) {
       const float next_halo[3] = {uv[kSeg - 3], uv[kSeg - 2], uv[kSeg - 1]};
       // Descending, so that uv[j-3 .. j] still hold the inputs when position j is formed.
@@ -427,7 +432,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
       for (int m = 0; m < 3; ++m) halo[m] = next_halo[m];
     }
     if (fused_delta) {
-      low.store(p, dt_low, s0, len, sLow);
+      in.low.store(p, dt_low, s0, len, sLow);
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < kSeg; ++j) dv[j] = 0.f;
@@ -445,14 +450,23 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
       load_rows<kTM, kSeg>(p, delta, p.delta_dim_stride, p.delta_seq_stride, geo, s0, len, dv, sm.tile);
     }
     make_dt<T>(p, bias, ok, len, dv);
-    bc.store(p, sm.B, sm.C);
-    __syncwarp();
-
-    // Scan; uv[j] becomes y_j once position j is done.
+    in.bc.store(p, sm.B, sm.C);
 #pragma unroll
     for (int j = 0; j < kSeg; ++j) {
-      const float dt = dv[j];
-      const float du = dt * uv[j];
+      sm.dt[j * kCh + lane] = dv[j];
+      sm.u[j * kCh + lane] = uv[j];
+    }
+    __syncwarp();
+    if (s0 + kSeg < L) in.fetch(p, geo, u, dt_low, s0 + kSeg, sm.tile);
+    if constexpr (kTM && kIsHalf<T>) prefetch_outputs<T, TAcc>(p, geo, s0 + kSeg, z);
+
+    // Scan, one position per iteration: a loop rather than unrolled, so that the code of the whole segment
+    // stays in the instruction cache (H200, Vim-tiny 1248, batch 128, bf16 inference: 6.35 -> 6.15 ms;
+    // training forward at 224: -7%). Unrolling by 2 or 4 was slower.
+#pragma unroll 1
+    for (int j = 0; j < kSeg; ++j) {
+      const float dt = sm.dt[j * kCh + lane], uj = sm.u[j * kCh + lane];
+      const float du = dt * uj;
       float bb[kN], cc[kN];
 #pragma unroll
       for (int q = 0; q < kN / 4; ++q) {
@@ -467,28 +481,33 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
         y0 = fmaf(cc[n], h[n], y0);
         y1 = fmaf(cc[n + 1], h[n + 1], y1);
       }
-      uv[j] = fmaf(Dd, uv[j], y0 + y1);
+      sm.u[j * kCh + lane] = fmaf(Dd, uj, y0 + y1);
     }
+    __syncwarp();
 
     // Outputs of the segment.
+    float yv[kSeg];
+#pragma unroll
+    for (int j = 0; j < kSeg; ++j) yv[j] = sm.u[j * kCh + lane];
     if (p.y_acc_in != nullptr) {
       float acc[kSeg];
       load_out_rows<kTM, kSeg>(p, static_cast<const TAcc*>(p.y_acc_in), geo, s0, len, acc, sm.tile);
 #pragma unroll
-      for (int j = 0; j < kSeg; ++j) uv[j] += acc[j];
+      for (int j = 0; j < kSeg; ++j) yv[j] += acc[j];
     }
-    if (p.y_acc_out != nullptr) store_rows<kTM, kSeg>(p, static_cast<TAcc*>(p.y_acc_out), geo, s0, len, uv, sm.tile);
+    if (p.y_acc_out != nullptr) store_rows<kTM, kSeg>(p, static_cast<TAcc*>(p.y_acc_out), geo, s0, len, yv, sm.tile);
     if (p.out != nullptr) {
       if (z != nullptr) {
         float zv[kSeg];
         load_rows<kTM, kSeg>(p, z, p.z_dim_stride, p.z_seq_stride, geo, s0, len, zv, sm.tile);
 #pragma unroll
-        for (int j = 0; j < kSeg; ++j) uv[j] *= zv[j] * sigmoid(zv[j]);
+        for (int j = 0; j < kSeg; ++j) yv[j] *= zv[j] * sigmoid(zv[j]);
       }
 #pragma unroll
-      for (int j = 0; j < kSeg; ++j) uv[j] *= p.out_scale;
-      store_rows<kTM, kSeg>(p, reinterpret_cast<T*>(p.out), geo, s0, len, uv, sm.tile);
+      for (int j = 0; j < kSeg; ++j) yv[j] *= p.out_scale;
+      store_rows<kTM, kSeg>(p, reinterpret_cast<T*>(p.out), geo, s0, len, yv, sm.tile);
     }
+    __syncwarp();  // the shared tiles are free for the next segment
   }
   if (p.last_state != nullptr && ok) {
 #pragma unroll
@@ -596,7 +615,7 @@ struct BwdSmem {
 
 // Token-major backward: the rows of the next chunk (logical positions s0 .. s0+kT-1) that its element
 // and B/C loads read, asked for one chunk ahead, so that those loads find them in L2 (4-5% faster in bf16,
-// 1-2% in fp32 on an H200; prefetch_segment is the forward's, for bf16/fp16 only). Thread 32 q + j takes
+// 1-2% in fp32 on an H200). Thread 32 q + j takes
 // position j of u and B (q = 0), delta and C (1), z and ysum (2), dout (3).
 template <typename T>
 __device__ __forceinline__ void prefetch_chunk(const ScanParams& p, const BlockGeo& geo, int s0, const T* u,
