@@ -615,8 +615,8 @@ struct BwdSmem {
 
 // Token-major backward: the rows of the next chunk (logical positions s0 .. s0+kT-1) that its element
 // and B/C loads read, asked for one chunk ahead, so that those loads find them in L2 (4-5% faster in bf16,
-// 1-2% in fp32 on an H200). Thread 32 q + j takes
-// position j of u and B (q = 0), delta and C (1), z and ysum (2), dout (3).
+// 1-2% in fp32 on an H200). Thread 32 q + j takes position j of u and B (q = 0), delta and C (1), z and
+// ysum (2), dout (3).
 template <typename T>
 __device__ __forceinline__ void prefetch_chunk(const ScanParams& p, const BlockGeo& geo, int s0, const T* u,
                                                const T* delta, const T* z, const T* dout) {
