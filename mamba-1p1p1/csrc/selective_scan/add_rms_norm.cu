@@ -10,18 +10,13 @@ namespace {
 
 constexpr int kNormThreads = 32 * kNormRowsPerBlock;
 
-// kVec consecutive elements at `at` (aligned to kVec elements) to and from fp32: pairs go as one 4- or
-// 8-byte access.
-template <typename E>
-struct alignas(2 * sizeof(E)) Pair {
-  E first, second;
-};
+// kVec (1 or 2) consecutive elements at `at`, aligned to kVec elements, to and from fp32.
 template <int kVec, typename E>
 __device__ __forceinline__ void load_vec(const E* at, float* v) {
   if constexpr (kVec == 2) {
-    const Pair<E> q = *reinterpret_cast<const Pair<E>*>(at);
-    v[0] = to_float(q.first);
-    v[1] = to_float(q.second);
+    const float2 q = load_pair(at);
+    v[0] = q.x;
+    v[1] = q.y;
   } else {
     v[0] = to_float(*at);
   }
@@ -29,7 +24,7 @@ __device__ __forceinline__ void load_vec(const E* at, float* v) {
 template <int kVec, typename E>
 __device__ __forceinline__ void store_vec(E* at, const float* v) {
   if constexpr (kVec == 2) {
-    *reinterpret_cast<Pair<E>*>(at) = Pair<E>{from_float<E>(v[0]), from_float<E>(v[1])};
+    store_pair(at, v[0], v[1]);
   } else {
     *at = from_float<E>(v[0]);
   }

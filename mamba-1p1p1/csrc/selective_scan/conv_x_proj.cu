@@ -57,20 +57,6 @@ __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 
-// Two adjacent channels (4 bytes) to and from fp32.
-__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* at) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
-}
-__device__ __forceinline__ float2 load_pair(const __half* at) {
-  return __half22float2(*reinterpret_cast<const __half2*>(at));
-}
-__device__ __forceinline__ void store_pair(__nv_bfloat16* at, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
-}
-__device__ __forceinline__ void store_pair(__half* at, float a, float b) {
-  *reinterpret_cast<__half2*>(at) = __floats2half2_rn(a, b);
-}
-
 // Both convs (SiLU) of this thread's channel pair c, c+1 at the block's positions p0 + j0 .. + kConvRun-1,
 // into the chunk's tiles u[dir][position][channel] at column cc. x (4-byte aligned pairs) is read at
 // j0 - kHalo .. j0 + kConvRun - 1 + kHalo, zero outside the sequence; kEdge: the block has such positions

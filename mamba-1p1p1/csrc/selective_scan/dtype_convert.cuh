@@ -22,4 +22,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// Two consecutive elements (their address aligned to two elements) to and from fp32, as one 8-byte (fp32) or
+// 4-byte (fp16, bf16) access.
+__device__ __forceinline__ float2 load_pair(const float* at) { return *reinterpret_cast<const float2*>(at); }
+__device__ __forceinline__ float2 load_pair(const __half* at) {
+  return __half22float2(*reinterpret_cast<const __half2*>(at));
+}
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* at) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
+}
+__device__ __forceinline__ void store_pair(float* at, float a, float b) {
+  *reinterpret_cast<float2*>(at) = make_float2(a, b);
+}
+__device__ __forceinline__ void store_pair(__half* at, float a, float b) {
+  *reinterpret_cast<__half2*>(at) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* at, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
+}
+
 }  // namespace ssm
