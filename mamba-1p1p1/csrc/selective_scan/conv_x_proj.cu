@@ -2,7 +2,7 @@
 // of x and their x_proj products in one pass, x_dbl_dir = silu(conv_dir(x)) @ W_dir^T, without writing
 // the conv outputs. Unfused, each direction's conv wrote a (batch, seqlen, dim) tensor that its x_proj
 // matmul read back: 33 of 240 ms per batch of Vim-tiny bf16 feature extraction at 1248 (H200); this kernel
-// takes 0.83 ms a block there (20 ms a batch), bound by its instructions and MUFU (the SiLUs), not by memory.
+// takes 0.73 ms a block there (18 ms a batch), bound by its instructions and MUFU (the SiLUs), not by memory.
 //
 // A block of kThreads owns kTile positions of one batch element and loops over the channels in chunks of
 // kChunkC: its threads form both convs of the chunk into shared memory (rounded to the input type, as the
@@ -12,12 +12,13 @@
 #include <type_traits>
 
 #include "dtype_convert.cuh"
+#include "fast_math.cuh"
 
 namespace ssm {
 namespace {
 
-// 64 positions per block: 0.83 ms a call at Vim-tiny 1248, batch 128 (H200), against 0.94 with 128 (fewer,
-// larger blocks overlap their load, conv and MMA phases less).
+// 64 positions per block: 0.83 ms a call at Vim-tiny 1248, batch 128 (H200, before the tanh SiLU), against
+// 0.94 with 128 (fewer, larger blocks overlap their load, conv and MMA phases less).
 constexpr int kTile = 64;                  // positions per block
 constexpr int kWarps = kTile / 16;         // one 16-row MMA tile per warp
 constexpr int kThreads = 32 * kWarps;      // 128
@@ -48,8 +49,6 @@ struct Mma<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-
-__device__ __forceinline__ float silu(float x) { return x * __fdividef(1.f, 1.f + __expf(-x)); }
 
 // 16 bytes global -> shared without registers; zeros instead when !valid (src must still be a valid address).
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
@@ -100,8 +99,8 @@ __device__ __forceinline__ void conv_pair(const ConvProjParams& p, const T* x, i
         r[e] = fmaf(taps[1][e][m], e == 0 ? xr.x : xr.y, r[e]);
       }
     }
-    store_pair(&u_f[(j0 + j) * kRowH + cc], silu(f[0]), silu(f[1]));
-    store_pair(&u_b[(j0 + j) * kRowH + cc], silu(r[0]), silu(r[1]));
+    store_pair(&u_f[(j0 + j) * kRowH + cc], silu<T>(f[0]), silu<T>(f[1]));
+    store_pair(&u_b[(j0 + j) * kRowH + cc], silu<T>(r[0]), silu<T>(r[1]));
   }
 }
 
