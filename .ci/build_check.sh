@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Force-builds both CUDA extensions (causal_conv1d_cuda, selective_scan_cuda) on a machine with nvcc
-# and a CUDA build of torch but no GPU, so that a build break never lands. Builds into a temporary
-# directory (the working tree's in-place .so files are left alone) for the default architectures
-# (sm_80, sm_90 + PTX) unless TORCH_CUDA_ARCH_LIST is set. Prints the time it took.
+# Force-builds both CUDA extensions (causal_conv1d_cuda, selective_scan_cuda) and the standalone
+# benchmarks/kernel_timer.cu on a machine with nvcc and a CUDA build of torch but no GPU, so that a build
+# break never lands. Builds into a temporary directory (the working tree's in-place .so files are left
+# alone) for the default architectures (sm_80, sm_90 + PTX) unless TORCH_CUDA_ARCH_LIST is set. Prints the
+# time it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -24,4 +25,7 @@ for op in (torch.ops.causal_conv1d_cuda.fwd, torch.ops.selective_scan_cuda.bwd):
     assert op.default is not None
 print("extensions load:", causal_conv1d_cuda.__file__, selective_scan_cuda.__file__, sep="\n  ")
 PY
-echo "build_check: both extensions built in $(( $(date +%s) - start )) s (MAX_JOBS=$MAX_JOBS, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX})"
+# The standalone kernel timer includes the kernels' sources directly: it must keep compiling with them.
+nvcc -O3 -std=c++17 -arch=sm_90 -I mamba-1p1p1/csrc/selective_scan -o "$tmp/kernel_timer" benchmarks/kernel_timer.cu \
+  || { echo "BUILD FAILED: benchmarks/kernel_timer.cu"; exit 1; }
+echo "build_check: both extensions and the kernel timer built in $(( $(date +%s) - start )) s (MAX_JOBS=$MAX_JOBS, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX})"
