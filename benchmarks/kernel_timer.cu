@@ -78,7 +78,7 @@ void time_and_report(Launch launch, int iters, const void* out, int64_t out_byte
   std::vector<float> ms;
   for (int i = 0; i < iters; ++i) {
     cudaEventRecord(start);
-    launch();
+    check(launch(), "launch");
     cudaEventRecord(stop);
     check(cudaEventSynchronize(stop), "timed launch");
     float t;
@@ -182,10 +182,11 @@ void run_scan(const std::string& kernel, int batch, int dim, int seqlen, int ite
     time_and_report([&] { return ss_bifwd_launch<T>(p[0], p[1], 0); }, iters, out, n * sizeof(T), kBf16, dump);
     return;
   }
-  // Training: u is the conv output, z its own tensor; the forward saves checkpoints and the fp32 sum.
+  // Training: u is each direction's conv output, z the second half of the (batch, seqlen, 2 dim) in_proj
+  // output; the forward saves checkpoints and the fp32 sum.
   float* ysum = uninitialised<float>(n);
   float* ckpt[2];
-  T* z = uniform<T>(n, 60, -2.f, 2.f);
+  const T* z = uniform<T>(2 * n, 60, -2.f, 2.f) + dim;
   for (int dir = 0; dir < 2; ++dir) {
     ScanParams& q = p[dir];
     q.u = uniform<T>(n, 50 + dir, -1.f, 1.f);
@@ -193,9 +194,9 @@ void run_scan(const std::string& kernel, int batch, int dim, int seqlen, int ite
     q.u_dim_stride = 1;
     q.u_seq_stride = dim;
     q.z = z;
-    q.z_batch_stride = int64_t(seqlen) * dim;
+    q.z_batch_stride = int64_t(seqlen) * 2 * dim;
     q.z_dim_stride = 1;
-    q.z_seq_stride = dim;
+    q.z_seq_stride = 2 * dim;
     ckpt[dir] = uninitialised<float>(int64_t(batch) * dim * q.nchunks * kMaxState);
     q.ckpt = ckpt[dir];
     q.acc_fp32 = true;
@@ -210,8 +211,8 @@ void run_scan(const std::string& kernel, int batch, int dim, int seqlen, int ite
     return;
   }
   check(ss_bifwd_launch<T>(p[0], p[1], 0), "training forward");
-  // Backward: a full-size delta (the training backward's input), both directions gated by z; dz written once.
-  T* delta = uniform<T>(n, 70, -3.f, 1.f);
+  // Backward: each direction's full-size delta (the training backward's input), both directions gated by z;
+  // dz written once.
   T* dout = uniform<T>(n, 71, -1.f, 1.f);
   T* grads = uninitialised<T>(5 * n);  // du and ddelta of each direction, dz
   for (int dir = 0; dir < 2; ++dir) {
@@ -219,7 +220,7 @@ void run_scan(const std::string& kernel, int batch, int dim, int seqlen, int ite
     q.dt_low = nullptr;
     q.dt_proj = nullptr;
     q.rank = 0;
-    q.delta = delta;
+    q.delta = uniform<T>(n, 70 + dir, -3.f, 1.f);
     q.delta_batch_stride = int64_t(seqlen) * dim;
     q.delta_dim_stride = 1;
     q.delta_seq_stride = dim;

@@ -688,7 +688,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     // All loads of the chunk's elements are issued before any of them is used.
     float uv[kElems], xv[kElems], zv[kElems], gv[kElems], ysv[kElems];
     // Unguarded (kGuarded false) for a full chunk of full channels: the bounds checks made the compiler branch
-    // around each load (H200, both directions at tiny@224, batch 128: bf16 0.775 -> 0.720 ms, fp32 -2%).
+    // around each load (H200, both directions at tiny@224, batch 128: bf16 0.776 -> 0.723 ms, fp32 -3%).
     const auto load_elems = [&](auto guarded) {
       constexpr bool kGuarded = decltype(guarded)::value;
       int64_t ou = wu.first, od = wd.first, oz = wz.first, o = out_first;
