@@ -4,8 +4,9 @@
 # and writes the logs under $OUT (default ./gpu_check_out). Usage: bash scripts/gpu_check.sh [bench args]
 # GPU_CHECK_BENCH=0 skips the benchmark. GPU_CHECK_BASE_TREE=DIR (an older tree's causal-conv1d,
 # mamba-1p1p1 and vim, e.g. `git archive REV causal-conv1d mamba-1p1p1 vim | tar -x -C DIR`) builds that
-# tree while the tests run, then times both trees' scan kernels (benchmarks/profile_scan.py --time) and
-# Vim end to end (benchmarks/compare_trees.py).
+# tree while the tests run, then times both trees' scan kernels (benchmarks/profile_scan.py --time, and
+# benchmarks/kernel_timer_ab.sh at the model's shapes, outputs compared) and Vim end to end
+# (benchmarks/compare_trees.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -53,6 +54,7 @@ if [ -n "${base_pid:-}" ]; then
       PYTHONPATH=$tree/causal-conv1d:$tree/mamba-1p1p1:$tree python3 benchmarks/profile_scan.py --time \
         --dtypes float32 bfloat16 2>&1 | tee "$OUT/profile_scan_time_${side%%:*}.txt"
     done
+    bash benchmarks/kernel_timer_ab.sh "$base" "$OUT/kernel_timer_ab.txt"
     python3 benchmarks/compare_trees.py base="$base" new=. --out "$OUT/compare_trees.txt"
   else
     echo "base tree build failed (see base_build.log)" | tee -a "$OUT/env.log"
