@@ -183,6 +183,11 @@ def test_odd_batch_with_mixup(image_folder, tmp_path, capsys):
     assert '--batch-size 3 is odd' in err
 
 
+def test_tf32_without_cuda(image_folder, tmp_path, capsys):
+    err = error_of(tiny_args(image_folder, tmp_path, '--tf32'), capsys)
+    assert '--tf32 selects CUDA tensor cores; it does nothing on --device cpu' in err
+
+
 def test_no_traceback_for_argparse_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         run_trainer([*TINY_MODEL, '--data-set', 'IMAGENET22K'])
