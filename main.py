@@ -22,6 +22,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from mamba_ssm.ops import linear_3xtf32
 from torch.utils.data import DataLoader
 
 try:
@@ -206,10 +207,12 @@ def get_args_parser():
     g.add_argument('--if_amp', action='store_true', default=None,
                    help='autocast mixed precision (default: on for CUDA, off for CPU)')
     g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
-    g.add_argument('--tf32', action='store_true',
-                   help='CUDA fp32 matmuls on TF32 tensor cores (inputs reduced to 10-bit mantissas, fp32 '
-                        'accumulation): with --no_amp, Vim-tiny trains 1.5x faster on an H200. Off by default, so '
-                        'that fp32 stays IEEE fp32')
+    g.add_argument('--fp32-matmul', default='3xtf32', choices=['3xtf32', 'ieee', 'tf32'],
+                   help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj/out_proj on TF32 tensor cores in '
+                        'three products, at least as accurate as IEEE fp32 at Vim\'s shapes (against float64); '
+                        'Vim-tiny training 1.2x faster on an H200. ieee: cuBLAS IEEE fp32 everywhere. tf32: every '
+                        'matmul in TF32 (10-bit mantissa inputs), 1.5x faster, less accurate. Autocast runs its '
+                        'matmuls in bf16/fp16 whatever this says')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
                    help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does '
                         'not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
@@ -275,8 +278,9 @@ def check_args(args):
                         f'--teacher-model')
     if args.finetune and args.eval:
         raise UserError('--finetune with --eval: evaluate a checkpoint with --eval --resume CHECKPOINT')
-    if args.tf32 and not args.device.startswith('cuda'):
-        raise UserError(f'--tf32 selects CUDA tensor cores; it does nothing on --device {args.device}: drop it')
+    if args.fp32_matmul == 'tf32' and not args.device.startswith('cuda'):
+        raise UserError(f'--fp32-matmul tf32 selects CUDA tensor cores; it does nothing on --device {args.device}: '
+                        f'drop it')
 
 
 def mixup_active(args):
@@ -361,11 +365,14 @@ def main(args):
     seed_everything(args.seed + get_rank())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.fp32_matmul == 'tf32'
+        linear_3xtf32.set_mode('ieee' if args.fp32_matmul == 'ieee' else '3xtf32')
     use_amp = args.if_amp if args.if_amp is not None else device.type == 'cuda'
     amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
     precision = f'autocast {args.amp_dtype}' if use_amp else 'fp32'
-    log(f'{args.model} on {device} x {get_world_size()}, {precision}{", TF32 matmuls" if args.tf32 else ""}')
+    if device.type == 'cuda' and not use_amp:
+        precision += f' ({args.fp32_matmul} matmuls)'
+    log(f'{args.model} on {device} x {get_world_size()}, {precision}')
 
     dataset_val, num_classes = build_dataset(False, args)
     pin_memory = args.pin_mem and device.type == 'cuda'

@@ -184,8 +184,8 @@ def test_odd_batch_with_mixup(image_folder, tmp_path, capsys):
 
 
 def test_tf32_without_cuda(image_folder, tmp_path, capsys):
-    err = error_of(tiny_args(image_folder, tmp_path, '--tf32'), capsys)
-    assert '--tf32 selects CUDA tensor cores; it does nothing on --device cpu' in err
+    err = error_of(tiny_args(image_folder, tmp_path, '--fp32-matmul', 'tf32'), capsys)
+    assert '--fp32-matmul tf32 selects CUDA tensor cores; it does nothing on --device cpu' in err
 
 
 def test_no_traceback_for_argparse_errors(capsys):

@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 
+from mamba_ssm.ops import linear_3xtf32
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn_no_out_proj,
     bimamba_v1_inner_fn_no_out_proj,
@@ -98,7 +99,7 @@ class Mamba(nn.Module):
         )
 
     def forward(self, hidden_states):
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        xz = linear_3xtf32.linear(hidden_states, self.in_proj).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
         forward_params = self._direction_params("")
         if self.bimamba_type == "none":
             y = mamba_inner_fn_no_out_proj(xz, **forward_params)
@@ -109,4 +110,4 @@ class Mamba(nn.Module):
                                              out_scale=0.5 if self.if_divide_out else 1.0)
         # Without autograd nothing else holds xz (2 x d_inner per token): free it before out_proj allocates.
         del xz
-        return self.out_proj(y.transpose(1, 2))
+        return linear_3xtf32.linear(y.transpose(1, 2), self.out_proj)

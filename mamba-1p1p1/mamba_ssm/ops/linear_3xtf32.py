@@ -1,0 +1,40 @@
+"""How the Mamba mixer's fp32 CUDA in_proj/out_proj multiply: by default as 3xTF32 products on tensor cores
+(mamba_ssm.ops.mm_3xtf32), which are at least as accurate as IEEE fp32 at Vim's shapes and faster."""
+import os
+
+import torch
+
+MODES = ("3xtf32", "ieee")
+_mode = "3xtf32"
+
+# The kernel module imports Triton: it is imported only where its kernels can run, a CUDA GPU or Triton's
+# CPU interpreter (TRITON_INTERPRET=1), so that importing mamba_ssm on a machine without a GPU stays light.
+kernels = None
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        from mamba_ssm.ops import mm_3xtf32 as kernels
+    except ImportError:  # a CUDA torch without Triton: the layers stay on torch's linear
+        kernels = None
+
+
+def set_mode(mode):
+    """How fp32 CUDA in_proj/out_proj multiply when torch's TF32 matmuls are off: "3xtf32" (the default:
+    mm_3xtf32's kernel) or "ieee" (torch's linear: cuBLAS's IEEE fp32 kernels). With
+    torch.backends.cuda.matmul.allow_tf32 set they use torch's linear, in TF32, whatever the mode."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"fp32 matmul mode must be one of {MODES}, got {mode!r}")
+    _mode = mode
+
+
+def applies(x, weight):
+    return (_mode == "3xtf32" and kernels is not None and x.is_cuda and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cuda") and not torch.backends.cuda.matmul.allow_tf32)
+
+
+def linear(x, layer):
+    """layer(x) for an nn.Linear, through the 3xTF32 kernel where it applies (see set_mode)."""
+    if not applies(x, layer.weight):
+        return layer(x)
+    out = kernels.mm(x.reshape(-1, x.shape[-1]), layer.weight.t(), layer.bias)
+    return out.view(*x.shape[:-1], layer.weight.shape[0])

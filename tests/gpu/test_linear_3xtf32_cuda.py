@@ -1,0 +1,118 @@
+"""The 3xTF32 linear on the GPU: outputs and gradients at least about as close to float64 as cuBLAS's IEEE
+fp32 (the claim that lets it be the default for fp32), under autograd, opcheck and torch.compile."""
+import pytest
+import torch
+
+from gpu_test_helpers import check_bound, fresh_seed, poison_allocator
+from mamba_ssm.ops import linear_3xtf32
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or linear_3xtf32.kernels is None,
+                                reason="needs a CUDA GPU and Triton")
+
+# The bound: 1.5x cuBLAS's IEEE fp32 error (measured 3-4x below it at Vim's shapes), plus 2^-22 of max|ref|,
+# the precision of each 3xTF32 product, which short reductions (K below ~64), where fp32's rounding error
+# (growing with sqrt(K)) is smaller, can show.
+FACTOR, FLOOR = 1.5, 2 ** -22
+
+SHAPES = [  # rows M, in K, out N: Vim-tiny's in_proj and out_proj at batch 128, odd sizes, long reductions
+    (128 * 197, 192, 768), (128 * 197, 384, 192), (1000, 37, 70), (3, 5000, 129), (333, 96, 1),
+]
+
+
+def _ieee(fn):
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mm_at_least_as_accurate_as_ieee_fp32(M, K, N, a_transposed, with_bias):
+    seed = fresh_seed()
+    a = torch.randn(K, M, device="cuda").t() if a_transposed else torch.randn(M, K, device="cuda")
+    w = torch.randn(N, K, device="cuda") * K ** -0.5
+    bias = torch.randn(N, device="cuda") if with_bias else None
+    poison_allocator()
+    got = linear_3xtf32.kernels.mm(a, w.t(), bias)
+    ref = a.double() @ w.double().t() + (bias.double() if with_bias else 0)
+    ieee = _ieee(lambda: torch.nn.functional.linear(a, w, bias))
+    check_bound("mm", got, ref, ieee, torch.float32, seed, factor=FACTOR, floor=FLOOR)
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES[:3])
+def test_linear_gradients_match_float64(M, K, N):
+    seed = fresh_seed()
+    layer = torch.nn.Linear(K, N, device="cuda")
+    x = torch.randn(2, M // 2, K, device="cuda", requires_grad=True)
+    grad_out = torch.randn(2, M // 2, N, device="cuda")
+    out = linear_3xtf32.linear(x, layer)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), grad_out)
+
+    ref_layer = torch.nn.Linear(K, N, dtype=torch.float64, device="cuda")
+    ref_layer.load_state_dict(layer.state_dict())
+    ref_x = x.detach().double().requires_grad_()
+    ref_out = ref_layer(ref_x)
+    ref = torch.autograd.grad(ref_out, (ref_x, ref_layer.weight, ref_layer.bias), grad_out.double())
+
+    def ieee_grads():
+        ieee_x = x.detach().requires_grad_()
+        return torch.autograd.grad(layer(ieee_x), (ieee_x, layer.weight, layer.bias), grad_out)
+
+    ieee = _ieee(ieee_grads)
+    check_bound("out", out, ref_out, _ieee(lambda: layer(x)), torch.float32, seed, factor=FACTOR, floor=FLOOR)
+    for name, g, r, i in zip(("grad x", "grad weight", "grad bias"), got, ref, ieee):
+        check_bound(name, g, r, i, torch.float32, seed, factor=FACTOR, floor=FLOOR)
+
+
+def test_non_contiguous_input_and_empty_batch():
+    layer = torch.nn.Linear(48, 24, device="cuda")
+    y = torch.randn(3, 48, 50, device="cuda")  # out_proj's input: the (batch, channels, tokens) scan output
+    ref = y.double().transpose(1, 2) @ layer.weight.double().t() + layer.bias.double()
+    got = linear_3xtf32.linear(y.transpose(1, 2), layer)
+    assert got.shape == (3, 50, 24)
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    empty = linear_3xtf32.linear(torch.randn(0, 7, 48, device="cuda"), layer)
+    assert empty.shape == (0, 7, 24)
+
+
+def test_falls_back_under_autocast_tf32_and_ieee_mode():
+    x = torch.randn(4, 8, device="cuda")
+    w = torch.randn(2, 8, device="cuda")
+    assert linear_3xtf32.applies(x, w)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not linear_3xtf32.applies(x, w)
+    assert not linear_3xtf32.applies(x.double(), w.double())
+    try:
+        linear_3xtf32.set_mode("ieee")
+        assert not linear_3xtf32.applies(x, w)
+    finally:
+        linear_3xtf32.set_mode("3xtf32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert not linear_3xtf32.applies(x, w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_opcheck():
+    a = torch.randn(300, 64, device="cuda", requires_grad=True)
+    b = torch.randn(64, 40, device="cuda", requires_grad=True)
+    bias = torch.randn(40, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.mamba_ssm.mm_3xtf32.default, (a, b, bias))
+    torch.library.opcheck(torch.ops.mamba_ssm.mm_3xtf32.default, (a, b, None))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layer = torch.nn.Linear(96, 192, device="cuda")
+    x = torch.randn(4, 197, 96, device="cuda", requires_grad=True)
+    compiled = torch.compile(lambda inputs: linear_3xtf32.linear(inputs, layer), fullgraph=True)
+    results = []
+    for forward in (lambda inputs: linear_3xtf32.linear(inputs, layer), compiled):
+        out = forward(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (x, layer.weight, layer.bias))))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
