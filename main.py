@@ -371,7 +371,8 @@ def main(args):
     amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
     precision = f'autocast {args.amp_dtype}' if use_amp else 'fp32'
     if device.type == 'cuda' and not use_amp:
-        precision += f' ({args.fp32_matmul} matmuls)'
+        no_triton = args.fp32_matmul == '3xtf32' and linear_3xtf32.kernels is None
+        precision += ' (ieee matmuls: 3xtf32 needs Triton)' if no_triton else f' ({args.fp32_matmul} matmuls)'
     log(f'{args.model} on {device} x {get_world_size()}, {precision}')
 
     dataset_val, num_classes = build_dataset(False, args)

@@ -53,7 +53,7 @@ errors = []
 for M, K, N, transposed, with_bias, sms in {INTERPRETED_CASES!r}:
     a = torch.randn(K, M).t() if transposed else torch.randn(M, K)
     w = torch.randn(N, K)
-    bias = torch.randn(N) if with_bias else None
+    bias = torch.randn(2 * N)[::2] if with_bias else None  # strided, as a view of a larger tensor can be
     out = lin.launch(a, w.t(), bias, sms, kernel=lin._mm_kernel.fn, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
     ref = a.double() @ w.double().t() + (bias.double() if with_bias else 0)
     errors.append([list(out.shape), ((out.double() - ref).abs().max() / ref.abs().max()).item()])
@@ -78,3 +78,27 @@ def test_cpu_layers_use_torch_linear():
 def test_set_mode_rejects_unknown_modes():
     with pytest.raises(ValueError, match="fp32 matmul mode must be one of .*'3xtf32', 'ieee'.*got 'tf64'"):
         linear_3xtf32.set_mode("tf64")
+
+
+def test_tf32_setting_is_read_through_either_torch_api():
+    """The legacy flag cannot be read once the newer fp32_precision API has been used (torch 2.9+), and the
+    newer one breaks torch.compile's graph; run in a subprocess, since the API state is process-wide."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has only the legacy flag")
+    script = """
+import torch
+from mamba_ssm.ops import linear_3xtf32 as lin
+assert lin.tf32_matmuls() is False
+torch.backends.cuda.matmul.allow_tf32 = True
+assert lin.tf32_matmuls() is True
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+assert lin.tf32_matmuls() is False
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+assert lin.tf32_matmuls() is True
+step = torch.compile(lambda x: x + 1 if lin.tf32_matmuls() else x - 1, backend="eager", fullgraph=True)
+assert step(torch.zeros(1)).item() == 1
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -35,7 +35,7 @@ def test_mm_at_least_as_accurate_as_ieee_fp32(M, K, N, a_transposed, with_bias):
     seed = fresh_seed()
     a = torch.randn(K, M, device="cuda").t() if a_transposed else torch.randn(M, K, device="cuda")
     w = torch.randn(N, K, device="cuda") * K ** -0.5
-    bias = torch.randn(N, device="cuda") if with_bias else None
+    bias = torch.randn(2 * N, device="cuda")[::2] if with_bias else None  # strided
     poison_allocator()
     got = linear_3xtf32.kernels.mm(a, w.t(), bias)
     ref = a.double() @ w.double().t() + (bias.double() if with_bias else 0)
@@ -96,6 +96,7 @@ def test_falls_back_under_autocast_tf32_and_ieee_mode():
         assert not linear_3xtf32.applies(x, w)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+    assert linear_3xtf32.applies(x, w)
 
 
 def test_opcheck():

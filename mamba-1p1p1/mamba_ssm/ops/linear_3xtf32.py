@@ -20,16 +20,27 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 def set_mode(mode):
     """How fp32 CUDA in_proj/out_proj multiply when torch's TF32 matmuls are off: "3xtf32" (the default:
     mm_3xtf32's kernel) or "ieee" (torch's linear: cuBLAS's IEEE fp32 kernels). With
-    torch.backends.cuda.matmul.allow_tf32 set they use torch's linear, in TF32, whatever the mode."""
+    TF32 matmuls allowed in torch (tf32_matmuls) they use torch's linear, in TF32, whatever the mode."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"fp32 matmul mode must be one of {MODES}, got {mode!r}")
     _mode = mode
 
 
+@torch.compiler.assume_constant_result
+def tf32_matmuls():
+    """Whether torch's CUDA fp32 matmuls may use TF32, set through either of torch's APIs. Reading the legacy
+    flag raises once the newer fp32_precision API has been used, and reading the newer one breaks
+    torch.compile's graph, hence the order; compiled code reads it once, when it is traced."""
+    try:
+        return torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def applies(x, weight):
     return (_mode == "3xtf32" and kernels is not None and x.is_cuda and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cuda") and not torch.backends.cuda.matmul.allow_tf32)
+            and not torch.is_autocast_enabled("cuda") and not tf32_matmuls())
 
 
 def linear(x, layer):

@@ -12,6 +12,9 @@ which grows with sqrt(K), can be below the ~2^-22 of each 3xTF32 product.
 
 b is split in memory (it is the weight, or the narrower activation of a weight gradient), in the K-major
 layout that TF32 tensor-core operands are read in; a is split in registers after its load.
+
+Not bitwise reproducible across processes: the autotuner picks BLOCK_K by timing, and BLOCK_K sets the
+order of the sums. An infinite input gives NaN where IEEE gives inf (inf - inf in the split).
 """
 from typing import Optional
 
@@ -63,7 +66,7 @@ def _mm_kernel(a_ptr, b_big_ptr, b_small_ptr, bias_ptr, c_ptr, M, N, K, K_SPLIT,
         a_step = BLOCK_K
     else:
         a_ptrs = a_ptr + rm[:, None] + (k_begin + rk)[None, :].to(tl.int64) * stride_ak
-        a_step = BLOCK_K * stride_ak
+        a_step = BLOCK_K * stride_ak.to(tl.int64)
     b_offsets = rn[None, :].to(tl.int64) * K + (k_begin + rk)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_count, BLOCK_K):
@@ -102,6 +105,7 @@ def launch(a, b, bias, sms, kernel=None, **meta):
     else:
         a, a_k_major = a.contiguous(), True
     b_big, b_small = (part.contiguous() for part in split_tf32(b.t()))
+    bias = None if bias is None else bias.contiguous()
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = max(1, min(triton.cdiv(2 * sms, tiles), K // SPLIT_MIN_K))
     k_split = triton.cdiv(triton.cdiv(K, split), SPLIT_ALIGN) * SPLIT_ALIGN
@@ -125,7 +129,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) ->
     if M == 0 or K == 0 or b.shape[1] == 0:
         out = a.new_zeros((M, b.shape[1]))
         return out if bias is None else out + bias
-    return launch(a, b, bias, torch.cuda.get_device_properties(a.device).multi_processor_count)
+    with torch.cuda.device(a.device):  # Triton launches on the current device
+        return launch(a, b, bias, torch.cuda.get_device_properties(a.device).multi_processor_count)
 
 
 def _save_operands(ctx, inputs, output):
