@@ -27,7 +27,6 @@ def set_mode(mode):
     _mode = mode
 
 
-@torch.compiler.assume_constant_result
 def tf32_matmuls():
     """Whether torch's CUDA fp32 matmuls may use TF32, set through either of torch's APIs. Reading the legacy
     flag raises once the newer fp32_precision API has been used, and reading the newer one breaks
@@ -36,6 +35,10 @@ def tf32_matmuls():
         return torch.backends.cuda.matmul.allow_tf32
     except RuntimeError:
         return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+if kernels is not None:  # the decorator imports torch._dynamo, and with it Triton: only where the kernels are
+    tf32_matmuls = torch.compiler.assume_constant_result(tf32_matmuls)
 
 
 def applies(x, weight):
