@@ -44,7 +44,7 @@ INTERPRETED_CASES = [  # M, K, N, a transposed in memory, bias, multiprocessors 
 
 
 def test_kernel_in_interpreter_matches_float64():
-    """Each case runs in a subprocess, since Triton reads TRITON_INTERPRET when the kernel is defined."""
+    """The cases run in a subprocess, since Triton reads TRITON_INTERPRET when the kernel is defined."""
     script = f"""
 import json, torch
 from mamba_ssm.ops import mm_3xtf32 as lin

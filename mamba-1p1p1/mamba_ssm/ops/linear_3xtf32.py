@@ -19,8 +19,8 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 
 def set_mode(mode):
     """How fp32 CUDA in_proj/out_proj multiply when torch's TF32 matmuls are off: "3xtf32" (the default:
-    mm_3xtf32's kernel) or "ieee" (torch's linear: cuBLAS's IEEE fp32 kernels). With
-    TF32 matmuls allowed in torch (tf32_matmuls) they use torch's linear, in TF32, whatever the mode."""
+    mm_3xtf32's kernel) or "ieee" (torch's linear: cuBLAS's IEEE fp32 kernels). With TF32 matmuls allowed
+    in torch (tf32_matmuls) they use torch's linear, in TF32, whatever the mode."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"fp32 matmul mode must be one of {MODES}, got {mode!r}")
