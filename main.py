@@ -207,7 +207,7 @@ def get_args_parser():
     g.add_argument('--if_amp', action='store_true', default=None,
                    help='autocast mixed precision (default: on for CUDA, off for CPU)')
     g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
-    g.add_argument('--fp32-matmul', default='3xtf32', choices=['3xtf32', 'ieee', 'tf32'],
+    g.add_argument('--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
                    help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj/out_proj on TF32 tensor cores in '
                         'three products, at least as accurate as IEEE fp32 at Vim\'s shapes (against float64); '
                         'Vim-tiny training 1.2x faster on an H200. ieee: cuBLAS IEEE fp32 everywhere. tf32: every '
@@ -365,8 +365,7 @@ def main(args):
     seed_everything(args.seed + get_rank())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = args.fp32_matmul == 'tf32'
-        linear_3xtf32.set_mode('ieee' if args.fp32_matmul == 'ieee' else '3xtf32')
+        linear_3xtf32.set_mode(args.fp32_matmul)
     use_amp = args.if_amp if args.if_amp is not None else device.type == 'cuda'
     amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
     precision = f'autocast {args.amp_dtype}' if use_amp else 'fp32'

@@ -29,11 +29,6 @@ MODEL_RUNS = [("ieee", "train", 224, "reduce-overhead"), ("3xtf32", "train", 224
               ("3xtf32", "features", 1248, None), ("ieee", "features", 1248, None)]
 
 
-def set_mode(mode):
-    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-    linear_3xtf32.set_mode("ieee" if mode == "ieee" else "3xtf32")
-
-
 def products(d_model):
     """(name, a, b) of one block's in_proj/out_proj products; a and b laid out as autograd gives them."""
     d_inner = 2 * d_model
@@ -55,7 +50,7 @@ def bench_products():
             row = {"model": model, "product": name, "M": a.shape[0], "K": a.shape[1], "N": b.shape[1]}
             for mode, fn in (("ieee", lambda: a @ b), ("tf32", lambda: a @ b),
                              ("3xtf32", lambda: linear_3xtf32.kernels.mm(a, b))):
-                set_mode(mode)
+                linear_3xtf32.set_mode(mode)
                 row[f"{mode}_err"] = ((fn().double() - ref).abs().max() / scale).item()
                 row[f"{mode}_us"] = do_bench(fn, warmup=25, rep=200) * 1e3
             row["3xtf32_tflops"] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / row["3xtf32_us"] / 1e6
@@ -63,18 +58,18 @@ def bench_products():
             print(f"{model:5s} {name:21s} M={row['M']:6d} K={row['K']:6d} N={row['N']:4d}  "
                   + "  ".join(f"{m} {row[m + '_us']:6.1f} us err {row[m + '_err']:.1e}" for m in ("ieee", "tf32", "3xtf32")),
                   flush=True)
-    set_mode("3xtf32")
+    linear_3xtf32.set_mode("3xtf32")
     return rows
 
 
 def bench_model():
     rows = []
     for mode, kind, size, compile_mode in MODEL_RUNS:
-        set_mode(mode)
+        linear_3xtf32.set_mode(mode)
         row = bench_models.measure(kind, "vim_tiny_patch16_224", size, 128, "fp32", True, 10, compile_mode)
         rows.append(dict(row, mode=mode, kind=kind, img_size=size))
         print(json.dumps(rows[-1]), flush=True)
-    set_mode("3xtf32")
+    linear_3xtf32.set_mode("3xtf32")
     return rows
 
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-MODES = ("3xtf32", "ieee")
+MODES = ("3xtf32", "ieee", "tf32")
 _mode = "3xtf32"
 
 # The kernel module imports Triton: it is imported only where its kernels can run, a CUDA GPU or Triton's
@@ -18,13 +18,15 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def set_mode(mode):
-    """How fp32 CUDA in_proj/out_proj multiply when torch's TF32 matmuls are off: "3xtf32" (the default:
-    mm_3xtf32's kernel) or "ieee" (torch's linear: cuBLAS's IEEE fp32 kernels). With TF32 matmuls allowed
-    in torch (tf32_matmuls) they use torch's linear, in TF32, whatever the mode."""
+    """How CUDA fp32 matmuls run: "3xtf32" (the default) takes the mixer's in_proj/out_proj through
+    mm_3xtf32's kernel, "ieee" keeps every matmul on cuBLAS's IEEE fp32 kernels, "tf32" allows TF32 in
+    every matmul. Sets torch's TF32 flag accordingly; with TF32 allowed in torch, however it was set
+    (tf32_matmuls), the layers use torch's linear."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"fp32 matmul mode must be one of {MODES}, got {mode!r}")
     _mode = mode
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
 
 
 def tf32_matmuls():
