@@ -208,11 +208,11 @@ def get_args_parser():
                    help='autocast mixed precision (default: on for CUDA, off for CPU)')
     g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
     g.add_argument('--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
-                   help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj/out_proj on TF32 tensor cores in '
-                        'three products, at least as accurate as IEEE fp32 at Vim\'s shapes (against float64); '
-                        'Vim-tiny training 1.2x faster on an H200. ieee: cuBLAS IEEE fp32 everywhere. tf32: every '
-                        'matmul in TF32 (10-bit mantissa inputs), 1.5x faster, less accurate. Autocast runs its '
-                        'matmuls in bf16/fp16 whatever this says')
+                   help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj, x_proj (compiled only) and out_proj '
+                        'on TF32 tensor cores in three products, at least as accurate as IEEE fp32 at Vim\'s shapes '
+                        '(against float64); compiled Vim-tiny training 1.25x faster on an H200. ieee: cuBLAS IEEE '
+                        'fp32 everywhere. tf32: every matmul in TF32 (10-bit mantissa inputs), 1.5x faster, less '
+                        'accurate. Autocast runs its matmuls in bf16/fp16 whatever this says')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
                    help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does '
                         'not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')

@@ -1,7 +1,7 @@
 """fp32 matmuls of the Mamba projections on a GPU: 3xTF32 (mamba_ssm.ops.mm_3xtf32) against cuBLAS's
 IEEE fp32 and TF32, in one run.
 
---part products: the six products of in_proj and out_proj (forward, input and weight gradients) of a
+--part products: the nine products of in_proj, x_proj and out_proj (forward, input and weight gradients) of a
   Vim-tiny and a Vim-small block at batch 128, 224: max error against float64, relative to max|ref|, and
   the time of one eager call. The eager 3xTF32 op runs its operand split and partial sums as separate
   kernels, so its times include those passes and, where launching is slower than the GPU work, the
@@ -14,6 +14,7 @@ IEEE fp32 and TF32, in one run.
 """
 import argparse
 import json
+import math
 import platform
 
 import torch
@@ -30,14 +31,19 @@ MODEL_RUNS = [("ieee", "train", 224, "reduce-overhead"), ("3xtf32", "train", 224
 
 
 def products(d_model):
-    """(name, a, b) of one block's in_proj/out_proj products; a and b laid out as autograd gives them."""
-    d_inner = 2 * d_model
+    """(name, a, b) of one block's in_proj, x_proj (one direction) and out_proj products; a and b laid out as
+    autograd gives them."""
+    d_inner, x_dbl = 2 * d_model, math.ceil(d_model / 16) + 2 * 16  # x_proj's out: dt_rank + 2 * d_state
     x, y = torch.randn(TOKENS, d_model, device="cuda"), torch.randn(TOKENS, d_inner, device="cuda")
+    u = torch.randn(TOKENS, d_inner, device="cuda")  # the conv output
     w_in = torch.randn(2 * d_inner, d_model, device="cuda") * d_model ** -0.5
+    w_x = torch.randn(x_dbl, d_inner, device="cuda") * d_inner ** -0.5
     w_out = torch.randn(d_model, d_inner, device="cuda") * d_inner ** -0.5
     g_in, g_out = torch.randn(TOKENS, 2 * d_inner, device="cuda"), torch.randn(TOKENS, d_model, device="cuda")
+    g_x = torch.randn(TOKENS, x_dbl, device="cuda")
     return [("in_proj forward", x, w_in.t()), ("in_proj grad input", g_in, w_in),
-            ("in_proj grad weight", g_in.t(), x), ("out_proj forward", y, w_out.t()),
+            ("in_proj grad weight", g_in.t(), x), ("x_proj forward", u, w_x.t()),
+            ("x_proj grad input", g_x, w_x), ("x_proj grad weight", u.t(), g_x), ("out_proj forward", y, w_out.t()),
             ("out_proj grad input", g_out, w_out), ("out_proj grad weight", g_out.t(), y)]
 
 

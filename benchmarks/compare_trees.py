@@ -8,7 +8,7 @@ process with that tree first on PYTHONPATH; the rounds go features, train, featu
 so that drift of the GPU's clocks shows up as a difference between the two feature rounds.
 
     python benchmarks/compare_trees.py base=/tmp/base new=. [--model vim_tiny_patch16_224] [--out FILE]
-        [--kinds features]   (only the feature rounds: no compilation)
+        [--kinds features]   (only the feature rounds: no compilation)   [--dtypes fp32]   [--repeat N]
 """
 import argparse
 import json
@@ -51,6 +51,8 @@ def main():
     parser.add_argument("--out", help="also write the lines to this file")
     parser.add_argument("--kinds", nargs="+", choices=["features", "train"], default=["features", "train"],
                         help="which rounds to run")
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--repeat", type=int, default=1, help="run the rounds this many times")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -59,8 +61,8 @@ def main():
         raise SystemExit("error: give at least two trees as NAME=DIR, e.g. base=/tmp/base new=.")
     trees = [t.split("=", 1) for t in args.trees]
     with open(args.out or os.devnull, "w") as out:  # written line by line: a run cut short keeps its rows
-        for kind, size, compile_mode in [r for r in ROUNDS if r[0] in args.kinds]:
-            for dtype in ("fp32", "bf16"):
+        for kind, size, compile_mode in [r for r in ROUNDS if r[0] in args.kinds] * args.repeat:
+            for dtype in args.dtypes:
                 for name, tree in trees:
                     row = measure_in(tree, [kind, size, compile_mode, args.model, dtype, args.batch, args.iters])
                     if out.tell() == 0:

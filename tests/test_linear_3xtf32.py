@@ -72,7 +72,7 @@ def test_cpu_layers_use_torch_linear():
     assert not linear_3xtf32.applies(torch.zeros(2, 3), weight)  # CPU: torch's linear
     layer = torch.nn.Linear(3, 4)
     x = torch.randn(5, 2, 3)
-    torch.testing.assert_close(linear_3xtf32.linear(x, layer), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(linear_3xtf32.linear(x, layer.weight, layer.bias), layer(x), rtol=0, atol=0)
 
 
 def test_set_mode_rejects_unknown_modes():

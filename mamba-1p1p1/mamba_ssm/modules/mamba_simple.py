@@ -99,7 +99,8 @@ class Mamba(nn.Module):
         )
 
     def forward(self, hidden_states):
-        xz = linear_3xtf32.linear(hidden_states, self.in_proj).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        # xz: (batch, 2 * d_inner, seqlen), token-major
+        xz = linear_3xtf32.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).transpose(1, 2)
         forward_params = self._direction_params("")
         if self.bimamba_type == "none":
             y = mamba_inner_fn_no_out_proj(xz, **forward_params)
@@ -110,4 +111,4 @@ class Mamba(nn.Module):
                                              out_scale=0.5 if self.if_divide_out else 1.0)
         # Without autograd nothing else holds xz (2 x d_inner per token): free it before out_proj allocates.
         del xz
-        return linear_3xtf32.linear(y.transpose(1, 2), self.out_proj)
+        return linear_3xtf32.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)

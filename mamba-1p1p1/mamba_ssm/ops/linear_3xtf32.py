@@ -1,5 +1,9 @@
-"""How the Mamba mixer's fp32 CUDA in_proj/out_proj multiply: by default as 3xTF32 products on tensor cores
-(mamba_ssm.ops.mm_3xtf32), which are at least as accurate as IEEE fp32 at Vim's shapes and faster."""
+"""How the Mamba mixer's fp32 CUDA in_proj, x_proj and out_proj multiply: by default as 3xTF32 products on
+tensor cores (mamba_ssm.ops.mm_3xtf32), which are at least as accurate as IEEE fp32 at Vim's shapes and faster.
+x_proj (out_features = dt_rank + 2 * d_state, 44 in Vim-tiny) uses the kernel only in compiled code: as an
+eager call at Vim-tiny's 224 shapes the op took 236-406 us against cuBLAS's 38-44 us (H200,
+benchmarks/results v16). The delta projection (a reduction over dt's rank, 12-48) stays on torch: for
+reductions that short, 3xTF32 is no more accurate than IEEE fp32."""
 import os
 
 import torch
@@ -18,7 +22,7 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def set_mode(mode):
-    """How CUDA fp32 matmuls run: "3xtf32" (the default) takes the mixer's in_proj/out_proj through
+    """How CUDA fp32 matmuls run: "3xtf32" (the default) takes the mixer's in_proj, x_proj and out_proj through
     mm_3xtf32's kernel, "ieee" keeps every matmul on cuBLAS's IEEE fp32 kernels, "tf32" allows TF32 in
     every matmul. Sets torch's TF32 flag accordingly; with TF32 allowed in torch, however it was set
     (tf32_matmuls), the layers use torch's linear."""
@@ -48,9 +52,10 @@ def applies(x, weight):
             and not torch.is_autocast_enabled("cuda") and not tf32_matmuls())
 
 
-def linear(x, layer):
-    """layer(x) for an nn.Linear, through the 3xTF32 kernel where it applies (see set_mode)."""
-    if not applies(x, layer.weight):
-        return layer(x)
-    out = kernels.mm(x.reshape(-1, x.shape[-1]), layer.weight.t(), layer.bias)
-    return out.view(*x.shape[:-1], layer.weight.shape[0])
+def linear(x, weight, bias=None, compiled_only=False):
+    """F.linear(x, weight, bias), through the 3xTF32 kernel where it applies (see set_mode); with compiled_only,
+    only in torch.compile'd code, for products so small that the eager op's per-call cost exceeds cuBLAS's."""
+    if not applies(x, weight) or (compiled_only and not torch.compiler.is_compiling()):
+        return torch.nn.functional.linear(x, weight, bias)
+    out = kernels.mm(x.reshape(-1, x.shape[-1]), weight.t(), bias)
+    return out.view(*x.shape[:-1], weight.shape[0])

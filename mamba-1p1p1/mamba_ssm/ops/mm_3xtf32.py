@@ -66,7 +66,7 @@ def _mm_kernel(a_ptr, b_big_ptr, b_small_ptr, bias_ptr, c_ptr, M, N, K, K_SPLIT,
         a_step = BLOCK_K
     else:
         a_ptrs = a_ptr + rm[:, None] + (k_begin + rk)[None, :].to(tl.int64) * stride_ak
-        a_step = BLOCK_K * stride_ak.to(tl.int64)
+        a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)  # not stride_ak.to: torch.compile's analysis passes an int
     b_offsets = rn[None, :].to(tl.int64) * K + (k_begin + rk)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_count, BLOCK_K):

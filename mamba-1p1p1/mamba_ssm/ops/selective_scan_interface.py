@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_bidirectional_fn, causal_conv1d_fn
 from causal_conv1d.layout import is_token_major
-from mamba_ssm.ops import cpu_ops, cuda_ops, scan_ops
+from mamba_ssm.ops import cpu_ops, cuda_ops, linear_3xtf32, scan_ops
 
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 # Elements of one (chunk, batch, dim, dstate) block the reference materialises at a time: blocks that
@@ -194,7 +194,8 @@ def _conv_weight(conv1d_weight):
 
 def _project(u, x_proj_weight, dstate, delta_rank, B=None, C=None, B_proj_bias=None, C_proj_bias=None):
     """x_proj of the conv output u (batch, channels, seqlen) -> [dt | B | C] per position (`_split_x_dbl`)."""
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * dstate)
+    # (batch, seqlen, rank + 2 * dstate); a product too skinny for the eager 3xTF32 op (see linear_3xtf32)
+    x_dbl = linear_3xtf32.linear(u.transpose(1, 2), x_proj_weight, compiled_only=True)
     return _split_x_dbl(x_dbl, dstate, delta_rank, B, C, B_proj_bias, C_proj_bias)
 
 
