@@ -210,7 +210,7 @@ def get_args_parser():
     g.add_argument('--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
                    help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj, x_proj (compiled only) and out_proj '
                         'on TF32 tensor cores in three products, at least as accurate as IEEE fp32 at Vim\'s shapes '
-                        '(against float64); compiled Vim-tiny training 1.25x faster on an H200. ieee: cuBLAS IEEE '
+                        '(against float64); compiled Vim-tiny training 1.21x faster on an H200 (v15). ieee: cuBLAS IEEE '
                         'fp32 everywhere. tf32: every matmul in TF32 (10-bit mantissa inputs), 1.5x faster, less '
                         'accurate. Autocast runs its matmuls in bf16/fp16 whatever this says')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],

@@ -133,10 +133,11 @@ def test_torch_compile_fullgraph_matches_eager():
 
     results = []
     dynamo_log.addHandler(messages)
-    try:
-        for forward in (eager, torch.compile(eager, fullgraph=True)):
-            out = forward(x)
-            results.append((out, *torch.autograd.grad(out.square().sum(), (x, layer.weight, layer.bias))))
+    try:  # without the on-disk caches, which would skip the analysis on a rerun
+        with torch._inductor.config.patch(force_disable_caches=True):
+            for forward in (eager, torch.compile(eager, fullgraph=True)):
+                out = forward(x)
+                results.append((out, *torch.autograd.grad(out.square().sum(), (x, layer.weight, layer.bias))))
     finally:
         dynamo_log.removeHandler(messages)
     for eager_result, traced in zip(*results):

@@ -1,9 +1,9 @@
 """How the Mamba mixer's fp32 CUDA in_proj, x_proj and out_proj multiply: by default as 3xTF32 products on
-tensor cores (mamba_ssm.ops.mm_3xtf32), which are at least as accurate as IEEE fp32 at Vim's shapes and faster.
-x_proj (out_features = dt_rank + 2 * d_state, 44 in Vim-tiny) uses the kernel only in compiled code: as an
-eager call at Vim-tiny's 224 shapes the op took 236-406 us against cuBLAS's 38-44 us (H200,
-benchmarks/results v16). The delta projection (a reduction over dt's rank, 12-48) stays on torch: for
-reductions that short, 3xTF32 is no more accurate than IEEE fp32."""
+tensor cores (mamba_ssm.ops.mm_3xtf32), at least as accurate as IEEE fp32 at Vim's shapes, and faster in a
+compiled training step. One eager call of the op costs more than cuBLAS's at Vim-tiny's 224 shapes (H200,
+benchmarks/results v16): 236-406 us against 38-44 us for the skinny x_proj (out_features = dt_rank +
+2 * d_state, 44 in Vim-tiny), which therefore uses the kernel only in compiled code. The delta projection
+(rank 12-48; in training its forward runs inside the fused scan kernel) is not routed here."""
 import os
 
 import torch
@@ -55,7 +55,7 @@ def applies(x, weight):
 def linear(x, weight, bias=None, compiled_only=False):
     """F.linear(x, weight, bias), through the 3xTF32 kernel where it applies (see set_mode); with compiled_only,
     only in torch.compile'd code, for products so small that the eager op's per-call cost exceeds cuBLAS's."""
-    if not applies(x, weight) or (compiled_only and not torch.compiler.is_compiling()):
+    if (compiled_only and not torch.compiler.is_compiling()) or not applies(x, weight):
         return torch.nn.functional.linear(x, weight, bias)
     out = kernels.mm(x.reshape(-1, x.shape[-1]), weight.t(), bias)
     return out.view(*x.shape[:-1], weight.shape[0])
