@@ -14,7 +14,6 @@ IEEE fp32 and TF32, in one run.
 """
 import argparse
 import json
-import math
 import platform
 
 import torch
@@ -22,6 +21,7 @@ import triton
 from triton.testing import do_bench
 
 import bench_models
+from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.ops import linear_3xtf32
 
 MODELS = {"tiny": 192, "small": 384}
@@ -33,7 +33,8 @@ MODEL_RUNS = [("ieee", "train", 224, "reduce-overhead"), ("3xtf32", "train", 224
 def products(d_model):
     """(name, a, b) of one block's in_proj, x_proj (one direction) and out_proj products; a and b laid out as
     autograd gives them."""
-    d_inner, x_dbl = 2 * d_model, math.ceil(d_model / 16) + 2 * 16  # x_proj's out: dt_rank + 2 * d_state
+    block = Mamba(d_model, bimamba_type="v2")  # on the CPU: only its layers' sizes are used
+    d_inner, x_dbl = block.d_inner, block.x_proj.out_features
     x, y = torch.randn(TOKENS, d_model, device="cuda"), torch.randn(TOKENS, d_inner, device="cuda")
     u = torch.randn(TOKENS, d_inner, device="cuda")  # the conv output
     w_in = torch.randn(2 * d_inner, d_model, device="cuda") * d_model ** -0.5
