@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trainer check for a node with 2 GPUs (one `run` call, about 5-8 minutes including the build):
+# Trainer check for a node with 2 GPUs (about 5-8 minutes including the build):
 #  1. tiny pre-training recipe (scripts/pt-vim-t.sh) of Vim-tiny at 224 on DIGITS, 2 processes (NCCL),
 #     ~300 steps: the training loss must fall;
 #  2. 500 steps of Vim-tiny at 224 on DIGITS in bf16 autocast and in fp32, same seed, one GPU each at
@@ -7,7 +7,7 @@
 # Logs and a summary go to $OUT (default ./gpu_train_check_out). DIGITS needs scikit-learn, or
 # data/digits.npz written by `python datasets.py --export-digits data/digits.npz` on a machine with it.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-$PWD/gpu_train_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
