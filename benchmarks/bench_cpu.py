@@ -7,8 +7,8 @@ Prints two tables and writes JSON (--json):
 The scan is switched by patching `selective_scan_interface.selective_scan_fn` (the single dispatch
 point), so everything else (conv, projections, flips) is identical in both columns.
 
-Timings are the best of --repeats runs (after a warm-up): this machine is shared, and the best run is
-the least disturbed one. Needs the extension importable (built in place, installed, or --ext-dir).
+Timings are the best of --repeats runs (after a warm-up): other load on the machine only slows runs down,
+so the best run is the least disturbed one. Needs the extension importable (built in place, installed, or --ext-dir).
 
     PYTHONPATH=causal-conv1d:mamba-1p1p1:. python benchmarks/bench_cpu.py --batch 8 16 --repeats 3
 """
@@ -79,7 +79,7 @@ def main():
     impls = {"kernel": kernel_fn} if args.skip_reference else {"reference": reference_fn, "kernel": kernel_fn}
     info = dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), isa=torch.ops.selective_scan_cpu.isa(), dtype="float32",
-                note="best of repeats; shared machine, timings fluctuate")
+                note="best of repeats")
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     results = dict(info=info, scan=[], model=[])
 

@@ -25,12 +25,12 @@ SHAPES = [  # (name, batch, d_inner, seqlen): performance.md
     ("tiny-stride8", 128, 384, 785),
     ("tiny@1248", 8, 384, 6085),
 ]
-# The original's numbers (H200, fp32, performance.md): scan fwd, scan fwd+bwd, conv fwd+bwd (ms).
+# The original's numbers, measured on an H200 in fp32 (benchmarks/results/README.md): scan fwd, scan fwd+bwd, conv fwd+bwd (ms).
 ORIGINAL_H200 = {
     "tiny@224": (0.405, 1.60, 0.32), "small@224": (0.403, 1.59, 0.35), "base@224": (0.800, 3.04, 0.48),
     "tiny-stride8": (1.45, 5.70, 0.45), "tiny@1248": (0.69, 2.74, 0.32),
 }
-# The original's whole inner op of one direction, fwd and fwd+bwd (ms; H200, fp32, performance.md).
+# The original's whole inner op of one direction, fwd and fwd+bwd (ms; H200, fp32).
 ORIGINAL_INNER_H200 = {
     "tiny@224": (0.79, 2.60), "small@224": (0.73, 2.57), "base@224": (1.21, 4.58),
     "tiny-stride8": (2.02, 7.75), "tiny@1248": (1.02, 3.96),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds benchmarks/kernel_timer.cu against a base tree's kernel sources and against this tree's, times both
 # builds at Vim-tiny's shapes (batch 128: inference at 1248, training forward and backward at 224) in three
-# alternating rounds, and compares the two builds' outputs byte for byte. Needs nvcc and an sm_90 GPU.
+# alternating rounds, and compares the two builds' outputs byte for byte. Builds for sm_90,
+# so it needs nvcc and a GPU of compute capability 9.0 (change -arch below for another GPU).
 # Usage: bash benchmarks/kernel_timer_ab.sh BASE_DIR [LOG]   (BASE_DIR holds mamba-1p1p1/, e.g. a `git archive`)
 set -uo pipefail
 base=$(realpath "${1:?usage: kernel_timer_ab.sh BASE_DIR [LOG]}")
