@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-SHAPES = [  # (name, batch, d_inner, seqlen): performance.md
+SHAPES = [  # (name, batch, d_inner, seqlen): the shapes the original was measured at
     ("tiny@224", 128, 384, 197),
     ("small@224", 64, 768, 197),
     ("base@224", 64, 1536, 197),
