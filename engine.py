@@ -4,8 +4,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from vim.preemption import Preempted
-from vim.utils import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized, log
+from trainer.distributed import get_world_size, is_dist_avail_and_initialized, log
+from trainer.metrics import MetricLogger, SmoothedValue
+from trainer.preemption import Preempted
 
 
 class TrainingDiverged(Exception):

@@ -33,13 +33,14 @@ except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
 import vim  # noqa: F401  (registers the Vim models with timm)
 from datasets import DATA_SETS, build_dataset
 from engine import TrainingDiverged, evaluate, train_one_epoch
-from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
-                            model_state_dict, restore_rng_state, save_atomic)
-from vim.losses import DistillationLoss
-from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
-from vim.samplers import ResumableSampler, SeededDataset
-from vim.utils import (UserError, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
-                       is_main_process, log)
+from trainer import UserError
+from trainer.checkpoint import (capture_rng_state, check_compatible, load_finetune_weights, model_state_dict,
+                                open_checkpoint, restore_rng_state, save_atomic)
+from trainer.distributed import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
+                                 is_main_process, log)
+from trainer.losses import DistillationLoss
+from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
+from trainer.samplers import ResumableSampler, SeededDataset
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 
@@ -305,7 +306,7 @@ def build_criterion(args, num_classes, device):
     teacher = None
     if args.distillation_type != 'none':
         teacher = create_model(args.teacher_model, num_classes=num_classes)
-        weights = model_state_dict(load_checkpoint(args.teacher_path))
+        weights = model_state_dict(open_checkpoint(args.teacher_path))
         check_compatible(weights, teacher, args.teacher_model, f'teacher {args.teacher_path}')
         teacher.load_state_dict(weights)
         teacher.to(device).eval()
@@ -387,14 +388,14 @@ def main(args):
     own = checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else ''
     # A restarted run continues from its own latest checkpoint, even when --resume names another file.
     resume = (args.resume or own) if args.eval else (own or args.resume)
-    checkpoint = load_checkpoint(resume) if resume else None
+    checkpoint = open_checkpoint(resume) if resume else None
     if checkpoint is not None:
         weights = model_state_dict(checkpoint)
         check_compatible(weights, model, args.model, resume)
         model.load_state_dict(weights)
         log(f'loaded {resume}')
     elif args.finetune:
-        dropped = load_finetune_weights(model, load_checkpoint(args.finetune), args.finetune)
+        dropped = load_finetune_weights(model, open_checkpoint(args.finetune), args.finetune)
         log(f'fine-tuning from {args.finetune}' + (f'; re-initialised {", ".join(dropped)}' if dropped else ''))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_trainer import REPO, TINY_MODEL, load, make_image_folder, run_trainer, tiny_args, tiny_model
-from vim.preemption import PREEMPTED_EXIT_CODE
+from trainer.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -67,7 +67,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
 
 SAVE_LOOP = """
 import sys, torch
-from vim.checkpoint import save_atomic
+from trainer.checkpoint import save_atomic
 path, start = sys.argv[1], int(sys.argv[2])
 for i in range(start, 10 ** 9):
     # ~24 MB per file, every tensor filled with the iteration number
