@@ -39,8 +39,8 @@ def make_image_folder(root, per_class=8, val_per_class=2, seed=0):
 
 
 def tiny_args(data, output_dir, *extra):
-    return [*TINY_MODEL, '--data-set', 'folder', '--data-path', data, '--output_dir', str(output_dir),
-            '--batch-size', '4', '--num_workers', '0', '--device', 'cpu', '--print-freq', '1000', *extra]
+    return [*TINY_MODEL, '--data-set', 'folder', '--data-path', data, '--output-dir', str(output_dir),
+            '--batch-size', '4', '--num-workers', '0', '--device', 'cpu', '--print-freq', '1000', *extra]
 
 
 def tiny_model(**overrides):
@@ -98,7 +98,7 @@ def test_tensorboard_scalars_match_the_log(image_folder, tmp_path):
     assert events.Scalars('test/acc1')[0].value == pytest.approx(record['test_acc1'])
 
 
-@pytest.mark.parametrize('precision', [[], ['--if_amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
+@pytest.mark.parametrize('precision', [[], ['--if-amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
 def test_two_epochs_equal_one_then_resume(image_folder, tmp_path, precision):
     # A step schedule decays every epoch independently of --epochs, so both runs share one schedule;
     # mixup, repeated augmentation, drop-path and EMA all draw on the random streams that must resume;

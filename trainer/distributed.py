@@ -49,7 +49,7 @@ def init_distributed_mode(args):
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
-        args.gpu = int(env.get('LOCAL_RANK', 0))
+        args.gpu = int(env.get('LOCAL_RANK', args.local_rank))  # torch.distributed.launch may pass only the flag
     elif int(env.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in env:  # srun, one task per GPU
         args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
         args.gpu = int(env.get('SLURM_LOCALID', 0))
