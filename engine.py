@@ -4,8 +4,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from vim.preemption import Preempted
-from vim.utils import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized, log
+from trainer.distributed import get_world_size, is_dist_avail_and_initialized, log
+from trainer.metrics import MetricLogger, SmoothedValue
+from trainer.preemption import Preempted
 
 
 class TrainingDiverged(Exception):
@@ -70,7 +71,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
                 raise TrainingDiverged(
                     f'{consecutive_nonfinite} consecutive steps up to step {global_step} (epoch {epoch}, iteration '
                     f'{step}) had a non-finite loss or gradient; likely cause: learning rate too high (lower --lr, '
-                    f'add --clip-grad 1.0) or fp16 overflow (use --amp-dtype bfloat16 or --no_amp); the weights '
+                    f'add --clip-grad 1.0) or fp16 overflow (use --amp-dtype bfloat16 or --no-amp); the weights '
                     f'were not updated by those steps and the last checkpoint is intact')
         else:
             consecutive_nonfinite = 0

@@ -5,11 +5,13 @@ Exit codes: 0 done, 2 user error (one line on stderr), 3 training diverged (non-
 """
 import argparse
 import ast
+import copy
 import datetime
 import difflib
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -33,13 +35,14 @@ except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
 import vim  # noqa: F401  (registers the Vim models with timm)
 from datasets import DATA_SETS, build_dataset
 from engine import TrainingDiverged, evaluate, train_one_epoch
-from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
-                            model_state_dict, restore_rng_state, save_atomic)
-from vim.losses import DistillationLoss
-from vim.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
-from vim.samplers import ResumableSampler, SeededDataset
-from vim.utils import (UserError, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
-                       is_main_process, log)
+from trainer import UserError
+from trainer.checkpoint import (capture_rng_state, check_compatible, load_finetune_weights, model_state_dict,
+                                open_checkpoint, restore_rng_state, save_atomic)
+from trainer.distributed import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
+                                 is_main_process, log)
+from trainer.losses import DistillationLoss
+from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
+from trainer.samplers import ResumableSampler, SeededDataset
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 
@@ -55,181 +58,214 @@ def model_kwargs(text):
         return key, value
 
 
+def spellings(flag):
+    """A long flag in its hyphen form (shown in --help) and its underscore form (the original's scripts)."""
+    name = flag[2:]
+    return list(dict.fromkeys([f'--{name.replace("_", "-")}', f'--{name.replace("-", "_")}']))
+
+
+def add_flag(group, *flags, **kwargs):
+    """add_argument with every flag accepted in both spellings: --num-workers and --num_workers."""
+    return group.add_argument(*[s for flag in flags for s in spellings(flag)], **kwargs)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default only where it informs: not for switches, unset values, or help that says it."""
+    """Lists each flag in one spelling; shows a default only where it informs: not for switches, unset
+    values, or help that says it."""
 
     def _get_help_string(self, action):
         if action.default in (None, False, True, []) or 'default' in action.help:
             return action.help
         return super()._get_help_string(action)
 
+    def _format_action_invocation(self, action):
+        shown = copy.copy(action)
+        shown.option_strings = [s for s in action.option_strings if spellings(s)[0] == s]
+        return super()._format_action_invocation(shown)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors in one line; an unknown flag is answered with the closest existing one."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flag = next((a.split('=', 1)[0] for a in unknown if a.startswith('--')), None)
+            if flag is None:
+                self.error(f'unrecognized arguments: {" ".join(unknown)}')
+            known = [a.option_strings[0] for a in self._actions if a.option_strings]
+            close = difflib.get_close_matches(spellings(flag)[0], known, n=1)
+            self.error(f'unknown flag {flag}' + (f': did you mean {close[0]}?' if close else ''))
+        return namespace
+
+    def error(self, message):
+        message = re.sub(r'/--[a-z0-9]+(_[a-z0-9]+)+', '', message)  # argparse names a flag by all its spellings
+        self.exit(2, f'{self.prog}: error: {message} (all flags: {self.prog} --help)\n')
+
 
 def get_args_parser():
-    p = argparse.ArgumentParser(prog='main.py', description='Vision Mamba training and evaluation.',
-                                formatter_class=HelpFormatter, epilog=__doc__)
-    p.add_argument('--batch-size', default=64, type=int,
-                   help='images per process and step (global batch = this x processes)')
-    p.add_argument('--eval-batch-size', default=None, type=int,
-                   help='images per process in evaluation (default: 2 x --batch-size)')
-    p.add_argument('--epochs', default=300, type=int, help='number of training epochs')
+    p = ArgumentParser(prog='main.py', description='Vision Mamba training and evaluation. Every flag is also '
+                       'accepted with underscores (--num_workers for --num-workers).',
+                       formatter_class=HelpFormatter, epilog=__doc__)
+    add_flag(p, '--batch-size', default=64, type=int,
+             help='images per process and step (global batch = this x processes)')
+    add_flag(p, '--eval-batch-size', default=None, type=int,
+             help='images per process in evaluation (default: 2 x --batch-size)')
+    add_flag(p, '--epochs', default=300, type=int, help='number of training epochs')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default=DEFAULT_MODEL, type=str,
-                   help='timm model name (the Vim names and their short aliases are registered by `import vim`)')
-    g.add_argument('--model-kwargs', nargs='*', default=[], type=model_kwargs, metavar='KEY=VALUE',
-                   help='extra model constructor arguments, e.g. depth=2 embed_dim=64')
-    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    g.add_argument('--compile', nargs='?', const='reduce-overhead', default=None, metavar='MODE',
-                   choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'none'],
-                   help='train through torch.compile(mode=MODE) (without MODE: reduce-overhead, which replays '
-                        'CUDA graphs: Vim-tiny trained 1.5x (fp32) to 2.9x (bf16) faster than eager on an H200); '
-                        'compiling takes a minute or two at start. The recipes in scripts/ turn it on; '
-                        '--compile none turns it off again')
-    g.add_argument('--grad-checkpointing', action='store_true',
-                   help='recompute activations in the backward pass to save memory')
-    g.add_argument('--model-ema', action='store_true',
-                   help='keep an exponential moving average (EMA) of the weights (default)')
-    g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
+    add_flag(g, '--model', default=DEFAULT_MODEL, type=str,
+             help='timm model name (the Vim names and their short aliases are registered by `import vim`)')
+    add_flag(g, '--model-kwargs', nargs='*', default=[], type=model_kwargs, metavar='KEY=VALUE',
+             help='extra model constructor arguments, e.g. depth=2 embed_dim=64')
+    add_flag(g, '--input-size', default=224, type=int, help='image side in pixels')
+    add_flag(g, '--drop', type=float, default=0.0, help='dropout rate')
+    add_flag(g, '--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    add_flag(g, '--compile', nargs='?', const='reduce-overhead', default=None, metavar='MODE',
+             choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'none'],
+             help='train through torch.compile(mode=MODE) (without MODE: reduce-overhead, which replays '
+                  'CUDA graphs); compiling takes a minute or two at start. The recipes in scripts/ turn it '
+                  'on; --compile none turns it off again')
+    add_flag(g, '--grad-checkpointing', action='store_true',
+             help='recompute activations in the backward pass to save memory')
+    add_flag(g, '--model-ema', action='store_true',
+             help='keep an exponential moving average (EMA) of the weights (default)')
+    add_flag(g, '--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
     p.set_defaults(model_ema=True)
-    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
-    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
+    add_flag(g, '--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
+    add_flag(g, '--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
 
     g = p.add_argument_group('optimizer')
-    g.add_argument('--opt', default='adamw', type=str, help='optimizer name (timm create_optimizer_v2)')
-    g.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
-    g.add_argument('--opt-betas', default=None, type=float, nargs='+',
-                   help='optimizer betas (default: the optimizer\'s)')
-    g.add_argument('--clip-grad', type=float, default=None,
-                   help='clip the gradient norm to this value (off when unset)')
-    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    g.add_argument('--weight-decay', type=float, default=0.05,
-                   help='weight decay (not applied to biases, 1-D parameters, pos_embed, cls_token)')
-    g.add_argument('--ssm-no-weight-decay', action='store_true',
-                   help='also exempt the SSM parameters A_log, A_b_log, D, D_b from weight decay (the original recipe'
-                        ' decayed the 2-D A_log/A_b_log)')
+    add_flag(g, '--opt', default='adamw', type=str, help='optimizer name (timm create_optimizer_v2)')
+    add_flag(g, '--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
+    add_flag(g, '--opt-betas', default=None, type=float, nargs='+',
+             help='optimizer betas (default: the optimizer\'s)')
+    add_flag(g, '--clip-grad', type=float, default=None,
+             help='clip the gradient norm to this value (off when unset)')
+    add_flag(g, '--momentum', type=float, default=0.9, help='SGD momentum')
+    add_flag(g, '--weight-decay', type=float, default=0.05,
+             help='weight decay (not applied to biases, 1-D parameters, pos_embed, cls_token)')
+    add_flag(g, '--ssm-no-weight-decay', action='store_true',
+             help='also exempt the SSM parameters A_log, A_b_log, D, D_b from weight decay (the original recipe'
+                  ' decayed the 2-D A_log/A_b_log)')
 
     g = p.add_argument_group('learning-rate schedule (stepped every iteration)')
-    g.add_argument('--sched', default='cosine', type=str,
-                   help='schedule (timm create_scheduler_v2): cosine, step, tanh, poly, ...')
-    g.add_argument('--lr', type=float, default=5e-4,
-                   help='learning rate for a global batch of 512; scaled by global batch / 512 unless --unscale-lr')
-    g.add_argument('--unscale-lr', action='store_true', help='use --lr as given, without linear scaling')
-    g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
-    g.add_argument('--min-lr', type=float, default=1e-5, help='lower bound of the cosine schedule')
-    g.add_argument('--warmup-epochs', type=int, default=5, help='epochs of linear warm-up')
-    g.add_argument('--cooldown-epochs', type=int, default=10,
-                   help='epochs at --min-lr after the schedule (passed to timm; as in DeiT, training stops after '
-                        '--epochs, so these only run if --epochs exceeds the schedule)')
-    g.add_argument('--decay-epochs', type=float, default=30, help='epochs between decays of the step schedule')
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1,
-                   help='learning-rate factor per decay of the step schedule')
+    add_flag(g, '--sched', default='cosine', type=str,
+             help='schedule (timm create_scheduler_v2): cosine, step, tanh, poly, ...')
+    add_flag(g, '--lr', type=float, default=5e-4,
+             help='learning rate for a global batch of 512; scaled by global batch / 512 unless --unscale-lr')
+    add_flag(g, '--unscale-lr', action='store_true', help='use --lr as given, without linear scaling')
+    add_flag(g, '--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
+    add_flag(g, '--min-lr', type=float, default=1e-5, help='lower bound of the cosine schedule')
+    add_flag(g, '--warmup-epochs', type=int, default=5, help='epochs of linear warm-up')
+    add_flag(g, '--cooldown-epochs', type=int, default=10,
+             help='epochs at --min-lr after the schedule (passed to timm; as in DeiT, training stops after '
+                  '--epochs, so these only run if --epochs exceeds the schedule)')
+    add_flag(g, '--decay-epochs', type=float, default=30, help='epochs between decays of the step schedule')
+    add_flag(g, '--decay-rate', '--dr', type=float, default=0.1,
+             help='learning-rate factor per decay of the step schedule')
 
     g = p.add_argument_group('augmentation and regularisation')
-    g.add_argument('--color-jitter', type=float, default=0.3,
-                   help='colour jitter strength (not applied together with --aa)')
-    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1',
-                   help='AutoAugment/RandAugment policy; "none" to disable')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', type=str, default='bicubic',
-                   help='training interpolation: random, bilinear, bicubic')
-    g.add_argument('--repeated-aug', action='store_true',
-                   help='repeated augmentation (default): each image 3 times per epoch, augmented differently, on '
-                        'different processes')
-    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
+    add_flag(g, '--color-jitter', type=float, default=0.3,
+             help='colour jitter strength (not applied together with --aa)')
+    add_flag(g, '--aa', type=str, default='rand-m9-mstd0.5-inc1',
+             help='AutoAugment/RandAugment policy; "none" to disable')
+    add_flag(g, '--smoothing', type=float, default=0.1, help='label smoothing')
+    add_flag(g, '--train-interpolation', type=str, default='bicubic',
+             help='training interpolation: random, bilinear, bicubic')
+    add_flag(g, '--repeated-aug', action='store_true',
+             help='repeated augmentation (default): each image 3 times per epoch, augmented differently, on '
+                  'different processes')
+    add_flag(g, '--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
     p.set_defaults(repeated_aug=True)
-    g.add_argument('--reprob', type=float, default=0.25, help='random-erasing probability')
-    g.add_argument('--remode', type=str, default='pixel', help='random-erasing fill mode: const, rand, pixel')
-    g.add_argument('--recount', type=int, default=1, help='random-erasing count')
-    g.add_argument('--resplit', action='store_true', default=False,
-                   help='accepted for DeiT compatibility; only matters with augmentation splits, which this trainer '
-                        'does not use')
-    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
-    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
-                   help='cutmix min/max area ratio (overrides alpha)')
-    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of applying mixup or cutmix per batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5,
-                   help='probability of cutmix instead of mixup when both are on')
-    g.add_argument('--mixup-mode', type=str, default='batch', help='mixup parameters per "batch", "pair" or "elem"')
+    add_flag(g, '--reprob', type=float, default=0.25, help='random-erasing probability')
+    add_flag(g, '--remode', type=str, default='pixel', help='random-erasing fill mode: const, rand, pixel')
+    add_flag(g, '--recount', type=int, default=1, help='random-erasing count')
+    add_flag(g, '--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    add_flag(g, '--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    add_flag(g, '--cutmix-minmax', type=float, nargs='+', default=None,
+             help='cutmix min/max area ratio (overrides alpha)')
+    add_flag(g, '--mixup-prob', type=float, default=1.0, help='probability of applying mixup or cutmix per batch')
+    add_flag(g, '--mixup-switch-prob', type=float, default=0.5,
+             help='probability of cutmix instead of mixup when both are on')
+    add_flag(g, '--mixup-mode', type=str, default='batch', help='mixup parameters per "batch", "pair" or "elem"')
 
     g = p.add_argument_group('distillation')
-    g.add_argument('--teacher-model', default='regnety_160', type=str, help='timm name of the teacher')
-    g.add_argument('--teacher-path', type=str, default='', help='teacher weights (file or URL)')
-    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str,
-                   help='distillation loss')
-    g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
-    g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
+    add_flag(g, '--teacher-model', default='regnety_160', type=str, help='timm name of the teacher')
+    add_flag(g, '--teacher-path', type=str, default='', help='teacher weights (file or URL)')
+    add_flag(g, '--distillation-type', default='none', choices=['none', 'soft', 'hard'], type=str,
+             help='distillation loss')
+    add_flag(g, '--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
+    add_flag(g, '--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default='data', type=str,
-                   help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
-                        'folder; for DIGITS only read without scikit-learn (digits.npz)')
-    g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
-                   help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = '
-                        'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
-                        'upsampled (built in, no download)')
-    g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
-    g.add_argument('--eval-crop-ratio', default=0.875, type=float,
-                   help='evaluation: resize to input-size / ratio, then centre crop')
-    g.add_argument('--num_workers', default=10, type=int, help='data-loader worker processes per training process')
-    g.add_argument('--pin-mem', action='store_true',
-                   help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
-    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
+    add_flag(g, '--data-path', default='data', type=str,
+             help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
+                  'folder; for DIGITS only read without scikit-learn (digits.npz)')
+    add_flag(g, '--data-set', default='IMNET', choices=DATA_SETS, type=str,
+             help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = '
+                  'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
+                  'upsampled (built in, no download)')
+    add_flag(g, '--download', action='store_true', help='download CIFAR into --data-path if missing')
+    add_flag(g, '--eval-crop-ratio', default=0.875, type=float,
+             help='evaluation: resize to input-size / ratio, then centre crop')
+    add_flag(g, '--num-workers', default=10, type=int, help='data-loader worker processes per training process')
+    add_flag(g, '--pin-mem', action='store_true',
+             help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
+    add_flag(g, '--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
     p.set_defaults(pin_mem=True)
 
     g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='',
-                   help='where checkpoint.pth, best_checkpoint.pth, log.txt and tensorboard/ go; an existing '
-                        'checkpoint.pth there is resumed automatically')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='',
-                   help='checkpoint to resume from (all state) or, with --eval, to evaluate; when --output_dir '
-                        'already has checkpoint.pth, training resumes that one instead')
-    g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    g.add_argument('--finetune', default='',
-                   help='initialise from these weights: position embeddings resampled, a head of another shape '
-                        'dropped')
-    g.add_argument('--eval', action='store_true',
-                   help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
-    g.add_argument('--dist-eval', action='store_true',
-                   help='split evaluation over the processes (default: every process evaluates everything)')
-    g.add_argument('--print-freq', default=10, type=int, help='iterations between progress lines')
-    g.add_argument('--save-every-steps', default=0, type=int,
-                   help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
-    g.add_argument('--bce-loss', action='store_true',
-                   help='binary cross-entropy against (mixed) targets > 0, as DeiT III (use with --smoothing 0: '
-                        'smoothed targets are all > 0)')
+    add_flag(g, '--output-dir', default='',
+             help='where checkpoint.pth, best_checkpoint.pth, log.txt and tensorboard/ go; an existing '
+                  'checkpoint.pth there is resumed automatically')
+    add_flag(g, '--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    add_flag(g, '--seed', default=0, type=int, help='random seed')
+    add_flag(g, '--resume', default='',
+             help='checkpoint to resume from (all state) or, with --eval, to evaluate; when --output-dir '
+                  'already has checkpoint.pth, training resumes that one instead')
+    add_flag(g, '--start-epoch', default=0, type=int, help='first epoch when not resuming')
+    add_flag(g, '--finetune', default='',
+             help='initialise from these weights: position embeddings resampled, a head of another shape '
+                  'dropped')
+    add_flag(g, '--eval', action='store_true',
+             help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
+    add_flag(g, '--dist-eval', action='store_true',
+             help='split evaluation over the processes (default: every process evaluates everything)')
+    add_flag(g, '--print-freq', default=10, type=int, help='iterations between progress lines')
+    add_flag(g, '--save-every-steps', default=0, type=int,
+             help='also write checkpoint.pth every this many steps within an epoch (0 = only at epoch ends)')
+    add_flag(g, '--bce-loss', action='store_true',
+             help='binary cross-entropy against (mixed) targets > 0, as DeiT III (use with --smoothing 0: '
+                  'smoothed targets are all > 0)')
 
     g = p.add_argument_group('precision and non-finite steps')
-    g.add_argument('--if_amp', action='store_true', default=None,
-                   help='autocast mixed precision (default: on for CUDA, off for CPU)')
-    g.add_argument('--no_amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
-    g.add_argument('--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
-                   help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj, x_proj (compiled only) and out_proj '
-                        'on TF32 tensor cores in three products, at least as accurate as IEEE fp32 at Vim\'s shapes '
-                        '(against float64); compiled Vim-tiny training 1.21x faster on an H200 (v15). ieee: cuBLAS IEEE '
-                        'fp32 everywhere. tf32: every matmul in TF32 (10-bit mantissa inputs), 1.5x faster, less '
-                        'accurate. Autocast runs its matmuls in bf16/fp16 whatever this says')
-    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
-                   help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does '
-                        'not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
-    g.add_argument('--if_nan2num', action='store_true',
-                   help='replace a NaN/inf loss by a finite number (torch.nan_to_num) before backward')
-    g.add_argument('--if_continue_inf', action='store_true',
-                   help='never stop on non-finite steps (they are still skipped and counted)')
-    g.add_argument('--max-nonfinite-steps', default=20, type=int,
-                   help='stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, '
-                        'weights untouched)')
+    add_flag(g, '--if-amp', action='store_true', default=None,
+             help='autocast mixed precision (default: on for CUDA, off for CPU)')
+    add_flag(g, '--no-amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
+    add_flag(g, '--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
+             help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj, x_proj (compiled only) and out_proj '
+                  'on TF32 tensor cores in three products, at least as accurate as IEEE fp32 at Vim\'s shapes '
+                  '(against float64), and faster than IEEE fp32 in compiled training. ieee: cuBLAS IEEE fp32 '
+                  'everywhere. tf32: every matmul in TF32 (10-bit mantissa inputs), fastest, least accurate. '
+                  'Autocast runs its matmuls in bf16/fp16 whatever this says')
+    add_flag(g, '--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
+             help='autocast dtype. bfloat16 has fp32\'s exponent range, so it needs no loss scaling and does '
+                  'not overflow the way fp16 did in the original (NaN losses); float16 uses a gradient scaler')
+    add_flag(g, '--if-nan2num', action='store_true',
+             help='replace a NaN/inf loss by a finite number (torch.nan_to_num) before backward')
+    add_flag(g, '--if-continue-inf', action='store_true',
+             help='never stop on non-finite steps (they are still skipped and counted)')
+    add_flag(g, '--max-nonfinite-steps', default=20, type=int,
+             help='stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, '
+                  'weights untouched)')
 
     g = p.add_argument_group('distributed (set by torchrun or SLURM)')
-    g.add_argument('--world_size', default=1, type=int,
-                   help='number of processes (read from torchrun\'s WORLD_SIZE or SLURM_NTASKS)')
-    g.add_argument('--dist_url', default='env://', help='process-group rendezvous URL')
-    g.add_argument('--local-rank', '--local_rank', default=0, type=int,
-                   help='ignored: LOCAL_RANK / SLURM_LOCALID are read instead')
+    add_flag(g, '--dist-url', default='env://', help='process-group rendezvous URL')
+    add_flag(g, '--local-rank', default=0, type=int,
+             help='GPU index of this process on its node, as torch.distributed.launch passes it; the LOCAL_RANK '
+               '(torchrun) or SLURM_LOCALID variable takes precedence. The number of processes comes from '
+               'WORLD_SIZE or SLURM_NTASKS')
     return p
 
 
@@ -242,12 +278,29 @@ def resolve_model_name(name):
     raise UserError(f'unknown --model {name}; {hint}')
 
 
-def create_model(name, **kwargs):
+def create_model(name, model_kwargs=(), **kwargs):
+    """timm.create_model with the user's `--model-kwargs` (KEY=VALUE pairs) on top of `kwargs`."""
     resolve_model_name(name)
+    model_kwargs = dict(model_kwargs)
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as err:
-        raise UserError(f'--model {name} rejects its arguments ({err}): check --model-kwargs') from None
+        return timm.create_model(name, pretrained=False, **{**kwargs, **model_kwargs})
+    except (TypeError, ValueError) as err:
+        raise UserError(rejected_model_kwargs(name, model_kwargs, err)) from None
+
+
+def rejected_model_kwargs(name, model_kwargs, err):
+    """The message for a model constructor that rejects `--model-kwargs`, naming the likely culprit."""
+    reason = str(err).strip().splitlines()[0].rstrip(':') if str(err).strip() else type(err).__name__
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if unexpected:
+        return f'--model {name} has no argument {unexpected.group(1)}: drop it from --model-kwargs'
+    texts = [f'{key}={value}' for key, value in model_kwargs.items() if isinstance(value, str)]
+    if texts:
+        return (f'--model-kwargs {" ".join(texts)}: not a Python literal, so passed as text, which --model {name} '
+                f'rejects ({reason}); give KEY=VALUE with VALUE a number, True/False/None, a list or a quoted '
+                f'string, e.g. depth=24')
+    shown = ' '.join(f'{key}={value!r}' for key, value in model_kwargs.items()) or '(none given)'
+    return f'--model {name} rejects its arguments ({reason}); check --model-kwargs {shown}'
 
 
 def check_input_size(model, name, size):
@@ -305,7 +358,7 @@ def build_criterion(args, num_classes, device):
     teacher = None
     if args.distillation_type != 'none':
         teacher = create_model(args.teacher_model, num_classes=num_classes)
-        weights = model_state_dict(load_checkpoint(args.teacher_path))
+        weights = model_state_dict(open_checkpoint(args.teacher_path))
         check_compatible(weights, teacher, args.teacher_model, f'teacher {args.teacher_path}')
         teacher.load_state_dict(weights)
         teacher.to(device).eval()
@@ -377,8 +430,8 @@ def main(args):
     dataset_val, num_classes = build_dataset(False, args)
     pin_memory = args.pin_mem and device.type == 'cuda'
     data_loader_val = eval_loader(dataset_val, args, pin_memory)
-    model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                         img_size=args.input_size, **dict(args.model_kwargs))
+    model = create_model(args.model, args.model_kwargs, num_classes=num_classes, drop_rate=args.drop,
+                         drop_path_rate=args.drop_path, img_size=args.input_size)
     check_input_size(model, args.model, args.input_size)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'number of params: {n_parameters}')
@@ -387,14 +440,14 @@ def main(args):
     own = checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else ''
     # A restarted run continues from its own latest checkpoint, even when --resume names another file.
     resume = (args.resume or own) if args.eval else (own or args.resume)
-    checkpoint = load_checkpoint(resume) if resume else None
+    checkpoint = open_checkpoint(resume) if resume else None
     if checkpoint is not None:
         weights = model_state_dict(checkpoint)
         check_compatible(weights, model, args.model, resume)
         model.load_state_dict(weights)
         log(f'loaded {resume}')
     elif args.finetune:
-        dropped = load_finetune_weights(model, load_checkpoint(args.finetune), args.finetune)
+        dropped = load_finetune_weights(model, open_checkpoint(args.finetune), args.finetune)
         log(f'fine-tuning from {args.finetune}' + (f'; re-initialised {", ".join(dropped)}' if dropped else ''))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -565,7 +618,7 @@ def cli(argv=None):
         code = 3
     except Preempted as err:
         saved = ('checkpoint saved, rerun the same command to continue' if args.output_dir
-                 else 'nothing saved (no --output_dir)')
+                 else 'nothing saved (no --output-dir)')
         print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
     finally:

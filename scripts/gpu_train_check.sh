@@ -31,10 +31,10 @@ fi
 if ! python3 -c "import sklearn" 2>/dev/null && [ ! -f data/digits.npz ]; then
   echo "error: no scikit-learn and no data/digits.npz (see the header)" | tee -a "$OUT/env.log"; exit 2
 fi
-common=(--data-set DIGITS --data-path data --input-size 224 --num_workers 4 --seed 0)
+common=(--data-set DIGITS --data-path data --input-size 224 --num-workers 4 --seed 0)
 
 # 1. The tiny pre-training recipe on 2 GPUs: 2 x 64 images per step, 11 steps per epoch, 28 epochs = 308 steps.
-NUM_GPUS=2 bash scripts/pt-vim-t.sh "${common[@]}" --output_dir "$OUT/pt_2gpu" --batch-size 64 --epochs 28 \
+NUM_GPUS=2 bash scripts/pt-vim-t.sh "${common[@]}" --output-dir "$OUT/pt_2gpu" --batch-size 64 --epochs 28 \
   --warmup-epochs 2 --print-freq 11 > "$OUT/pt_2gpu.log" 2>&1
 pt_rc=$?
 echo "2-GPU pre-training rc=$pt_rc after $(elapsed)" | tee -a "$OUT/env.log"
@@ -44,11 +44,11 @@ precision_run() {  # gpu name amp-flags...
   local gpu=$1 name=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu python3 main.py "${common[@]}" --model vim_tiny_patch16_224 --batch-size 64 --epochs 23 \
     --lr 1e-3 --unscale-lr --warmup-epochs 2 --mixup 0 --cutmix 0 --no-model-ema --drop-path 0 \
-    --output_dir "$OUT/$name" --print-freq 22 "$@" > "$OUT/$name.log" 2>&1
+    --output-dir "$OUT/$name" --print-freq 22 "$@" > "$OUT/$name.log" 2>&1
 }
-precision_run 0 bf16 --if_amp --amp-dtype bfloat16 &
+precision_run 0 bf16 --if-amp --amp-dtype bfloat16 &
 bf16_pid=$!
-precision_run 1 fp32 --no_amp
+precision_run 1 fp32 --no-amp
 fp32_rc=$?
 wait $bf16_pid
 bf16_rc=$?

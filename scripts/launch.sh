@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Runs main.py with torchrun on this node's GPUs; the recipe scripts (pt-*.sh, ft-*.sh) call it.
 #
-#   scripts/<recipe>.sh --data-path /path/to/imagenet [--output_dir DIR] [--gpus N] [other main.py flags]
+#   scripts/<recipe>.sh --data-path /path/to/imagenet [--output-dir DIR] [--gpus N] [other main.py flags]
 #
 # Environment instead of flags: DATA_PATH, OUTPUT_DIR (default output/<recipe>), NUM_GPUS (default: all
 # GPUs of the node), PRETRAINED (--finetune, required by the ft-* recipes). Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun names them.
 # Flags given on the command line come after the recipe's, so they override it. The recipes train through
-# torch.compile (--compile: CUDA graphs; a 2-GPU H100 check of pt-vim-t ran its steps 2.1x faster than
-# eager, same losses); --compile none turns it off.
+# torch.compile (--compile: CUDA graphs); --compile none turns it off.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 recipe=$1
@@ -21,14 +20,15 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-given() { for a in "${args[@]}"; do [ "$a" = "$1" ] || [ "${a%%=*}" = "$1" ] && return 0; done; return 1; }
+# given --flag-name: whether the arguments hold the flag, in either spelling (main.py takes both)
+given() { local a; for a in "${args[@]}"; do a=${a%%=*}; [ "${a//_/-}" = "$1" ] && return 0; done; return 1; }
 
 if [ -n "${DATA_PATH:-}" ] && ! given --data-path; then args+=(--data-path "$DATA_PATH"); fi
 if [ -n "${PRETRAINED:-}" ] && ! given --finetune; then args+=(--finetune "$PRETRAINED"); fi
 case $recipe in  # fine-tuning from scratch would silently train another recipe
   ft-*) given --finetune || { echo "error: $recipe needs --finetune PRETRAINED.pth (or PRETRAINED=...)" >&2; exit 2; } ;;
 esac
-given --output_dir || args+=(--output_dir "${OUTPUT_DIR:-$repo/output/$recipe}")
+given --output-dir || args+=(--output-dir "${OUTPUT_DIR:-$repo/output/$recipe}")
 if [ -z "$gpus" ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "$gpus" -ge 1 ] || { echo "error: no GPU found: pass --gpus N or set NUM_GPUS" >&2; exit 2; }

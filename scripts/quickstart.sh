@@ -9,7 +9,7 @@ bash scripts/setup.sh
 # when other processes share the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 model=(--model vim_tiny_patch16_224 --model-kwargs depth=4 embed_dim=64 --input-size 32
-       --data-set DIGITS --batch-size 32 --num_workers 0 --device cpu)
+       --data-set DIGITS --batch-size 32 --num-workers 0 --device cpu)
 python main.py "${model[@]}" --epochs 12 --lr 2e-3 --unscale-lr --warmup-epochs 1 --drop-path 0 \
-  --mixup 0 --cutmix 0 --no-repeated-aug --reprob 0 --no-model-ema --print-freq 20 --output_dir output/quickstart
+  --mixup 0 --cutmix 0 --no-repeated-aug --reprob 0 --no-model-ema --print-freq 20 --output-dir output/quickstart
 python main.py "${model[@]}" --eval --resume output/quickstart/checkpoint.pth

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datasets import DIGITS_NUM_TRAIN, INatDataset, build_dataset
-from vim.losses import DistillationLoss
-from vim.samplers import ResumableSampler, SeededDataset
-from vim.utils import UserError, first_slurm_host
+from trainer import UserError
+from trainer.distributed import first_slurm_host
+from trainer.losses import DistillationLoss
+from trainer.samplers import ResumableSampler, SeededDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

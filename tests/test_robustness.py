@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_trainer import REPO, TINY_MODEL, load, make_image_folder, run_trainer, tiny_args, tiny_model
-from vim.preemption import PREEMPTED_EXIT_CODE
+from trainer.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -44,7 +44,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
 
-    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
+    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num-workers', workers)])
     for line in proc.stdout:
         if line.startswith('Epoch: [0]  [ 2/24]'):
             os.killpg(proc.pid, signum) if whole_group else proc.send_signal(signum)
@@ -55,7 +55,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
     checkpoint = load(stopped / 'checkpoint.pth')
     assert checkpoint['epoch'] == -1 and 0 < checkpoint['step_in_epoch'] < 24  # stopped inside epoch 0
 
-    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num_workers', workers)])
+    proc = popen(['main.py', *tiny_args(image_folder, stopped, *common, '--num-workers', workers)])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert f'step {checkpoint["step_in_epoch"]}' in stdout.split('resuming', 1)[1].splitlines()[0]
@@ -67,7 +67,7 @@ def test_signal_mid_epoch_then_restart_equals_uninterrupted(image_folder, tmp_pa
 
 SAVE_LOOP = """
 import sys, torch
-from vim.checkpoint import save_atomic
+from trainer.checkpoint import save_atomic
 path, start = sys.argv[1], int(sys.argv[2])
 for i in range(start, 10 ** 9):
     # ~24 MB per file, every tensor filled with the iteration number
@@ -106,7 +106,7 @@ def test_non_finite_steps_are_skipped_and_counted_then_stop(image_folder, tmp_pa
     checkpoint = load(tmp_path / 'checkpoint.pth')
     assert all(torch.isfinite(v).all() for v in checkpoint['model'].values())
 
-    assert run_trainer([*args, '--if_continue_inf', '--output_dir', tmp_path / 'continue']) == 0
+    assert run_trainer([*args, '--if-continue-inf', '--output-dir', tmp_path / 'continue']) == 0
     log = (tmp_path / 'continue' / 'log.txt').read_text()
     assert '"train_skipped_steps": ' in log and '"train_skipped_steps": 0' not in log
     checkpoint = load(tmp_path / 'continue' / 'checkpoint.pth')
@@ -127,7 +127,7 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     bad.write_bytes(open(tmp_path / 'data' / 'train' / 'square' / '0.png', 'rb').read()[:60])  # truncated
     for workers in ('0', '1'):  # in the main process, and re-raised from a loader worker
         err = error_of(tiny_args(data, tmp_path / 'out', '--epochs', '1', '--no-repeated-aug',
-                                 '--num_workers', workers), capsys)
+                                 '--num-workers', workers), capsys)
         assert f'cannot read image {bad}' in err and 'delete or replace' in err
 
 

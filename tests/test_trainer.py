@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import main as trainer
+import main
 from datasets import build_dataset
-from vim.checkpoint import load_checkpoint, load_finetune_weights
-from vim.samplers import ResumableSampler, SeededDataset
+from trainer.checkpoint import load_finetune_weights, open_checkpoint
+from trainer.samplers import ResumableSampler, SeededDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ['--model', 'vim_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=32', '--input-size', '32']
@@ -39,17 +39,17 @@ def make_image_folder(root, per_class=8, val_per_class=2, seed=0):
 
 
 def tiny_args(data, output_dir, *extra):
-    return [*TINY_MODEL, '--data-set', 'folder', '--data-path', data, '--output_dir', str(output_dir),
-            '--batch-size', '4', '--num_workers', '0', '--device', 'cpu', '--print-freq', '1000', *extra]
+    return [*TINY_MODEL, '--data-set', 'folder', '--data-path', data, '--output-dir', str(output_dir),
+            '--batch-size', '4', '--num-workers', '0', '--device', 'cpu', '--print-freq', '1000', *extra]
 
 
 def tiny_model(**overrides):
     kwargs = dict(num_classes=3, img_size=32, depth=2, embed_dim=32)
-    return trainer.create_model('vim_tiny_patch16_224', **{**kwargs, **overrides})
+    return main.create_model('vim_tiny_patch16_224', **{**kwargs, **overrides})
 
 
 def run_trainer(argv):
-    return trainer.cli([str(a) for a in argv])
+    return main.cli([str(a) for a in argv])
 
 
 def load(path):
@@ -98,7 +98,7 @@ def test_tensorboard_scalars_match_the_log(image_folder, tmp_path):
     assert events.Scalars('test/acc1')[0].value == pytest.approx(record['test_acc1'])
 
 
-@pytest.mark.parametrize('precision', [[], ['--if_amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
+@pytest.mark.parametrize('precision', [[], ['--if-amp', '--amp-dtype', 'float16']], ids=['fp32', 'fp16-scaler'])
 def test_two_epochs_equal_one_then_resume(image_folder, tmp_path, precision):
     # A step schedule decays every epoch independently of --epochs, so both runs share one schedule;
     # mixup, repeated augmentation, drop-path and EMA all draw on the random streams that must resume;
@@ -151,8 +151,8 @@ def test_finetune_stride16_into_stride8(image_folder, tmp_path, capsys):
     path = tmp_path / 'pretrained.pth'
     torch.save({'model': source.state_dict(), 'args': argparse.Namespace(model='vim_tiny')}, path)
 
-    target = trainer.create_model('vim_tiny_patch16_stride8_224', num_classes=3, img_size=32, depth=2, embed_dim=32)
-    dropped = load_finetune_weights(target, load_checkpoint(str(path)), str(path))
+    target = main.create_model('vim_tiny_patch16_stride8_224', num_classes=3, img_size=32, depth=2, embed_dim=32)
+    dropped = load_finetune_weights(target, open_checkpoint(str(path)), str(path))
     assert dropped == ['head.bias', 'head.weight']
     old, new = source.state_dict(), target.state_dict()
     # 32 px: a 2x2 grid at stride 16 (5 tokens), a 3x3 grid at stride 8 (10 tokens), class token in the middle
@@ -257,8 +257,8 @@ def test_metric_logger_prints_progress_with_eta(image_folder, tmp_path, capsys):
 @pytest.mark.parametrize('exempt_ssm', [False, True])
 def test_weight_decay_groups(exempt_ssm):
     model = tiny_model()
-    args = trainer.get_args_parser().parse_args(['--weight-decay', '0.05'] + ['--ssm-no-weight-decay'] * exempt_ssm)
-    optimizer = trainer.build_optimizer(model, args, lr=1e-3)
+    args = main.get_args_parser().parse_args(['--weight-decay', '0.05'] + ['--ssm-no-weight-decay'] * exempt_ssm)
+    optimizer = main.build_optimizer(model, args, lr=1e-3)
     decay_of = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
     names = dict(model.named_parameters())
     assert len(decay_of) == len(names)
@@ -274,7 +274,7 @@ def test_weight_decay_groups(exempt_ssm):
 def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
     # A teacher whose bias always picks class 2: with alpha 1 the loss is the cross-entropy against
     # class 2 alone, whatever the labels; its first-step value is checked against a direct computation.
-    teacher = trainer.create_model('resnet10t', num_classes=3)
+    teacher = main.create_model('resnet10t', num_classes=3)
     weights = teacher.state_dict()
     weights['fc.weight'].zero_()
     weights['fc.bias'].copy_(torch.tensor([0.0, 0.0, 50.0]))
@@ -287,8 +287,8 @@ def test_hard_distillation_from_a_cnn_teacher(image_folder, tmp_path, capsys):
     first_loss = float(re.search(r'\[0/6\].*?loss: ([\d.]+)', capsys.readouterr().out).group(1))
 
     # the same first batch through the same initial student
-    args = trainer.get_args_parser().parse_args([str(a) for a in argv])
-    trainer.seed_everything(args.seed)
+    args = main.get_args_parser().parse_args([str(a) for a in argv])
+    main.seed_everything(args.seed)
     student = tiny_model(drop_rate=0.0, drop_path_rate=0.0)
     dataset = SeededDataset(build_dataset(True, args)[0])
     sampler = ResumableSampler(len(dataset), repeats=3, seed=args.seed)
@@ -318,8 +318,8 @@ def test_restart_prefers_its_own_checkpoint_over_resume(image_folder, tmp_path, 
 
 
 def test_compile_none_overrides_a_recipes_compile():
-    parse = trainer.get_args_parser().parse_args
+    parse = main.get_args_parser().parse_args
     assert parse(['--compile']).compile == 'reduce-overhead'
     args = parse(['--device', 'cpu', '--compile', '--compile', 'none'])  # recipe flag, then the user's
-    trainer.check_args(args)
+    main.check_args(args)
     assert args.compile is None

@@ -7,8 +7,8 @@ import urllib.parse
 import numpy as np
 import torch
 
-from vim.models_mamba import load_checkpoint as load_allowlisted
-from vim.utils import UserError
+from trainer import UserError
+from vim import load_checkpoint
 
 
 def save_atomic(obj, path):
@@ -32,12 +32,11 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint file or URL with `weights_only=True`.
+def open_checkpoint(path):
+    """Load the checkpoint file or URL given on the command line, through the model's `vim.load_checkpoint`.
 
-    Files written by the original trainer store `args` as an argparse.Namespace; the model package's
-    loader allow-lists that one class. Nothing is ever unpickled with `weights_only=False`: arbitrary
-    objects in a file could run code.
+    A URL is downloaded once into torch.hub's cache. A missing or unreadable file raises a UserError
+    naming it; reading the file (safely, `weights_only=True`) is left to `vim.load_checkpoint`.
     """
     if path.startswith(('https://', 'http://')):
         cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(path).path))
@@ -48,7 +47,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune/--teacher-path')
     try:
-        return load_allowlisted(path)
+        return load_checkpoint(path)
     except Exception as err:  # torch raises several types for unreadable files
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f'cannot load checkpoint {path} ({first_line}): it is truncated, not a PyTorch '
@@ -79,7 +78,7 @@ def check_compatible(state_dict, model, model_name, source):
             shown = ', '.join(items[:5]) + (f' and {len(items) - 5} more' if len(items) > 5 else '')
             problems.append(f'{label}: {shown}')
     raise UserError(f'{source} does not fit --model {model_name} ({"; ".join(problems)}): pass the --model it was '
-                    f'trained with (and the same --input-size/--nb-classes), or use --finetune to adapt it')
+                    f'trained with (and the same --input-size and --data-set, which sets the number of classes), or use --finetune to adapt it')
 
 
 def load_finetune_weights(model, checkpoint, source):
