@@ -149,7 +149,7 @@ def test_pretrained_from_the_hf_cache_needs_no_network(tmp_path, monkeypatch):
 
 
 def test_wheel_installs_only_the_vim_package(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
