@@ -27,7 +27,8 @@ print("extensions load:", causal_conv1d_cuda.__file__, selective_scan_cuda.__fil
 PY
 # The standalone kernel timer includes the kernels' sources directly: it must keep compiling with them
 # (for sm_90, the GPUs it is run on).
-"$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 -I mamba-1p1p1/csrc/selective_scan -o "$tmp/kernel_timer" \
+"$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 -I mamba-1p1p1/csrc/selective_scan -I mamba-1p1p1/csrc/conv_x_proj \
+  -o "$tmp/kernel_timer" \
   benchmarks/kernel_timer.cu \
   || { echo "BUILD FAILED: benchmarks/kernel_timer.cu"; exit 1; }
 echo "build_check: both extensions and the kernel timer built in $(( $(date +%s) - start )) s (MAX_JOBS=$MAX_JOBS, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX})"

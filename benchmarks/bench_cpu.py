@@ -4,8 +4,8 @@ Prints two tables and writes JSON (--json):
   1. the selective scan alone at the Vim-tiny@224 shape (batch, 384, 197), N = 16, forward and
      forward+backward, reference vs kernel;
   2. Vim-tiny inference (forward under inference_mode) at 224, img/s, reference vs kernel.
-The scan is switched by patching `selective_scan_interface.selective_scan_fn` (the single dispatch
-point), so everything else (conv, projections, flips) is identical in both columns.
+The scan is switched by patching `mamba_inner.selective_scan_fn` (the one name the Mamba inner op calls
+the scan by), so everything else (conv, projections, flips) is identical in both columns.
 
 Timings are the best of --repeats runs (after a warm-up): other load on the machine only slows runs down,
 so the best run is the least disturbed one. Needs the extension importable (built in place, installed, or --ext-dir).
@@ -57,16 +57,15 @@ def main():
 
     import timm
     import vim  # noqa: F401  (registers the Vim models)
-    from mamba_ssm.ops import cpu_ops
-    from mamba_ssm.ops import selective_scan_interface as ssi
+    from mamba_ssm.ops import extensions, mamba_inner
 
     try:
-        cpu_ops.require()
+        extensions.cpu.require()
     except RuntimeError as error:
         sys.exit(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    original_fn = ssi.selective_scan_fn
+    original_fn = mamba_inner.selective_scan_fn
 
     def with_backend(backend):
         def fn(*a, **k):
@@ -125,7 +124,7 @@ def main():
         x = torch.randn(batch, 3, 224, 224)
         row = dict(batch=batch)
         for name, fn in impls.items():
-            ssi.selective_scan_fn = fn
+            mamba_inner.selective_scan_fn = fn
             try:
                 def run():
                     with torch.inference_mode():
@@ -133,7 +132,7 @@ def main():
                 reps = args.ref_repeats if name == "reference" else args.repeats
                 row[f"{name}_img_s"] = batch / best_time(run, reps)
             finally:
-                ssi.selective_scan_fn = original_fn
+                mamba_inner.selective_scan_fn = original_fn
         ref = row.get("reference_img_s")
         print(f"{batch:>5} {cell(ref, 10, '.2f')} {row['kernel_img_s']:>10.2f} "
               f"{cell(ref and row['kernel_img_s'] / ref, 8, '.1f', 'x')}")

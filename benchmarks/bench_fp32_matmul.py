@@ -22,7 +22,7 @@ from triton.testing import do_bench
 
 import bench_models
 from mamba_ssm.modules.mamba_simple import Mamba
-from mamba_ssm.ops import linear_3xtf32
+from mamba_ssm.ops import linear_3xtf32, policy
 
 MODELS = {"tiny": 192, "small": 384}
 TOKENS = 128 * 197
@@ -57,7 +57,7 @@ def bench_products():
             row = {"model": model, "product": name, "M": a.shape[0], "K": a.shape[1], "N": b.shape[1]}
             for mode, fn in (("ieee", lambda: a @ b), ("tf32", lambda: a @ b),
                              ("3xtf32", lambda: linear_3xtf32.kernels.mm(a, b))):
-                linear_3xtf32.set_mode(mode)
+                policy.set_mode(mode)
                 row[f"{mode}_err"] = ((fn().double() - ref).abs().max() / scale).item()
                 row[f"{mode}_us"] = do_bench(fn, warmup=25, rep=200) * 1e3
             row["3xtf32_tflops"] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / row["3xtf32_us"] / 1e6
@@ -65,18 +65,18 @@ def bench_products():
             print(f"{model:5s} {name:21s} M={row['M']:6d} K={row['K']:6d} N={row['N']:4d}  "
                   + "  ".join(f"{m} {row[m + '_us']:6.1f} us err {row[m + '_err']:.1e}" for m in ("ieee", "tf32", "3xtf32")),
                   flush=True)
-    linear_3xtf32.set_mode("3xtf32")
+    policy.set_mode("3xtf32")
     return rows
 
 
 def bench_model():
     rows = []
     for mode, kind, size, compile_mode in MODEL_RUNS:
-        linear_3xtf32.set_mode(mode)
+        policy.set_mode(mode)
         row = bench_models.measure(kind, "vim_tiny_patch16_224", size, 128, "fp32", True, 10, compile_mode)
         rows.append(dict(row, mode=mode, kind=kind, img_size=size))
         print(json.dumps(rows[-1]), flush=True)
-    linear_3xtf32.set_mode("3xtf32")
+    policy.set_mode("3xtf32")
     return rows
 
 

@@ -92,7 +92,7 @@ def scan_inputs(batch, dim, seqlen, dtype):
 def inner_op_row(name, batch, dim, seqlen, dtype, with_reference):
     """Times of the bidirectional inner op on the input the model gives it: xz = in_proj(x), transposed."""
     from mamba_ssm.modules.mamba_simple import Mamba
-    from mamba_ssm.ops.selective_scan_interface import bimamba_inner_fn_no_out_proj, mamba_inner_fn_no_out_proj
+    from mamba_ssm.ops.mamba_inner import bimamba_inner_fn_no_out_proj, mamba_inner_fn_no_out_proj
 
     mixer = Mamba(dim // 2, bimamba_type="v2").cuda()
     leaves = [p for n, p in mixer.named_parameters() if not n.startswith(("in_proj", "out_proj"))]
@@ -149,10 +149,10 @@ def main():
 
     from causal_conv1d import cuda_ops as conv_ops
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-    from mamba_ssm.ops import cuda_ops
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops import extensions, mamba_inner, scan
+    from mamba_ssm.ops.scan import selective_scan_ref
 
-    cuda_ops.require()
+    extensions.cuda.require()
     conv_ops.require()
     props = torch.cuda.get_device_properties(0)
     info = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
@@ -175,11 +175,11 @@ def main():
             ins_g = scan_inputs(batch, dim, seqlen, dtype)
             ins = [t.detach() for t in ins_g]
             with torch.no_grad():
-                row["scan_fwd_ms"] = bench(lambda: cuda_ops.selective_scan(*ins, True, False))
+                row["scan_fwd_ms"] = bench(lambda: scan.cuda_selective_scan(*ins, True, False))
             dout = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
 
             def fwd_bwd():
-                out = cuda_ops.selective_scan(*ins_g, True, False)
+                out = scan.cuda_selective_scan(*ins_g, True, False)
                 torch.autograd.grad(out, ins_g, dout)
 
             row["scan_fwdbwd_ms"] = bench(fwd_bwd)
@@ -223,20 +223,20 @@ def main():
             def unfused():
                 u, delta, A, B, C, D, z, bias = ins_g
                 ub, db_, Ab, Bb, Cb, Db, _, biasb = ins_b
-                y_f = cuda_ops.selective_scan(u, delta, A, B, C, D, z, bias, True, False)
-                y_b = cuda_ops.selective_scan(ub.flip(-1), db_.flip(-1), Ab, Bb.flip(-1), Cb.flip(-1), Db,
+                y_f = scan.cuda_selective_scan(u, delta, A, B, C, D, z, bias, True, False)
+                y_b = scan.cuda_selective_scan(ub.flip(-1), db_.flip(-1), Ab, Bb.flip(-1), Cb.flip(-1), Db,
                                               z.flip(-1), biasb, True, False)
                 return y_f + y_b.flip(-1)
 
             with torch.no_grad():
-                row["bi_fused_fwd_ms"] = bench(lambda: cuda_ops.bimamba_scan(*fb, True))
+                row["bi_fused_fwd_ms"] = bench(lambda: mamba_inner.fused_bimamba_scan(*fb, True))
                 row["bi_unfused_fwd_ms"] = bench(unfused)
                 rawb = [t.detach() for t in fb]
                 no_fusions = (None,) * 6  # delta computed outside, convs applied outside
                 row["gpu_bi_fwd_ms"] = graph_bench(lambda: ops.bi_fwd(*rawb, *no_fusions, True, False))
                 _, ysum, ckf, ckb = ops.bi_fwd(*rawb, *no_fusions, True, True)
                 row["gpu_bi_bwd_ms"] = graph_bench(lambda: ops.bi_bwd(*rawb, dout, ysum, ckf, ckb, True))
-            row["bi_fused_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(cuda_ops.bimamba_scan(*fb, True), fb, dout))
+            row["bi_fused_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(mamba_inner.fused_bimamba_scan(*fb, True), fb, dout))
             row["bi_unfused_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(unfused(), fb, dout))
             bi_bytes = (7 * elems + 4 * bc) * es  # u, delta of both + z in, out; B, C of both
             row["gpu_bi_fwd_GBps"] = bi_bytes / (row["gpu_bi_fwd_ms"] * 1e-3) / 1e9

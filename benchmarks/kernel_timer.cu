@@ -4,7 +4,7 @@
 // `git archive`) and running both builds in one GPU call. The inputs are fixed pseudo-random values, so two
 // builds' outputs can be compared byte for byte.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -I mamba-1p1p1/csrc/selective_scan -o kernel_timer benchmarks/kernel_timer.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90 -I mamba-1p1p1/csrc/selective_scan -I mamba-1p1p1/csrc/conv_x_proj -o kernel_timer benchmarks/kernel_timer.cu
 //   ./kernel_timer KERNEL BATCH DIM SEQLEN DTYPE ITERS [DUMP]
 //
 // KERNEL: scan-infer (inference forward: convs and delta projection fused, the directions summed in the

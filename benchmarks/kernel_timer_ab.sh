@@ -13,7 +13,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 declare -A tree=([base]=$base [new]=.)
 for side in base new; do
-  "$nvcc" -O3 -std=c++17 -arch=sm_90 -I "${tree[$side]}/mamba-1p1p1/csrc/selective_scan" -o "$tmp/$side" \
+  "$nvcc" -O3 -std=c++17 -arch=sm_90 -I "${tree[$side]}/mamba-1p1p1/csrc/selective_scan" \
+    -I "${tree[$side]}/mamba-1p1p1/csrc/conv_x_proj" -o "$tmp/$side" \
     benchmarks/kernel_timer.cu || { echo "kernel_timer_ab: the $side build failed" | tee "$log"; exit 1; }
 done
 runs=("scan-infer 128 384 6085 bf16 20" "scan-infer 128 384 6085 fp32 20" "scan-train 128 384 197 bf16 50"

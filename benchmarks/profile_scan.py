@@ -1,7 +1,7 @@
 """The fused bidirectional scan of one Vim block on token-major inputs (B and C sliced from one
 x_proj-like output, as in the model), for a kernel profiler to attach to, or timed.
 
-Without --time it runs cuda_ops.bimamba_scan forward and backward with a full-size delta (the fused
+Without --time it runs mamba_ssm.ops.mamba_inner.fused_bimamba_scan forward and backward with a full-size delta (the fused
 delta projection of the model's training forward is not used there); --shape, --dtype and --iters
 apply to this mode only.
 
@@ -69,7 +69,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="with --time")
     parser.add_argument("--json", help="with --time: write the rows here")
     args = parser.parse_args()
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import mamba_inner
 
     if args.time:
         rows = []
@@ -97,7 +97,7 @@ def main():
         t.requires_grad_()
     dout = token_major(batch, dim, seqlen, dtype)
     for _ in range(args.iters):
-        torch.autograd.grad(cuda_ops.bimamba_scan(*tensors, True), tensors, dout)
+        torch.autograd.grad(mamba_inner.fused_bimamba_scan(*tensors, True), tensors, dout)
     torch.cuda.synchronize()
 
 

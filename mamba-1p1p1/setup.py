@@ -1,6 +1,9 @@
 """Build of the `mamba_ssm` package and its optional CUDA extension `selective_scan_cuda`.
 
-    pip install --no-build-isolation -e mamba-1p1p1
+    pip install --no-build-isolation -e causal-conv1d -e mamba-1p1p1
+
+mamba_ssm depends on causal_conv1d (its conv ops, layout helpers and the layout header csrc/seq_layout.h,
+which this build reads from the sibling causal-conv1d folder).
 
 Environment switches:
   MAMBA_SKIP_CUDA_BUILD=TRUE   never compile the extension (pure-PyTorch fallback only)
@@ -24,10 +27,14 @@ from setuptools import find_packages, setup
 PREFIX = "MAMBA_"
 EXT_NAME = "selective_scan_cuda"
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/selective_scan/selective_scan.cpp", "csrc/selective_scan/add_rms_norm.cu",
-           "csrc/selective_scan/conv_x_proj.cu"] + [
+# One extension module from three kernel folders (the RMSNorm and conv + x_proj ops register into the
+# scan's torch library); csrc/common holds the headers they share.
+SOURCES = ["csrc/selective_scan/selective_scan.cpp", "csrc/rms_norm/rms_norm_op.cpp", "csrc/rms_norm/add_rms_norm.cu",
+           "csrc/conv_x_proj/conv_x_proj_op.cpp", "csrc/conv_x_proj/conv_x_proj.cu"] + [
     f"csrc/selective_scan/ss_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")
 ]
+# The token-major layout rule (seq_layout.h) belongs to the sibling causal_conv1d package, a dependency.
+LAYOUT_INCLUDE = os.path.join(HERE, "..", "causal-conv1d", "csrc")
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 CPU_EXT_NAME = "selective_scan_cpu"
 CPU_SOURCES = ["csrc/selective_scan_cpu/selective_scan_cpu.cpp"]
@@ -67,7 +74,7 @@ def cuda_extensions():
     ext = CUDAExtension(
         name=EXT_NAME,
         sources=[os.path.join(HERE, s) for s in SOURCES],
-        include_dirs=[os.path.join(HERE, "csrc", "selective_scan")],
+        include_dirs=[LAYOUT_INCLUDE],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext]
@@ -93,6 +100,7 @@ def cpu_extensions():
     else:
         flags, link_flags = ["-O3", "-ffp-contract=fast", "-fopenmp"], ["-fopenmp"]
     ext = CppExtension(name=CPU_EXT_NAME, sources=[os.path.join(HERE, s) for s in CPU_SOURCES],
+                       include_dirs=[LAYOUT_INCLUDE],
                        extra_compile_args={"cxx": flags}, extra_link_args=link_flags)
     return [ext]
 
@@ -112,5 +120,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.6", "causal_conv1d"],
 )

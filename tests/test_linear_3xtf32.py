@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mamba_ssm.ops import linear_3xtf32
+from mamba_ssm.ops import linear_3xtf32, policy
 
 mm_3xtf32 = pytest.importorskip("mamba_ssm.ops.mm_3xtf32", reason="needs Triton")
 
@@ -77,7 +77,7 @@ def test_cpu_layers_use_torch_linear():
 
 def test_set_mode_rejects_unknown_modes():
     with pytest.raises(ValueError, match="fp32 matmul mode must be one of .*'3xtf32', 'ieee'.*got 'tf64'"):
-        linear_3xtf32.set_mode("tf64")
+        policy.set_mode("tf64")
 
 
 def test_tf32_setting_is_read_through_either_torch_api():
@@ -87,16 +87,16 @@ def test_tf32_setting_is_read_through_either_torch_api():
         pytest.skip("torch before 2.9 has only the legacy flag")
     script = """
 import torch
-from mamba_ssm.ops import linear_3xtf32 as lin
-assert lin.kernels is not None
-assert lin.tf32_matmuls() is False
+from mamba_ssm.ops import linear_3xtf32, policy
+assert linear_3xtf32.kernels is not None
+assert policy.tf32_matmuls() is False
 torch.backends.cuda.matmul.allow_tf32 = True
-assert lin.tf32_matmuls() is True
+assert policy.tf32_matmuls() is True
 torch.backends.cuda.matmul.fp32_precision = "ieee"
-assert lin.tf32_matmuls() is False
+assert policy.tf32_matmuls() is False
 torch.backends.cuda.matmul.fp32_precision = "tf32"
-assert lin.tf32_matmuls() is True
-step = torch.compile(lambda x: x + 1 if lin.tf32_matmuls() else x - 1, backend="eager", fullgraph=True)
+assert policy.tf32_matmuls() is True
+step = torch.compile(lambda x: x + 1 if policy.tf32_matmuls() else x - 1, backend="eager", fullgraph=True)
 assert step(torch.zeros(1)).item() == 1
 print("ok")
 """

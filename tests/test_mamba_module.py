@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mamba_ssm.modules.mamba_simple import Mamba
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_ref, selective_scan_ref
+from mamba_ssm.ops.mamba_inner import mamba_inner_ref
+from mamba_ssm.ops.scan import selective_scan_ref
 
 SPEC = Path(__file__).parent / "data" / "checkpoint_keys.json"  # copy of shared/spec/checkpoint_keys.json
 MODELS = {

@@ -10,14 +10,9 @@ import torch
 
 from helpers import extension_importable
 from test_causal_conv1d import conv_oracle
-from mamba_ssm.ops import selective_scan_interface as ssi
-from mamba_ssm.ops.selective_scan_interface import (
-    bimamba_inner_fn_no_out_proj,
-    mamba_inner_fn_no_out_proj,
-    mamba_inner_ref,
-    selective_scan_fn,
-    selective_scan_ref,
-)
+from mamba_ssm.ops import scan
+from mamba_ssm.ops.mamba_inner import bimamba_inner_fn_no_out_proj, mamba_inner_fn_no_out_proj, mamba_inner_ref
+from mamba_ssm.ops.scan import selective_scan_fn, selective_scan_ref
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +185,7 @@ def test_chunk_boundaries(monkeypatch, chunk_elements, grad_mode, layout):
     t = make_inputs(seqlen=seqlen, layout=layout, seed=41, requires_grad=grad_mode)
     per_step = 2 * 4 * 3  # batch * dim * dstate
     elements = {"one": 1, "three_steps": 3 * per_step, "four_steps": 4 * per_step + 5}[chunk_elements]
-    monkeypatch.setattr(ssi, "_REFERENCE_CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(scan, "_REFERENCE_CHUNK_ELEMENTS", elements)
     ref_out, ref_last = scan_oracle(**t, delta_softplus=True)
     with torch.set_grad_enabled(grad_mode):
         out, last = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
@@ -200,7 +195,7 @@ def test_chunk_boundaries(monkeypatch, chunk_elements, grad_mode, layout):
         # gradients through chunk boundaries equal those of the unchunked computation
         out.sum().backward()
         grads = [t[k].grad.clone() for k in ("u", "delta", "A", "B", "C")]
-        monkeypatch.setattr(ssi, "_REFERENCE_CHUNK_ELEMENTS", 1 << 30)
+        monkeypatch.setattr(scan, "_REFERENCE_CHUNK_ELEMENTS", 1 << 30)
         for k in t:
             t[k].grad = None
         selective_scan_ref(**t, delta_softplus=True).sum().backward()

@@ -1,4 +1,4 @@
-"""The fused CPU selective scan (`selective_scan_cpu`, mamba_ssm.ops.cpu_ops) against float64.
+"""The fused CPU selective scan (`selective_scan_cpu`, mamba_ssm.ops.scan.cpu_selective_scan) against float64.
 
 The oracle is the PyTorch reference run in float64 (its own tests check it against an explicit
 recurrence); gradients come from autograd through it. Skipped when the extension is not importable.
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import assert_max_error as close
-from mamba_ssm.ops import cpu_ops
-from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+from mamba_ssm.ops import extensions, scan
+from mamba_ssm.ops.scan import selective_scan_ref
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="selective_scan_cpu extension not built")
+pytestmark = pytest.mark.skipif(not extensions.cpu.available(), reason="selective_scan_cpu extension not built")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -59,7 +59,7 @@ def run_kernel(t, softplus, reverse, dtype=torch.float32, dout=None, dlast=None,
             leaves[k] = v.detach().float().requires_grad_()
         else:
             leaves[k] = v.detach().to(dtype).requires_grad_()
-    res = cpu_ops.selective_scan(*(leaves[k] for k in NAMES), softplus, return_last_state, reverse=reverse)
+    res = scan.cpu_selective_scan(*(leaves[k] for k in NAMES), softplus, return_last_state, reverse=reverse)
     out, last = res if return_last_state else (res, None)
     grads = None
     if dout is not None:
@@ -87,7 +87,7 @@ CASES = [
 
 @pytest.mark.parametrize("seqlen,groups,with_D,with_z,with_bias,softplus,reverse", CASES)
 def test_fwd_bwd_fp32_vs_float64(seqlen, groups, with_D, with_z, with_bias, softplus, reverse):
-    assert cpu_ops.CHUNK == 64
+    assert scan.CPU_CHUNK == 64
     t = make(seqlen=seqlen, groups=groups, with_D=with_D, with_z=with_z, with_bias=with_bias, seed=seqlen)
     if not softplus:  # a stable recurrence needs delta >= 0
         t["delta"] = t["delta"].abs() + 0.05
@@ -141,11 +141,11 @@ def test_half_inputs(dtype):
 def test_reverse_equals_flipped_scan():
     t = make(seqlen=100, seed=5)
     f32 = {k: (v.float() if v is not None else None) for k, v in t.items()}
-    out_rev, last_rev = cpu_ops.selective_scan(*(f32[k] for k in NAMES), True, True, reverse=True)
+    out_rev, last_rev = scan.cpu_selective_scan(*(f32[k] for k in NAMES), True, True, reverse=True)
     flipped = dict(f32)
     for k in ("u", "delta", "B", "C", "z"):
         flipped[k] = f32[k].flip(-1)
-    out_flip, last_flip = cpu_ops.selective_scan(*(flipped[k] for k in NAMES), True, True)
+    out_flip, last_flip = scan.cpu_selective_scan(*(flipped[k] for k in NAMES), True, True)
     torch.testing.assert_close(out_rev, out_flip.flip(-1), rtol=0, atol=0)
     torch.testing.assert_close(last_rev, last_flip, rtol=0, atol=0)
 
@@ -160,7 +160,7 @@ def test_backward_without_saved_checkpoints_and_noncontiguous():
     A = -(0.5 + torch.rand(dim, N))
     B = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)
     C = torch.randn(batch, L, N).transpose(1, 2).unsqueeze(1)
-    out = cpu_ops.selective_scan(u, delta, A, B, C, None, z, None, True, False)
+    out = scan.cpu_selective_scan(u, delta, A, B, C, None, z, None, True, False)
     out.sum().backward()
     ref_u = u.detach().double().requires_grad_()
     ref = selective_scan_ref(ref_u, delta.double(), A.double(), B.double(), C.double(), None, z.double(), None, True)
@@ -189,7 +189,7 @@ def test_token_major_blocks_of_channels(batch, groups, reverse):
     xz32 = xz.detach().float().requires_grad_()
     delta32 = t["delta"].detach().float().requires_grad_()
     leaves.update(u=xz32[:, :dim], delta=delta32, z=xz32[:, dim:])
-    out, last = cpu_ops.selective_scan(*(leaves[k] for k in NAMES), True, True, reverse=reverse)
+    out, last = scan.cpu_selective_scan(*(leaves[k] for k in NAMES), True, True, reverse=reverse)
     assert out.stride(1) == 1, "the output keeps u's token-major layout"
     out.backward(dout.float())
     close(out, out_r, 2e-6, 1e-6, "out")
@@ -204,10 +204,10 @@ def test_token_major_blocks_of_channels(batch, groups, reverse):
 def test_empty_and_no_grad():
     t = make(seqlen=5)
     with torch.no_grad():
-        out = cpu_ops.selective_scan(*(v.float() if v is not None else None for v in t.values()), True, False)
+        out = scan.cpu_selective_scan(*(v.float() if v is not None else None for v in t.values()), True, False)
     assert out.shape == t["u"].shape
     e = {k: (v[:0].float() if k in ("u", "delta", "B", "C", "z") else v.float()) for k, v in t.items()}
-    out, last = cpu_ops.selective_scan(*(e[k] for k in NAMES), True, True)
+    out, last = scan.cpu_selective_scan(*(e[k] for k in NAMES), True, True)
     assert out.shape == (0, 8, 5) and last.shape == (0, 8, 16)
 
 
@@ -226,7 +226,7 @@ def test_opcheck(reverse):
 def test_bad_inputs():
     t = {k: v.float() for k, v in make().items()}
     with pytest.raises(RuntimeError, match="B and C"):
-        cpu_ops.selective_scan(t["u"], t["delta"], t["A"], t["B"][:, :, :, :3], t["C"], None, None, None, True, False)
+        scan.cpu_selective_scan(t["u"], t["delta"], t["A"], t["B"][:, :, :, :3], t["C"], None, None, None, True, False)
     with pytest.raises(RuntimeError, match="groups"):
         B3 = torch.randn(2, 3, 16, 7)
-        cpu_ops.selective_scan(t["u"], t["delta"], t["A"], B3, B3, None, None, None, True, False)
+        scan.cpu_selective_scan(t["u"], t["delta"], t["A"], B3, B3, None, None, None, True, False)

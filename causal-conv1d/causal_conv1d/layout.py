@@ -3,7 +3,7 @@
 The CUDA kernels read two layouts without copying: channel-major (seqlen stride 1) and token-major
 (channel stride 1: the (batch, seqlen, channels) output of a linear layer seen as (batch, dim, seqlen)).
 They return new tensors in the layout of their main input, so a Mamba block computes in the linear
-layers' layout end to end. The rule here must match is_token_major in the C++ sources.
+layers' layout end to end. The C++ twin of this rule, for all the extensions, is causal-conv1d/csrc/seq_layout.h.
 """
 import torch
 

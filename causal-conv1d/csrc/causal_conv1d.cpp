@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "conv_common.h"
+#include "seq_layout.h"
 
 namespace causal_conv1d {
 namespace {
@@ -37,20 +38,8 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "causal_conv1d: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
-// Token-major: channel stride 1 (a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)). The same
-// rule as causal_conv1d.layout.is_token_major, which the ops' fake implementations use.
-bool is_token_major(const at::Tensor& t) {
-  return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1;
-}
-
-// A new (batch, dim, seqlen) tensor in the layout of `like`: (batch, seqlen, dim) contiguous, transposed,
-// for token-major inputs, else contiguous.
-at::Tensor empty_in_layout(const at::Tensor& like) {
-  if (is_token_major(like)) {
-    return at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
-  }
-  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-}
+using seq_layout::empty_in_layout;
+using seq_layout::is_token_major;
 
 // `t` (same shape) with exactly the strides of `like`, keeping t's dtype; a copy only when they differ.
 at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {

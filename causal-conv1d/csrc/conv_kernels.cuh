@@ -586,8 +586,8 @@ cudaError_t conv_bwd_launch_e(const ConvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The backward keeps kE = 2 for every length: kE = 8 measured slower (H200, fp32: 0.14 vs 0.13 ms
-// at (128, 384, 197), 0.52 vs 0.39 ms at (128, 384, 785)); its register use halves the resident warps.
+// The backward keeps kE = 2 for every length: kE = 8 was slower, most at long sequences; its register use
+// halves the resident warps.
 template <typename T>
 cudaError_t conv_bwd_launch_impl(const ConvParams& p, cudaStream_t stream) {
   if (p.token_major) return conv_tm_launch<T>(p, true, stream);

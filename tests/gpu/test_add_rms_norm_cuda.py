@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gpu_test_helpers import fresh_seed, poison_allocator
-from mamba_ssm.ops import cuda_ops
+from mamba_ssm.ops import extensions, layer_norm
 from mamba_ssm.ops.layer_norm import rms_norm_fn
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ops.available()),
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and extensions.cuda.available()),
                                 reason="needs a CUDA GPU and the built extension")
 
 # Rounding of one result to the dtype (half an ulp, with a factor 2 of margin) plus fp32 arithmetic.
@@ -67,13 +67,13 @@ def test_rows_beyond_one_grid_dimension_of_blocks():
 
 def _count_kernel_calls(monkeypatch):
     calls = []
-    original = cuda_ops.add_rms_norm
+    original = layer_norm.add_rms_norm
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cuda_ops, "add_rms_norm", counting)
+    monkeypatch.setattr(layer_norm, "add_rms_norm", counting)
     return calls
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from gpu_test_helpers import conv_silu_ref, fresh_seed, poison_allocator
-from mamba_ssm.ops import cuda_ops
+from mamba_ssm.ops import extensions, mamba_inner
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ops.available()),
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and extensions.cuda.available()),
                                 reason="needs a CUDA GPU and the built extension")
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -51,7 +51,7 @@ def test_matches_float64(dtype, dim, seqlen, out_dim, width, with_bias):
              for _ in range(2)]
     proj = [torch.randn(out_dim, dim, device="cuda") / dim ** 0.5 for _ in range(2)]
     with torch.inference_mode():
-        outs = cuda_ops.bidirectional_conv_x_proj(x, *convs, *proj)
+        outs = mamba_inner.bidirectional_conv_x_proj(x, *convs, *proj)
     for reverse, (out, (weight, bias), w) in enumerate(zip(outs, convs, proj)):
         ref = conv_silu_ref(x.double(), weight, bias, bool(reverse))
         _check(out, ref, w, dtype, f"direction {reverse}", seed)
@@ -66,8 +66,8 @@ def test_weights_at_any_alignment():
     views = [torch.randn(out_dim * dim + 1, device="cuda").bfloat16()[1:].view(out_dim, dim) for _ in range(2)]
     assert all(v.data_ptr() % 16 != 0 for v in views)
     with torch.inference_mode():
-        got = cuda_ops.bidirectional_conv_x_proj(x, *convs, *views)
-        want = cuda_ops.bidirectional_conv_x_proj(x, *convs, *[v.clone() for v in views])
+        got = mamba_inner.bidirectional_conv_x_proj(x, *convs, *views)
+        want = mamba_inner.bidirectional_conv_x_proj(x, *convs, *[v.clone() for v in views])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
@@ -77,43 +77,42 @@ def test_rejects_what_it_cannot_run():
     proj = torch.randn(44, 64, device="cuda")
     x32 = torch.randn(1, 10, 64, device="cuda").transpose(1, 2)
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        cuda_ops.bidirectional_conv_x_proj(x32, conv, conv, proj, proj)
+        mamba_inner.bidirectional_conv_x_proj(x32, conv, conv, proj, proj)
     x = x32.bfloat16()
     with pytest.raises(RuntimeError, match="token-major"):
-        cuda_ops.bidirectional_conv_x_proj(x.contiguous(), conv, conv, proj, proj)
+        mamba_inner.bidirectional_conv_x_proj(x.contiguous(), conv, conv, proj, proj)
     x60 = torch.randn(1, 10, 60, device="cuda").bfloat16().transpose(1, 2)
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        cuda_ops.bidirectional_conv_x_proj(x60, (conv[0][:60], None), (conv[0][:60], None), proj[:, :60],
+        mamba_inner.bidirectional_conv_x_proj(x60, (conv[0][:60], None), (conv[0][:60], None), proj[:, :60],
                                            proj[:, :60])
     odd = torch.randn(1, 10, 129, device="cuda").bfloat16()[..., 1:].transpose(1, 2)  # odd position stride
     with pytest.raises(RuntimeError, match="4-byte aligned"):
-        cuda_ops.bidirectional_conv_x_proj(odd, conv, conv, proj, proj)
+        mamba_inner.bidirectional_conv_x_proj(odd, conv, conv, proj, proj)
     with pytest.raises(RuntimeError, match="out_dim <= 96"):
         big = torch.randn(97, 64, device="cuda")
-        cuda_ops.bidirectional_conv_x_proj(x, conv, conv, big, big)
+        mamba_inner.bidirectional_conv_x_proj(x, conv, conv, big, big)
     widths = [conv[0].unsqueeze(1)] * 2  # as the mixer holds them: (dim, 1, width)
-    assert cuda_ops.conv_x_proj_applies(x, widths, [proj, proj])
-    assert not cuda_ops.conv_x_proj_applies(x32, widths, [proj, proj])
-    assert not cuda_ops.conv_x_proj_applies(x.contiguous(), widths, [proj, proj])
-    assert not cuda_ops.conv_x_proj_applies(odd, widths, [proj, proj])
-    assert not cuda_ops.conv_x_proj_applies(x, widths, [proj, proj[:40]])  # the directions' out_dims differ
-    assert not cuda_ops.conv_x_proj_applies(x, [widths[0], widths[0][..., :3]], [proj, proj])  # and widths
+    assert mamba_inner.conv_x_proj_applies(x, widths, [proj, proj])
+    assert not mamba_inner.conv_x_proj_applies(x32, widths, [proj, proj])
+    assert not mamba_inner.conv_x_proj_applies(x.contiguous(), widths, [proj, proj])
+    assert not mamba_inner.conv_x_proj_applies(odd, widths, [proj, proj])
+    assert not mamba_inner.conv_x_proj_applies(x, widths, [proj, proj[:40]])  # the directions' out_dims differ
+    assert not mamba_inner.conv_x_proj_applies(x, [widths[0], widths[0][..., :3]], [proj, proj])  # and widths
 
 
 def test_mixer_uses_it_in_half_precision_inference_only(monkeypatch):
     """The v2 mixer's inference in bf16 autocast goes through the kernel (one call per block) and equals the
     separate conv and x_proj kernels it replaces; fp32 and training keep them."""
     from mamba_ssm.modules.mamba_simple import Mamba
-    from mamba_ssm.ops import selective_scan_interface
 
     calls = []
-    original = cuda_ops.bidirectional_conv_x_proj
+    original = mamba_inner.bidirectional_conv_x_proj
 
     def counting(*args):
         calls.append(args[0].shape)
         return original(*args)
 
-    monkeypatch.setattr(cuda_ops, "bidirectional_conv_x_proj", counting)
+    monkeypatch.setattr(mamba_inner, "bidirectional_conv_x_proj", counting)
     torch.manual_seed(0)
     mixer = Mamba(96, bimamba_type="v2", if_divide_out=True).cuda()
     with torch.no_grad():
@@ -123,13 +122,13 @@ def test_mixer_uses_it_in_half_precision_inference_only(monkeypatch):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         fused = mixer(hidden)
         assert len(calls) == 1
-        monkeypatch.setattr(selective_scan_interface.cuda_ops, "conv_x_proj_applies", lambda *args: False)
+        monkeypatch.setattr(mamba_inner, "conv_x_proj_applies", lambda *args: False)
         separate = mixer(hidden)
     assert len(calls) == 1
     rel = ((fused.double() - separate.double()).norm() / separate.double().norm()).item()
     assert rel < 1e-2
     monkeypatch.undo()
-    monkeypatch.setattr(cuda_ops, "bidirectional_conv_x_proj", counting)
+    monkeypatch.setattr(mamba_inner, "bidirectional_conv_x_proj", counting)
     with torch.no_grad():
         mixer(hidden)  # fp32
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_test_helpers import check_bound, fresh_seed, poison_allocator
-from mamba_ssm.ops import linear_3xtf32
+from mamba_ssm.ops import linear_3xtf32, policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or linear_3xtf32.kernels is None,
                                 reason="needs a CUDA GPU and Triton")
@@ -90,10 +90,10 @@ def test_falls_back_under_autocast_tf32_and_ieee_mode():
         assert not linear_3xtf32.applies(x, w)
     assert not linear_3xtf32.applies(x.double(), w.double())
     try:
-        linear_3xtf32.set_mode("ieee")
+        policy.set_mode("ieee")
         assert not linear_3xtf32.applies(x, w)
     finally:
-        linear_3xtf32.set_mode("3xtf32")
+        policy.set_mode("3xtf32")
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         assert not linear_3xtf32.applies(x, w)

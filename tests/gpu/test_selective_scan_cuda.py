@@ -17,7 +17,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def _ref(u, delta, A, B, C, D, z, delta_bias, softplus, last, reverse):
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.scan import selective_scan_ref
 
     if not reverse:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, last)
@@ -67,7 +67,7 @@ def to_token_major(inputs):
 
 def run_case(batch, dim, seqlen, dtype, dstate=16, groups=1, has_z=True, has_D=True, has_bias=True,
              softplus=True, reverse=False, last_state=False, inputs=None):
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import scan
 
     seed = fresh_seed()
     if inputs is None:
@@ -86,7 +86,7 @@ def run_case(batch, dim, seqlen, dtype, dstate=16, groups=1, has_z=True, has_D=T
 
     k_in = leaves(lambda t: t)
     poison_allocator()
-    res_k = cuda_ops.selective_scan(*k_in, softplus, last_state, reverse=reverse)
+    res_k = scan.cuda_selective_scan(*k_in, softplus, last_state, reverse=reverse)
     poison_allocator()
     lk, res_k = loss(res_k)
     lk.backward()
@@ -161,25 +161,25 @@ def test_scan_strided_inputs():
 
 
 def test_scan_forward_is_deterministic():
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import scan
 
     inputs = make_inputs(3, 384, 730, 16, torch.bfloat16)
-    a = cuda_ops.selective_scan(*inputs, True, False)
-    b = cuda_ops.selective_scan(*inputs, True, False)
+    a = scan.cuda_selective_scan(*inputs, True, False)
+    b = scan.cuda_selective_scan(*inputs, True, False)
     assert torch.equal(a, b)
 
 
 def test_scan_rejects_large_dstate():
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import scan
 
     inputs = make_inputs(1, 8, 10, 17, torch.float32)
     with pytest.raises(ValueError, match="dstate"):
-        cuda_ops.selective_scan(*inputs, True, False)
+        scan.cuda_selective_scan(*inputs, True, False)
 
 
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
 def test_scan_opcheck(token_major):
-    from mamba_ssm.ops import cuda_ops  # noqa: F401  (registers the ops)
+    from mamba_ssm.ops import scan  # noqa: F401  (registers the ops)
 
     inputs = make_inputs(2, 8, 40, 4, torch.float32)
     u, delta, A, B, C, D, z, bias = to_token_major(inputs) if token_major else inputs
@@ -197,12 +197,12 @@ def test_scan_opcheck(token_major):
 
 def test_scan_backward_without_saved_checkpoints():
     """A forward that saved no checkpoints (called with save_ckpt=False) still differentiates."""
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import scan
 
     inputs = [t.requires_grad_() if t is not None else None for t in make_inputs(2, 32, 77, 16, torch.float32)]
     out = torch.ops.mamba_ssm.selective_scan_fwd(*inputs, True, False, False, False)[0]
     g1 = torch.autograd.grad(out.sum(), [t for t in inputs])
-    out2 = cuda_ops.selective_scan(*inputs, True, False)
+    out2 = scan.cuda_selective_scan(*inputs, True, False)
     g2 = torch.autograd.grad(out2.sum(), [t for t in inputs])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -213,7 +213,7 @@ def test_conv_and_scan_under_torch_compile(token_major):
     """A Mamba-like inner op (conv -> silu -> scan with z gate) compiles without graph breaks, and the
     compiled code around the ops (which trusts their fake strides) computes the same values."""
     from causal_conv1d import cuda_ops as conv_ops
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import scan
 
     batch, dim, seqlen, dstate = 2, 32, 70, 16
     inputs = make_inputs(batch, dim, seqlen, dstate, torch.float32)
@@ -223,8 +223,8 @@ def test_conv_and_scan_under_torch_compile(token_major):
 
     def f(u, delta, A, B, C, D, z, bias, w):
         x = conv_ops.causal_conv1d(u, w, None, True)
-        y_f = cuda_ops.selective_scan(x, delta, A, B, C, D, z, bias, True, False)
-        y_b = cuda_ops.selective_scan(x, delta, A, B, C, D, z, bias, True, False, reverse=True)
+        y_f = scan.cuda_selective_scan(x, delta, A, B, C, D, z, bias, True, False)
+        y_b = scan.cuda_selective_scan(x, delta, A, B, C, D, z, bias, True, False, reverse=True)
         return (y_f + y_b).square().sum()
 
     eager = f(*params)
@@ -276,7 +276,7 @@ def _projected(inputs):
                               "token_major_dt_proj48"])
 def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major, rank):
     """rank > 0: delta given as a low-rank dt and a projection weight, formed inside the kernels."""
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import mamba_inner
 
     seed = fresh_seed()
     layout = to_token_major if token_major else list
@@ -302,7 +302,7 @@ def test_bimamba_scan_matches_float64(batch, dim, seqlen, dtype, token_major, ra
     poison_allocator()
     projections = dict(delta_proj_weight_f=kf[8], delta_proj_weight_b=kb[8]) if rank else {}
     scale = 0.5 if rank == 12 else 1.0  # Vim-tiny's configuration averages the two directions
-    out = cuda_ops.bimamba_scan(*args(kf, kb), True, **projections, out_scale=scale)
+    out = mamba_inner.fused_bimamba_scan(*args(kf, kb), True, **projections, out_scale=scale)
     poison_allocator()
     (out.double() * dout.double()).sum().backward()
     rf, rb = leaves(lambda t: t.double())
@@ -329,20 +329,20 @@ def test_bimamba_scan_equals_two_single_scans(dtype):
     """Same function as the two single-direction kernels (reverse flag) combined; without gradients the
     fused op keeps y_f in its output tensor, rounded to the dtype (bfloat16) before the reverse direction
     adds it, as the single-direction output y_f is rounded here."""
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import mamba_inner, scan
 
     seed = fresh_seed()
     f_in = make_inputs(2, 64, 300, 16, dtype)
     b_in = make_inputs(2, 64, 300, 16, dtype)
     z = f_in[6]
-    out = cuda_ops.bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
+    out = mamba_inner.fused_bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], *[b_in[i] for i in (0, 1, 2, 3, 4, 5, 7)],
                                 z, True)
     f_nz = list(f_in)
     f_nz[6] = None
     b_nz = list(b_in)
     b_nz[6] = None
-    y_f = cuda_ops.selective_scan(*f_nz, True, False)
-    y_b = cuda_ops.selective_scan(*b_nz, True, False, reverse=True)
+    y_f = scan.cuda_selective_scan(*f_nz, True, False)
+    y_b = scan.cuda_selective_scan(*b_nz, True, False, reverse=True)
     gate = F.silu(z.float())
     expected = (y_f.float() + y_b.float()) * gate
     # Rounding bound: the single-direction outputs are each rounded to the dtype (unit roundoff u), the
@@ -355,7 +355,7 @@ def test_bimamba_scan_equals_two_single_scans(dtype):
 
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel_major", "token_major"])
 def test_bimamba_opcheck_and_compile(token_major):
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import mamba_inner
 
     layout = to_token_major if token_major else list
     f_in = layout(make_inputs(2, 8, 40, 4, torch.float32))
@@ -378,7 +378,7 @@ def test_bimamba_opcheck_and_compile(token_major):
                               (*[t.detach() if t is not None else None for t in projected], *convs, True, False, 0.5))
 
     def f(*ts):
-        return cuda_ops.bimamba_scan(*ts, True, out_scale=0.5).square().sum()
+        return mamba_inner.fused_bimamba_scan(*ts, True, out_scale=0.5).square().sum()
 
     eager = f(*tensors)
     ge = torch.autograd.grad(eager, tensors)
@@ -419,7 +419,7 @@ def test_bimamba_fused_conv_matches_float64(token_major, width, dim, seqlen, dty
     """The inference forward with both directions' convs applied inside the scan kernel (register halo
     across segments; anti-causal for direction b) against float64 convs and scans, for both layouts,
     conv widths 2-4, channel counts that leave a partial block of 32, and sequences shorter than a segment."""
-    from mamba_ssm.ops import cuda_ops
+    from mamba_ssm.ops import mamba_inner
 
     seed = fresh_seed()
     layout = to_token_major if token_major else list
@@ -428,7 +428,7 @@ def test_bimamba_fused_conv_matches_float64(token_major, width, dim, seqlen, dty
     x, z = f_in[0], f_in[6]  # both directions convolve the same input, as in a Vim block
     convs = [(torch.randn(dim, width, device="cuda") * 0.5, torch.randn(dim, device="cuda") * 0.3) for _ in range(2)]
     with torch.no_grad():
-        out = cuda_ops.bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], x,
+        out = mamba_inner.fused_bimamba_scan(*[f_in[i] for i in (0, 1, 2, 3, 4, 5, 7)], x,
                                     *[b_in[i] for i in (1, 2, 3, 4, 5, 7)], z, True, conv_f=convs[0], conv_b=convs[1])
 
     def reference(cast):
@@ -453,8 +453,8 @@ def test_bimamba_inner_inference_fuses_conv(dtype):
     """Without gradients the inner op runs the convs inside the scan kernel: same values as the training
     path (separate conv kernels), and the op refuses the fused conv when a gradient is needed."""
     from mamba_ssm.modules.mamba_simple import Mamba
-    from mamba_ssm.ops import cuda_ops
-    from mamba_ssm.ops.selective_scan_interface import bimamba_inner_fn_no_out_proj
+    from mamba_ssm.ops import mamba_inner
+    from mamba_ssm.ops.mamba_inner import bimamba_inner_fn_no_out_proj
 
     torch.manual_seed(0)
     mixer = Mamba(96, bimamba_type="v2").cuda()
@@ -473,7 +473,7 @@ def test_bimamba_inner_inference_fuses_conv(dtype):
     u = xz[:, :mixer.d_inner].detach().requires_grad_()
     args = [torch.randn(3, 12, 150, device="cuda") for _ in range(2)]
     with pytest.raises(ValueError, match="inference"):
-        cuda_ops.bimamba_scan(u, args[0], params[0]["A"], torch.randn(3, 1, 16, 150, device="cuda"),
+        mamba_inner.fused_bimamba_scan(u, args[0], params[0]["A"], torch.randn(3, 1, 16, 150, device="cuda"),
                               torch.randn(3, 1, 16, 150, device="cuda"), None, None, u, args[1], params[1]["A"],
                               torch.randn(3, 1, 16, 150, device="cuda"), torch.randn(3, 1, 16, 150, device="cuda"),
                               None, None, xz[:, mixer.d_inner:], True,

@@ -5,10 +5,10 @@ import torch
 timm = pytest.importorskip("timm")
 import vim  # noqa: F401,E402  (registers the models)
 from causal_conv1d import cuda_ops as conv_cuda_ops  # noqa: E402
-from mamba_ssm.ops import cuda_ops as scan_cuda_ops  # noqa: E402
+from mamba_ssm.ops import extensions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and conv_cuda_ops.available() and scan_cuda_ops.available()),
+    not (torch.cuda.is_available() and conv_cuda_ops.available() and extensions.cuda.available()),
     reason="needs a CUDA GPU and the built extensions",
 )
 

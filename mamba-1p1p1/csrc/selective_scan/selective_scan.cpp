@@ -1,5 +1,6 @@
 // Host side of the selective-scan extension: argument checks, allocation and the launches on
-// the current stream. Ops live in the `selective_scan_cuda` library (torch.ops.selective_scan_cuda.*);
+// the current stream. Ops live in the `selective_scan_cuda` library (with the RMSNorm and conv + x_proj ops
+// of ../rms_norm and ../conv_x_proj, which this module carries) (torch.ops.selective_scan_cuda.*);
 // the Python package wraps them in differentiable torch.library custom ops (mamba_ssm::*).
 // The module itself holds no Python functions: importing it registers the ops.
 #include <Python.h>
@@ -17,7 +18,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../seq_layout.h"
+#include "../common/host_checks.h"
+#include "seq_layout.h"
 #include "ss_common.h"
 
 namespace ssm {
@@ -27,9 +29,7 @@ using OptTensor = std::optional<at::Tensor>;
 using seq_layout::empty_seq;
 using seq_layout::is_token_major;
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "selective_scan: ", what, " launch failed: ", cudaGetErrorString(err));
-}
+void check_launch(cudaError_t err, const char* what) { ssm::check_launch(err, "selective_scan", what); }
 
 cudaError_t launch_fwd(at::ScalarType t, const ScanParams& p, cudaStream_t s) {
   switch (t) {
@@ -71,8 +71,7 @@ at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
 }
 
 at::Tensor f32_param(const at::Tensor& t, const at::Tensor& u, const char* name) {
-  TORCH_CHECK(t.device() == u.device(), "selective_scan: ", name, " must be on u's device");
-  return t.to(at::kFloat).contiguous();
+  return ssm::f32_param(t, u, "selective_scan", name, "u");
 }
 
 // Holds the tensors that the raw pointers in `p` point into.
@@ -338,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
   if (out.numel() == 0) return {out, ysum, ck_f, ck_b};
   // y_f goes to a buffer that the reverse pass adds to: the fp32 ysum when the backward needs it, else the
   // output itself. In bf16/fp16 inference y_f is then rounded to u's dtype once before the sum, and no fp32
-  // buffer of the output's size exists (1.2 GB for Vim-tiny at 1248, batch 128: above DeiT-tiny's peak).
+  // buffer of the output's size exists (at high resolution the largest allocation of the forward).
   at::Tensor acc = save_ckpt ? ysum : out;
   pf.acc_fp32 = pb.acc_fp32 = acc.scalar_type() == at::kFloat;
   pf.y_acc_out = acc.data_ptr();
@@ -396,130 +395,6 @@ std::vector<at::Tensor> bi_bwd(const at::Tensor& u_f, const at::Tensor& delta_f,
           gb.du, gb.ddelta, gb.dA, gb.dB.to(dt), gb.dC.to(dt), gb.dD, gb.ddb, dz};
 }
 
-// Inference front end of a bidirectional block in bf16/fp16 (conv_x_proj.cu): both directions' convs
-// (SiLU; the backward direction's anti-causal) of x and their x_proj products, without the conv outputs.
-// x: (batch, dim, seqlen) token-major (channel stride 1, e.g. the x half of the in_proj output).
-// -> (x_dbl_f, x_dbl_b), each (batch, seqlen, out_dim) contiguous in x's dtype.
-std::tuple<at::Tensor, at::Tensor> conv_x_proj(const at::Tensor& x, const at::Tensor& conv_weight_f,
-                                               const OptTensor& conv_bias_f, const at::Tensor& conv_weight_b,
-                                               const OptTensor& conv_bias_b, const at::Tensor& proj_weight_f,
-                                               const at::Tensor& proj_weight_b) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 3, "conv_x_proj: x must be a (batch, dim, seqlen) CUDA tensor, got ",
-              x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "conv_x_proj: x must be bfloat16 or float16 (tensor cores), got ", x.scalar_type());
-  const int64_t dim = x.size(1);
-  TORCH_CHECK(x.stride(1) == 1 || dim == 1, "conv_x_proj: x must be token-major (channel stride 1), got strides ",
-              x.strides());
-  TORCH_CHECK(dim % 8 == 0, "conv_x_proj: dim must be a multiple of 8, got ", dim);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0 && x.stride(0) % 2 == 0 && x.stride(2) % 2 == 0,
-              "conv_x_proj: x must hold channel pairs 4-byte aligned (even strides, aligned start), got strides ",
-              x.strides());
-  TORCH_CHECK(x.size(0) <= 65535, "conv_x_proj: batch must be at most 65535 (the grid's y dimension), got ",
-              x.size(0), "; run it on smaller batches");
-  c10::cuda::CUDAGuard guard(x.device());
-  ConvProjParams p{};
-  p.batch = int(x.size(0));
-  p.dim = int(dim);
-  p.seqlen = int(x.size(2));
-  p.x = x.data_ptr();
-  p.x_batch_stride = x.stride(0);
-  p.x_seq_stride = x.stride(2);
-  const at::Tensor* conv_weights[2] = {&conv_weight_f, &conv_weight_b};
-  const OptTensor* conv_biases[2] = {&conv_bias_f, &conv_bias_b};
-  const at::Tensor* proj_weights[2] = {&proj_weight_f, &proj_weight_b};
-  at::Tensor conv_w[2], conv_b[2], proj_w[2], out[2];  // hold what the raw pointers in p point into
-  for (int dir = 0; dir < 2; ++dir) {
-    const at::Tensor& w = *conv_weights[dir];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == dim && w.size(1) >= 1 && w.size(1) <= 4,
-                "conv_x_proj: conv weights must be (dim, width) with dim = ", dim, " and width <= 4, got ", w.sizes());
-    TORCH_CHECK(dir == 0 || w.size(1) == p.conv_width, "conv_x_proj: both conv weights must have one width");
-    p.conv_width = int(w.size(1));
-    conv_w[dir] = f32_param(w, x, "conv_weight");
-    p.conv_weight[dir] = conv_w[dir].data_ptr<float>();
-    if (conv_biases[dir]->has_value()) {
-      const at::Tensor& bias = **conv_biases[dir];
-      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == dim, "conv_x_proj: conv biases must be (dim,), got ", bias.sizes());
-      conv_b[dir] = f32_param(bias, x, "conv_bias");
-      p.conv_bias[dir] = conv_b[dir].data_ptr<float>();
-    }
-    const at::Tensor& pw = *proj_weights[dir];
-    TORCH_CHECK(pw.dim() == 2 && pw.size(1) == dim && pw.size(0) >= 1 && pw.size(0) <= kMaxConvProjOut &&
-                    pw.size(0) == proj_weight_f.size(0),
-                "conv_x_proj: x_proj weights must both be (out_dim, dim) with dim = ", dim, " and out_dim <= ",
-                kMaxConvProjOut, ", got ", proj_weight_f.sizes(), " and ", proj_weight_b.sizes());
-    TORCH_CHECK(pw.device() == x.device(), "conv_x_proj: x_proj weights must be on x's device");
-    proj_w[dir] = pw.to(x.scalar_type()).contiguous();
-    // The kernel copies its rows 16 bytes at a time: a view that starts off that alignment is copied.
-    if (reinterpret_cast<uintptr_t>(proj_w[dir].data_ptr()) % 16 != 0) proj_w[dir] = proj_w[dir].clone();
-    p.proj_weight[dir] = proj_w[dir].data_ptr();
-    p.out_dim = int(pw.size(0));
-    out[dir] = at::empty({p.batch, p.seqlen, p.out_dim}, x.options());
-    p.out[dir] = out[dir].data_ptr();
-  }
-  if (out[0].numel() > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    check_launch(x.scalar_type() == at::kHalf ? conv_x_proj_cuda<DType::kFloat16>(p, stream)
-                                              : conv_x_proj_cuda<DType::kBFloat16>(p, stream),
-                 "conv_x_proj");
-  }
-  return {out[0], out[1]};
-}
-
-// Inference residual add + RMSNorm over x's last dim: (out in x's dtype, stream = x + residual in fp32 when
-// stream_fp32 else in x's dtype; stream empty unless return_stream).
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptTensor& residual,
-                                                const at::Tensor& weight, const OptTensor& bias, double eps,
-                                                bool stream_fp32, bool return_stream) {
-  TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.is_contiguous(), "add_rms_norm: x must be a contiguous CUDA tensor");
-  const int64_t hidden = x.size(-1);
-  TORCH_CHECK(hidden >= 1 && hidden <= kMaxNormHidden, "add_rms_norm: the last dim must be 1..", kMaxNormHidden,
-              ", got ", hidden);
-  const at::ScalarType stream_type = stream_fp32 ? at::kFloat : x.scalar_type();
-  NormParams p{};
-  p.rows = x.numel() / hidden;
-  p.hidden = int(hidden);
-  p.eps = float(eps);
-  TORCH_CHECK(p.rows / kNormRowsPerBlock < (int64_t(1) << 31), "add_rms_norm: too many rows");
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == stream_type &&
-                    residual->device() == x.device(),
-                "add_rms_norm: residual must be contiguous, on x's device, with x's shape and the stream's dtype");
-    p.residual = residual->data_ptr();
-  }
-  const at::Tensor w = f32_param(weight, x, "weight");
-  TORCH_CHECK(w.numel() == hidden, "add_rms_norm: weight must have ", hidden, " elements, got ", w.numel());
-  p.weight = w.data_ptr<float>();
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = f32_param(*bias, x, "bias");
-    TORCH_CHECK(b.numel() == hidden, "add_rms_norm: bias must have ", hidden, " elements, got ", b.numel());
-    p.bias = b.data_ptr<float>();
-  }
-  c10::cuda::CUDAGuard guard(x.device());
-  p.x = x.data_ptr();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  p.out = out.data_ptr();
-  at::Tensor stream = at::empty(return_stream ? x.sizes() : at::IntArrayRef{0}, x.options().dtype(stream_type));
-  p.stream = return_stream ? stream.data_ptr() : nullptr;
-  if (p.rows == 0) return {out, stream};
-  const cudaStream_t s = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (x.scalar_type()) {
-    case at::kFloat: err = add_rms_norm_cuda<DType::kFloat32, true>(p, s); break;
-    case at::kHalf:
-      err = stream_fp32 ? add_rms_norm_cuda<DType::kFloat16, true>(p, s) : add_rms_norm_cuda<DType::kFloat16, false>(p, s);
-      break;
-    case at::kBFloat16:
-      err = stream_fp32 ? add_rms_norm_cuda<DType::kBFloat16, true>(p, s)
-                        : add_rms_norm_cuda<DType::kBFloat16, false>(p, s);
-      break;
-    default: TORCH_CHECK(false, "add_rms_norm: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-  check_launch(err, "add_rms_norm");
-  return {out, stream};
-}
-
 }  // namespace
 }  // namespace ssm
 
@@ -541,12 +416,6 @@ TORCH_LIBRARY(selective_scan_cuda, m) {
       "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
       "Tensor z, Tensor dout, Tensor ysum, Tensor ckpt_f, Tensor ckpt_b, bool delta_softplus, float out_scale=1.0) "
       "-> Tensor[]");
-  m.def(
-      "conv_x_proj(Tensor x, Tensor conv_weight_f, Tensor? conv_bias_f, Tensor conv_weight_b, Tensor? conv_bias_b, "
-      "Tensor proj_weight_f, Tensor proj_weight_b) -> (Tensor, Tensor)");
-  m.def(
-      "add_rms_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool stream_fp32, "
-      "bool return_stream) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
@@ -554,8 +423,6 @@ TORCH_LIBRARY_IMPL(selective_scan_cuda, CUDA, m) {
   m.impl("bwd", &ssm::scan_bwd);
   m.impl("bi_fwd", &ssm::bi_fwd);
   m.impl("bi_bwd", &ssm::bi_bwd);
-  m.impl("add_rms_norm", &ssm::add_rms_norm);
-  m.impl("conv_x_proj", &ssm::conv_x_proj);
 }
 
 static struct PyModuleDef selective_scan_module = {PyModuleDef_HEAD_INIT, "selective_scan_cuda",

@@ -4,9 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace ssm {
+#include "../common/dtype.h"
 
-enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace ssm {
 
 constexpr int kChunk = 32;     // positions per chunk = checkpoint interval of the forward
 constexpr int kMaxState = 16;  // d_state supported (smaller values are zero-padded)
@@ -83,37 +83,5 @@ template <DType kDType> cudaError_t ss_bwd_cuda(const ScanParams& p, cudaStream_
 // Both directions in one launch (pf: forward direction, pb: reverse direction; same shapes).
 template <DType kDType> cudaError_t ss_bifwd_cuda(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream);
 template <DType kDType> cudaError_t ss_bibwd_cuda(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream);
-
-// Residual add + RMSNorm over the last dim of contiguous rows, for inference (add_rms_norm.cu):
-//   stream = x + residual (fp32),  out = stream * rsqrt(mean(stream^2) + eps) * weight (+ bias).
-constexpr int kMaxNormHidden = 1024;  // row length the kernel holds in registers (one warp per row)
-constexpr int kNormRowsPerBlock = 8;
-struct NormParams {
-  int64_t rows;
-  int hidden;
-  float eps;
-  const void* x;         // (rows, hidden)
-  const void* residual;  // (rows, hidden) in the stream's dtype, or nullptr
-  const float* weight;   // (hidden,)
-  const float* bias;     // (hidden,) or nullptr
-  void* out;             // (rows, hidden), x's dtype
-  void* stream;          // (rows, hidden) in fp32 (kStreamFp32) or x's dtype, or nullptr: not written
-};
-template <DType kDType, bool kStreamFp32> cudaError_t add_rms_norm_cuda(const NormParams& p, cudaStream_t stream);
-
-// Both directions' conv (SiLU) and x_proj of a bidirectional block, for bf16/fp16 inference
-// (conv_x_proj.cu): out[dir] = silu(conv_dir(x)) @ proj_weight[dir]^T, where dir 1's conv is that of the
-// flipped sequence, flipped back (taps over x[t .. t+width-1]).
-constexpr int kMaxConvProjOut = 96;  // out_dim = rank + 2 * dstate the kernel holds (kMaxDeltaRank would need 96)
-struct ConvProjParams {
-  int batch, dim, seqlen, conv_width, out_dim;
-  const void* x;  // (batch, seqlen, dim) with channel stride 1, the input dtype
-  int64_t x_batch_stride, x_seq_stride;
-  const float* conv_weight[2];  // (dim, conv_width) fp32, contiguous; conv_width <= 4
-  const float* conv_bias[2];    // (dim,) fp32 or nullptr
-  const void* proj_weight[2];   // (out_dim, dim) in x's dtype, contiguous, dim % 8 == 0
-  void* out[2];                 // (batch, seqlen, out_dim) contiguous, x's dtype
-};
-template <DType kDType> cudaError_t conv_x_proj_cuda(const ConvProjParams& p, cudaStream_t stream);
 
 }  // namespace ssm

@@ -24,8 +24,9 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "dtype_convert.cuh"
-#include "fast_math.cuh"
+#include "../common/dtype_convert.cuh"
+#include "../common/fast_math.cuh"
+#include "ss_common.h"
 
 namespace ssm {
 
@@ -44,8 +45,7 @@ static_assert(kChunk % kSeg == 0 && kN == 16, "tile sizes");
 // fp32 inputs: log1p(e) = 2 atanh(w), w = e / (2 + e) in (0, 1/3], by an odd series in w whose first
 // omitted term is below 2e-8 relative (about half the instructions of log1pf(expf(x))).
 // bf16/fp16 inputs (kHalf): log2(1 + e) by the hardware approximation, ~1e-7 absolute, far below what
-// the inputs' own rounding moves x by (2^-9 of |x|), in 6 instructions instead of ~20 (bf16 inference
-// scan at Vim-tiny 1248, batch 128: -4% on an H200).
+// the inputs' own rounding moves x by (2^-9 of |x|), in 6 instructions instead of ~20.
 template <bool kHalf>
 __device__ __forceinline__ float softplus(float x, float& sig) {
   if constexpr (kHalf) {
@@ -216,8 +216,8 @@ struct BcTile {
     const int64_t B_step = dn * p.B_state_stride + dj * dir * p.B_seq_stride;
     const int64_t C_step = dn * p.C_state_stride + dj * dir * p.C_seq_stride;
     if (len == kLen && p.dstate == kN) {
-      // A full segment (all but the last) needs no bounds: unpredicated loads, which the guarded ones below
-      // made the compiler branch around (H200, bf16 inference scan at Vim-tiny 1248, batch 128: -4%).
+      // A full segment (all but the last) needs no bounds: unpredicated loads. The guarded ones below
+      // compile to a branch around each load.
 #pragma unroll
       for (int i = 0; i < kPer; ++i, Bq += B_step, Cq += C_step) {
         b[i] = to_float(*Bq);
@@ -318,9 +318,8 @@ struct DtLowTile {
 };
 
 // The loads a segment starts from (u, B and C, the first ranks of dt_low), issued one segment ahead: the
-// forward fetches the next segment's during the current one's scan, so their latency is hidden (H200,
-// bf16 inference at Vim-tiny 1248, batch 128: 6.15 -> 6.03 ms with the rolled scan loop). Loading z and
-// y_acc_in before the scan too (registers, or cp.async into shared memory) was slower.
+// forward fetches the next segment's during the current one's scan, so their latency is hidden. Loading z
+// and y_acc_in before the scan too (registers, or cp.async into shared memory) was slower (csrc/DESIGN.md).
 template <typename T, bool kTM>
 struct SegmentInputs {
   float u[kSeg];
@@ -459,8 +458,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, FwdSmem& sm, 
     if constexpr (kTM && kIsHalf<T>) prefetch_outputs<T, TAcc>(p, geo, s0 + kSeg, z);
 
     // Scan, one position per iteration: a loop rather than unrolled, so that the code of the whole segment
-    // stays in the instruction cache (H200, Vim-tiny 1248, batch 128, bf16 inference: 6.35 -> 6.15 ms;
-    // training forward at 224: -7%). Unrolling by 2 or 4 was slower.
+    // stays in the instruction cache. Unrolling by 2 or 4 was slower.
 #pragma unroll 1
     for (int j = 0; j < kSeg; ++j) {
       const float dt = sm.dt[j * kCh + lane], uj = sm.u[j * kCh + lane];
@@ -536,8 +534,8 @@ __global__ void __launch_bounds__(kFwdThreads, 12) ss_bifwd_kernel(const __grid_
   __shared__ FwdSmem sm;
   extern __shared__ __align__(16) float fwd_proj_smem[];
   if constexpr (kTM) {
-    // A loop, not two inlined calls: one copy of the direction's code (fp32: 79 KB of SASS instead of 141,
-    // on which warps waited for instruction fetches 13% of the time; 3-8% faster on an H200).
+    // A loop, not two inlined calls: one copy of the direction's code, about half the SASS, on which warps
+    // waited less for instruction fetches.
 #pragma unroll 1
     for (int i = 0; i < 2; ++i) {
       __syncwarp();
@@ -556,9 +554,8 @@ __global__ void __launch_bounds__(kFwdThreads, 12) ss_bifwd_kernel(const __grid_
 // Mapping: a block of 128 threads owns 32 channels of one batch element (one group); each channel is
 // run by 4 adjacent lanes that hold 4 states each (y and the per-channel sums need 2-step shuffle
 // reductions). Element-wise stages stage (kCh x kT) tiles in shared memory with coalesced accesses.
-// (A warp-per-32-channels backward with 16 states per lane, like the forward's, was measured slower:
-// 1.28 vs 1.24 ms fp32, 1.66 vs 1.37 ms bf16, both directions at tiny@224 on an H200; at 255
-// registers it keeps 8 warps per SM and stays latency-bound.)
+// (A warp-per-32-channels backward with 16 states per lane, like the forward's, was slower: at 255
+// registers it keeps 8 warps per SM and stays latency-bound; csrc/DESIGN.md.)
 constexpr int kPart = 4;                          // threads per channel
 constexpr int kSt = kN / kPart;                   // states per thread (4)
 constexpr int kBwdThreads = kCh * kPart;          // 128
@@ -612,8 +609,7 @@ struct BwdSmem {
 };
 
 // Token-major backward: the rows of the next chunk (logical positions s0 .. s0+kT-1) that its element
-// and B/C loads read, asked for one chunk ahead, so that those loads find them in L2 (4-5% faster in bf16,
-// 1-2% in fp32 on an H200). Thread 32 q + j takes position j of u and B (q = 0), delta and C (1), z and
+// and B/C loads read, asked for one chunk ahead, so that those loads find them in L2. Thread 32 q + j takes position j of u and B (q = 0), delta and C (1), z and
 // ysum (2), dout (3).
 template <typename T>
 __device__ __forceinline__ void prefetch_chunk(const ScanParams& p, const BlockGeo& geo, int s0, const T* u,
@@ -688,7 +684,7 @@ __device__ __forceinline__ void ss_bwd_block(const ScanParams& p) {
     // All loads of the chunk's elements are issued before any of them is used.
     float uv[kElems], xv[kElems], zv[kElems], gv[kElems], ysv[kElems];
     // Unguarded (kGuarded false) for a full chunk of full channels: the bounds checks made the compiler branch
-    // around each load (H200, both directions at tiny@224, batch 128: bf16 0.776 -> 0.723 ms, fp32 -3%).
+    // around each load.
     const auto load_elems = [&](auto guarded) {
       constexpr bool kGuarded = decltype(guarded)::value;
       int64_t ou = wu.first, od = wd.first, oz = wz.first, o = out_first;
@@ -914,8 +910,8 @@ cudaError_t ss_bwd_launch_layout(const ScanParams& p, cudaStream_t stream) {
 template <typename T, bool kTM>
 cudaError_t ss_bifwd_launch_layout(const ScanParams& pf, const ScanParams& pb, cudaStream_t stream) {
   const int smem = std::max(fwd_dynamic_smem(pf), fwd_dynamic_smem(pb));
-  // The accumulator's type as a template parameter, not a branch per segment: the branch made the bf16
-  // kernel 8 KB of SASS larger and its inference forward ~4% slower (H200).
+  // The accumulator's type as a template parameter, not a branch per segment: the branch's second code path
+  // made the half-precision kernels larger and their inference forward slower.
   if constexpr (!std::is_same_v<T, float>) {
     if (!pf.acc_fp32) {
       ss_bifwd_kernel<T, kTM, T><<<scan_grid(pf), kFwdThreads, smem, stream>>>(BiScanParams{{pf, pb}});

@@ -1,7 +1,7 @@
 // Fused CPU selective scan (forward and backward) for the `selective_scan_cpu` extension.
 //
 // Ops live in the `selective_scan_cpu` library (torch.ops.selective_scan_cpu.{fwd,bwd}); the Python
-// package wraps them in differentiable torch.library custom ops (mamba_ssm/ops/cpu_ops.py). Importing
+// package wraps them in differentiable torch.library custom ops (mamba_ssm/ops/scan.py). Importing
 // the module registers the ops; it holds no Python functions.
 //
 // Semantics (per batch b, channel d, state n; t runs 0..L-1, or L-1..0 with `reverse`):
@@ -45,7 +45,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../seq_layout.h"
+#include "seq_layout.h"
 
 // x86-64: the hot functions are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest one
 // the CPU supports is picked once at load time, so one binary runs on any x86-64 machine.
@@ -66,7 +66,7 @@
 namespace sscpu {
 namespace {
 
-constexpr int kChunk = 64;       // positions per checkpoint (CHUNK in cpu_ops.py)
+constexpr int kChunk = 64;       // positions per checkpoint (CPU_CHUNK in mamba_ssm/ops/scan.py)
 constexpr int kMaxState = 256;   // largest dstate supported
 
 using OptTensor = std::optional<at::Tensor>;

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from mamba_ssm.ops import linear_3xtf32
-from mamba_ssm.ops.selective_scan_interface import (
+from mamba_ssm.ops.mamba_inner import (
     bimamba_inner_fn_no_out_proj,
     bimamba_v1_inner_fn_no_out_proj,
     mamba_inner_fn_no_out_proj,

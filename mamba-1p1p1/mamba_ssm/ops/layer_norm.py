@@ -1,18 +1,32 @@
-"""RMSNorm with the residual add folded in ("add, then normalise, return both")."""
+"""RMSNorm with the residual add folded in ("add, then normalise, return both"): what it computes (the
+PyTorch form in `rms_norm_fn`) and which code runs it (`_fused_kernel_applies`: in eager CUDA inference, the
+add_rms_norm kernel of csrc/rms_norm)."""
 import torch
 import torch.nn as nn
 
-from mamba_ssm.ops import cuda_ops, scan_ops
+from mamba_ssm.ops import extensions, policy
+
+MAX_NORM_HIDDEN = 1024  # row length of add_rms_norm (kMaxNormHidden in csrc/rms_norm/rms_norm.h)
+NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fused_kernel_applies(x, weight, bias, residual, stream_dtype):
     """Eager CUDA inference: one kernel instead of ~8 element-wise passes. Under torch.compile the
     PyTorch form is kept, since inductor fuses it with its neighbours; with autograd too. The kernel
     reads the residual in the stream's dtype (Vim's blocks pass the previous stream back)."""
-    return (x.is_cuda and x.dtype in cuda_ops.NORM_DTYPES and x.shape[-1] <= cuda_ops.MAX_NORM_HIDDEN
+    return (policy.kernel_takes(x, extensions.cuda, "cuda", NORM_DTYPES) and x.shape[-1] <= MAX_NORM_HIDDEN
             and (residual is None or residual.dtype == stream_dtype)
-            and cuda_ops.available() and not torch.compiler.is_compiling()
-            and not scan_ops.needs_grad(x, weight, bias, residual))
+            and policy.eager_inference(x, weight, bias, residual))
+
+
+def add_rms_norm(x, residual, weight, bias, eps: float, stream_dtype, return_stream: bool):
+    """Inference (no autograd) residual add + RMSNorm of CUDA rows on one kernel, as rms_norm_fn computes
+    it: (out in x's dtype, stream = x + residual in stream_dtype, float32 or x's dtype; stream empty unless
+    return_stream). x's last dim must be at most MAX_NORM_HIDDEN and the residual (if any) in stream_dtype."""
+    extensions.cuda.require()
+    return torch.ops.selective_scan_cuda.add_rms_norm(
+        x.contiguous(), None if residual is None else residual.contiguous(), weight, bias, float(eps),
+        stream_dtype == torch.float32, return_stream)
 
 
 def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6):
@@ -29,7 +43,7 @@ def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_
             raise ValueError(f"rms_norm_fn: {name} must be ({hidden},) for rows of {hidden}, got {tuple(v.shape)}")
     stream_dtype = torch.float32 if residual_in_fp32 else x.dtype
     if _fused_kernel_applies(x, weight, bias, residual, stream_dtype):
-        out, stream = cuda_ops.add_rms_norm(x, residual, weight, bias, eps, stream_dtype, prenorm)
+        out, stream = add_rms_norm(x, residual, weight, bias, eps, stream_dtype, prenorm)
         return (out, stream) if prenorm else out
     x_dtype = x.dtype
     stream = x.float() if residual is None else x.float() + residual.float()

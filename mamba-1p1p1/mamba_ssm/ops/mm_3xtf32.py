@@ -5,9 +5,9 @@ is x rounded to TF32 (10 mantissa bits): three TF32 tensor-core products that to
 bits per product; the dropped a_small @ b_small is ~2^-22 of it. Hopper's tensor cores add into their
 accumulator without rounding to nearest, which over a long reduction costs more accuracy than IEEE fp32
 (4-8e-6 relative at Vim's shapes), so each BLOCK_K slice is summed on the tensor cores from zero and then
-added to a float32 accumulator in ordinary registers: measured against float64 on an H200, the result is
-then 2.5-7 times closer than cuBLAS's IEEE fp32 product at Vim's shapes, and the kernel 1.9-3x as fast
-(benchmarks/results, v15). Short reductions (K below ~64) are the exception: there IEEE fp32's error,
+added to a float32 accumulator in ordinary registers: measured against float64, the result is
+then several times closer than cuBLAS's IEEE fp32 product at Vim's shapes, and the kernel faster
+(csrc/DESIGN.md). Short reductions (K below ~64) are the exception: there IEEE fp32's error,
 which grows with sqrt(K), can be below the ~2^-22 of each 3xTF32 product.
 
 b is split in memory (it is the weight, or the narrower activation of a weight gradient), in the K-major

@@ -3,7 +3,8 @@
 // element-wise passes over fp32 tensors (a fifth of Vim-tiny's feature extraction time at 1248).
 #include <type_traits>
 
-#include "dtype_convert.cuh"
+#include "../common/dtype_convert.cuh"
+#include "rms_norm.h"
 
 namespace ssm {
 namespace {
@@ -31,8 +32,8 @@ __device__ __forceinline__ void store_vec(E* at, const float* v) {
 }
 
 // kVec = 2 (even rows, aligned pointers): each lane takes pairs of consecutive elements, so a warp's access
-// covers 2 x 32 elements per instruction (Vim-tiny 1248, batch 128, bf16 with an fp32 stream, H200: 549 ->
-// 446 us a call, 3.3 -> 4.0 TB/s); kVec = 1 otherwise.
+// covers 2 x 32 elements per instruction (2-byte loads of bf16 rows left bandwidth unused); kVec = 1
+// otherwise.
 template <typename T, typename S, int kPerLane, int kVec>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(NormParams p) {
   const int64_t row = int64_t(blockIdx.x) * kNormRowsPerBlock + threadIdx.x / 32;

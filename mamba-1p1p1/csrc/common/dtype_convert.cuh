@@ -3,7 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "ss_common.h"
+#include "dtype.h"
 
 namespace ssm {
 

@@ -1,8 +1,7 @@
 // Inference front end of a bidirectional Vim block in bf16/fp16: both directions' causal convs (SiLU)
 // of x and their x_proj products in one pass, x_dbl_dir = silu(conv_dir(x)) @ W_dir^T, without writing
 // the conv outputs. Unfused, each direction's conv wrote a (batch, seqlen, dim) tensor that its x_proj
-// matmul read back: 33 of 240 ms per batch of Vim-tiny bf16 feature extraction at 1248 (H200); this kernel
-// takes 0.73 ms a block there (18 ms a batch), bound by its instructions and MUFU (the SiLUs), not by memory.
+// matmul read back. The kernel is bound by its instructions and MUFU (the SiLUs), not by memory.
 //
 // A block of kThreads owns kTile positions of one batch element and loops over the channels in chunks of
 // kChunkC: its threads form both convs of the chunk into shared memory (rounded to the input type, as the
@@ -11,14 +10,14 @@
 // accumulation), accumulating over the chunks in registers.
 #include <type_traits>
 
-#include "dtype_convert.cuh"
-#include "fast_math.cuh"
+#include "../common/dtype_convert.cuh"
+#include "../common/fast_math.cuh"
+#include "conv_x_proj.h"
 
 namespace ssm {
 namespace {
 
-// 64 positions per block: 0.83 ms a call at Vim-tiny 1248, batch 128 (H200, before the tanh SiLU), against
-// 0.94 with 128 (fewer, larger blocks overlap their load, conv and MMA phases less).
+// 64 positions per block: 128 was slower (fewer, larger blocks overlap their load, conv and MMA phases less).
 constexpr int kTile = 64;                  // positions per block
 constexpr int kWarps = kTile / 16;         // one 16-row MMA tile per warp
 constexpr int kThreads = 32 * kWarps;      // 128

@@ -26,11 +26,10 @@ __device__ __forceinline__ float tanh_approx(float x) {
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 // x * sigmoid(x) for data of type T. For bf16 as x/2 + x/2 tanh(x/2): one MUFU op and three instructions
-// instead of two and six. Its absolute error is about 1e-5 (H200, x in [-24, 24), against the exact value): at
-// most one bf16 ulp of the result down to x = -6, up to 3 ulps in [-12, -6), and 0 below -12 (|silu| < 1e-4).
-// The gated scan outputs of Vim-tiny at 1248 moved by at most one bf16 ulp (mean |change| 3e-7); the H200 bf16
-// inference scan ran 4% faster, conv + x_proj 12%. The backward differentiates the sigmoid form. fp16 (3 more
-// mantissa bits) and fp32 keep the sigmoid form.
+// instead of two and six. Its absolute error is about 1e-5 (x in [-24, 24), against the exact value): at
+// most one bf16 ulp of the result down to x = -6, up to 3 ulps in [-12, -6), and 0 below -12 (|silu| < 1e-4),
+// which moves Vim's gated scan outputs by at most one bf16 ulp. The backward differentiates the sigmoid form.
+// fp16 (3 more mantissa bits) and fp32 keep the sigmoid form.
 template <typename T>
 __device__ __forceinline__ float silu(float x) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
