@@ -24,7 +24,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from mamba_ssm.ops import linear_3xtf32
+from mamba_ssm.ops import linear_3xtf32, policy
 from torch.utils.data import DataLoader
 
 try:
@@ -243,7 +243,7 @@ def get_args_parser():
     add_flag(g, '--if-amp', action='store_true', default=None,
              help='autocast mixed precision (default: on for CUDA, off for CPU)')
     add_flag(g, '--no-amp', action='store_false', dest='if_amp', help='full fp32 (the published recipes)')
-    add_flag(g, '--fp32-matmul', default='3xtf32', choices=linear_3xtf32.MODES,
+    add_flag(g, '--fp32-matmul', default='3xtf32', choices=policy.MODES,
              help='how CUDA fp32 matmuls run. 3xtf32: the Mamba in_proj, x_proj (compiled only) and out_proj '
                   'on TF32 tensor cores in three products, at least as accurate as IEEE fp32 at Vim\'s shapes '
                   '(against float64), and faster than IEEE fp32 in compiled training. ieee: cuBLAS IEEE fp32 '
@@ -418,7 +418,7 @@ def main(args):
     seed_everything(args.seed + get_rank())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-        linear_3xtf32.set_mode(args.fp32_matmul)
+        policy.set_mode(args.fp32_matmul)
     use_amp = args.if_amp if args.if_amp is not None else device.type == 'cuda'
     amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
     precision = f'autocast {args.amp_dtype}' if use_amp else 'fp32'

@@ -391,9 +391,9 @@ def test_bimamba_opcheck_and_compile(token_major):
 
 
 def test_zz_errors_raised_in_the_extension_reach_python():
-    """Checks inside the C++ ops raise RuntimeError. Run in a subprocess: on the device machine's
-    toolchain an error thrown inside the extension once crashed the interpreter (see
-    tests/gpu/exception_check/run.sh); the Python wrappers validate arguments before the call."""
+    """Checks inside the C++ ops raise RuntimeError. Run in a subprocess: an extension built by a toolchain
+    that links libstdc++ statically can crash the interpreter on a C++ exception instead; the Python
+    wrappers validate arguments before the call."""
     import subprocess
     import sys
 

@@ -7,7 +7,6 @@ routed here. Whether the kernel runs is `applies`; the mode switch is policy.set
 import torch
 
 from mamba_ssm.ops import policy
-from mamba_ssm.ops.policy import MODES, set_mode  # noqa: F401  (main.py's import of the mode switch)
 
 kernels = None
 if policy.TRITON_KERNELS_MAY_RUN:  # the kernel module imports Triton
