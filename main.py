@@ -23,7 +23,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from mamba_ssm.ops import linear_3xtf32
-from torch.utils.data import DataLoader
 
 try:
     from timm.optim import param_groups_weight_decay
@@ -31,8 +30,9 @@ except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
     from timm.optim.optim_factory import param_groups_weight_decay
 
 import vim  # noqa: F401  (registers the Vim models with timm)
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, data_set_name, verify_images
 from engine import TrainingDiverged, evaluate, train_one_epoch
+from image_files import BadImageCount, CountingLoader
 from vim.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_finetune_weights,
                             model_state_dict, restore_rng_state, save_atomic)
 from vim.losses import DistillationLoss
@@ -166,10 +166,21 @@ def get_args_parser():
     g.add_argument('--data-path', default='data', type=str,
                    help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
                         'folder; for DIGITS only read without scikit-learn (digits.npz)')
-    g.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
-                   help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = '
+    g.add_argument('--data-set', default='IMNET', type=data_set_name, metavar='|'.join(DATA_SETS) + '|hfds/NAME|...',
+                   help='IMNET or folder: <data-path>/{train,val}/<class>/<images> (any format Pillow reads); tar: '
+                        '<data-path>/{train,val}.tar holding <class>/<image> files; CIFAR10, CIFAR100 (CIFAR = '
                         'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
-                        'upsampled (built in, no download)')
+                        f'upsampled (built in, no download); {", ".join(p + "NAME" for p in TIMM_PREFIXES)}: timm\'s '
+                        'create_dataset (Hugging Face datasets, torchvision sets; splits train and validation)')
+    g.add_argument('--max-bad-images', default=100, type=int, metavar='N',
+                   help='unreadable images (corrupt, truncated, empty, not an image) are skipped, each named in the '
+                        'log and replaced by another image; the run stops when one epoch (or an evaluation) meets more '
+                        'than N')
+    g.add_argument('--strict-images', action='store_const', const=0, dest='max_bad_images',
+                   help='stop at the first unreadable image (--max-bad-images 0)')
+    g.add_argument('--verify-images', action='store_true',
+                   help='decode every training and validation image with --num_workers processes, list the unreadable '
+                        'ones, then exit (code 0 when all are readable, else 2); run it with one process')
     g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float,
                    help='evaluation: resize to input-size / ratio, then centre crop')
@@ -340,18 +351,20 @@ def train_loader(dataset, args, seed, pin_memory):
                         f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); '
                         f'lower --batch-size')
     # The loader's own generator keeps iterator creation from consuming the global random stream.
-    loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                        worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
+    loader = CountingLoader(SeededDataset(dataset), BadImageCount(args.max_bad_images, 'training'), sampler=sampler,
+                            batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
+                            pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
+                            worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps
 
 
 def eval_loader(dataset, args, pin_memory):
     # Without padding, so that accuracy counts each test image exactly once.
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
-    return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
-                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
+    return CountingLoader(dataset, BadImageCount(args.max_bad_images, 'evaluation'), drop_substitutes=True,
+                          sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
+                          num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
+                          worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
 
 
 def report_accuracy(stats, label='network'):
@@ -360,6 +373,8 @@ def report_accuracy(stats, label='network'):
 
 def main(args):
     check_args(args)
+    if args.verify_images:
+        return verify_images(args)
     init_distributed_mode(args)
     device = torch.device(f'cuda:{args.gpu}' if args.device.startswith('cuda') and args.distributed else args.device)
     seed_everything(args.seed + get_rank())
