@@ -5,6 +5,7 @@ image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unr
 replaced by another image and reported with the batch, so that the trainer counts and limits them
 (--max-bad-images, --strict-images).
 """
+import argparse
 import functools
 import json
 import os
@@ -31,8 +32,8 @@ def data_set_name(name):
     """argparse type of --data-set: one of DATA_SETS or a timm name with one of TIMM_PREFIXES."""
     if name in DATA_SETS or (name.lower().startswith(TIMM_PREFIXES) and '/' in name.rstrip('/')):
         return name
-    raise UserError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}, or a timm data set '
-                    f'name starting with {" or ".join(TIMM_PREFIXES)} (e.g. hfds/NAME)')
+    raise argparse.ArgumentTypeError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}, or a timm '
+                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. hfds/NAME)')
 
 
 class CheckedImageFolder(datasets.ImageFolder):

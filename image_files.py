@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 
 from vim.utils import UserError, get_world_size, is_dist_avail_and_initialized, log
@@ -69,6 +69,8 @@ def decode(source):
         image = source if isinstance(source, Image.Image) else Image.open(
             io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         image.load()
+    except UnidentifiedImageError:
+        raise BadImage('not an image in a format Pillow reads') from None  # its message names a BytesIO
     except Exception as err:  # noqa: BLE001
         raise BadImage(f'{type(err).__name__}: {err}' if str(err) else type(err).__name__) from None
     return to_rgb(image)
@@ -103,8 +105,8 @@ class ImageSource(torch.utils.data.Dataset):
     'file: reason' lines for the files that failed (empty when the image was read). `base.filename(i)`,
     where it exists, names item i's file.
 
-    An unreadable file is replaced by the next readable item of `base` (the same class in a class
-    folder, as files are sorted): batches keep their shape, and the choice depends only on the index,
+    An unreadable file is replaced by the next readable item of `base` (in a class folder mostly one of
+    the same class, as files are sorted) with that item's class: batches keep their shape, and the choice depends only on the index,
     so runs stay deterministic and resume exactly.
     """
 
@@ -152,8 +154,8 @@ def collate(batch):
 class BadImageCount:
     """Counts the unreadable files met by a loader's batches, names each once in the log, and stops the
     run when one epoch (or an evaluation) meets more than `limit` distinct ones: on each process as
-    they come, and over all processes at `end_epoch`. `purpose` ('training' or 'evaluation') words the
-    messages."""
+    they come, and over all processes at `end_epoch`. `purpose` ('training', 'validation' within a
+    training run, or 'evaluation' alone) words the messages."""
 
     def __init__(self, limit, purpose):
         self.limit, self.purpose = limit, purpose
@@ -167,7 +169,7 @@ class BadImageCount:
                 print(f'skipped unreadable image {line}', flush=True)  # on every process: each meets its own
             self.epoch.add(line)
         if len(self.epoch) > self.limit:
-            self._stop(len(self.epoch))
+            self._stop(self.epoch)
 
     def end_epoch(self, label):
         """Log the epoch's count (all processes together) and start a new count; returns the count."""
@@ -175,24 +177,23 @@ class BadImageCount:
         if is_dist_avail_and_initialized():
             lines = [None] * get_world_size()
             torch.distributed.all_gather_object(lines, self.epoch)
-        count = len(set().union(*lines))
+        unreadable = set().union(*lines)
         self.epoch = set()
-        if count:
-            log(f'{label}: {count} unreadable image(s) skipped, each replaced by another image')
-        if count > self.limit:
-            self._stop(count)
-        return count
+        if unreadable:
+            log(f'{label}: {len(unreadable)} unreadable image(s) skipped, each replaced by another image')
+        if len(unreadable) > self.limit:
+            self._stop(unreadable)
+        return len(unreadable)
 
-    def _stop(self, count):
+    def _stop(self, unreadable):
         if self.purpose == 'evaluation':
             fix = 'fix or delete them and rerun the evaluation'
         else:
             fix = 'fix or delete them and rerun (training resumes from the last checkpoint)'
-        what = 'the first unreadable image stops the run (--strict-images)' if self.limit == 0 else (
+        what = 'the run stops at the first one (--strict-images)' if self.limit == 0 else (
             f'more than --max-bad-images {self.limit}')
-        example = sorted(self.epoch)[0] if self.epoch else ''
-        raise UserError(f'{count} unreadable image(s) in {self.purpose}, {what}; e.g. {example}: {fix}; '
-                        f'python main.py --verify-images lists them all')
+        raise UserError(f'{len(unreadable)} unreadable image(s) in {self.purpose}, {what}; e.g. {min(unreadable)}: '
+                        f'{fix}; python main.py --verify-images lists them all')
 
 
 class CountingLoader(DataLoader):

@@ -361,7 +361,8 @@ def train_loader(dataset, args, seed, pin_memory):
 def eval_loader(dataset, args, pin_memory):
     # Without padding, so that accuracy counts each test image exactly once.
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
-    return CountingLoader(dataset, BadImageCount(args.max_bad_images, 'evaluation'), drop_substitutes=True,
+    purpose = 'evaluation' if args.eval else 'validation'  # validation: within a training run
+    return CountingLoader(dataset, BadImageCount(args.max_bad_images, purpose), drop_substitutes=True,
                           sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
                           num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
                           worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
