@@ -1,6 +1,6 @@
 """Datasets and their DeiT-style transforms: `build_dataset(is_train, args) -> (dataset, num_classes)`.
 
-Image files (class folders, iNaturalist, tar files, Hugging Face data sets) are read through
+Image files (class folders, iNaturalist, tar files, timm's torch/ data sets) are read through
 image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
 replaced by another image and reported with the batch, so that the trainer counts and limits them
 (--max-bad-images, --strict-images).
@@ -23,8 +23,9 @@ from image_files import IMAGE_EXTENSIONS, ImageSource, find_unreadable, is_image
 from vim.utils import UserError, log
 
 DATA_SETS = ('IMNET', 'folder', 'tar', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
-# timm create_dataset names of map-style data sets (the iterable ones cannot be resumed mid-epoch)
-TIMM_PREFIXES = ('hfds/', 'torch/')
+# timm create_dataset names of map-style data sets (the iterable ones cannot be resumed mid-epoch). Not
+# hfds/: timm's Hugging Face reader imports the `datasets` package, which this module's name shadows.
+TIMM_PREFIXES = ('torch/',)
 DIGITS_NUM_TRAIN = 1437  # first 80% of scikit-learn's 1797 digits train, the rest validate
 
 
@@ -33,7 +34,7 @@ def data_set_name(name):
     if name in DATA_SETS or (name.lower().startswith(TIMM_PREFIXES) and '/' in name.rstrip('/')):
         return name
     raise argparse.ArgumentTypeError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}, or a timm '
-                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. hfds/NAME)')
+                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. torch/mnist)')
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -182,7 +183,7 @@ def raw_image_dataset(name, root, is_train, download=False):
     if name == 'tar':
         dataset = tar_dataset(os.path.join(root, f'{split}.tar'), tar_dataset(os.path.join(root, 'train.tar')))
         return dataset, len(dataset.reader.class_name_to_idx)
-    # hfds/NAME, torch/NAME: timm's create_dataset; input_img_mode None leaves the decoding to ImageSource
+    # torch/NAME: timm's create_dataset; input_img_mode None leaves any decoding to ImageSource
     try:
         dataset = create_dataset(name, root=root, split='train' if is_train else 'validation',
                                  is_training=is_train, download=download, input_img_mode=None)

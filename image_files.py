@@ -106,8 +106,8 @@ class ImageSource(torch.utils.data.Dataset):
     where it exists, names item i's file.
 
     An unreadable file is replaced by the next readable item of `base` (in a class folder mostly one of
-    the same class, as files are sorted) with that item's class: batches keep their shape, and the choice depends only on the index,
-    so runs stay deterministic and resume exactly.
+    the same class, as files are sorted) with that item's class: batches keep their shape, and the
+    choice depends only on the index, so runs stay deterministic and resume exactly.
     """
 
     def __init__(self, base, transform=None):

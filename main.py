@@ -164,14 +164,15 @@ def get_args_parser():
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default='data', type=str,
-                   help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
-                        'folder; for DIGITS only read without scikit-learn (digits.npz)')
-    g.add_argument('--data-set', default='IMNET', type=data_set_name, metavar='|'.join(DATA_SETS) + '|hfds/NAME|...',
+                   help='dataset root: train/ and val/ class folders (IMNET, folder), train.tar and val.tar (tar), '
+                        'the CIFAR or iNaturalist folder; for DIGITS only read without scikit-learn (digits.npz)')
+    g.add_argument('--data-set', default='IMNET', type=data_set_name, metavar='|'.join(DATA_SETS) + '|torch/NAME',
                    help='IMNET or folder: <data-path>/{train,val}/<class>/<images> (any format Pillow reads); tar: '
                         '<data-path>/{train,val}.tar holding <class>/<image> files; CIFAR10, CIFAR100 (CIFAR = '
                         'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
                         f'upsampled (built in, no download); {", ".join(p + "NAME" for p in TIMM_PREFIXES)}: timm\'s '
-                        'create_dataset (Hugging Face datasets, torchvision sets; splits train and validation)')
+                        'create_dataset (torchvision\'s data sets, e.g. torch/mnist, torch/stl10, torch/folder; add '
+                        '--download to fetch them)')
     g.add_argument('--max-bad-images', default=100, type=int, metavar='N',
                    help='unreadable images (corrupt, truncated, empty, not an image) are skipped, each named in the '
                         'log and replaced by another image; the run stops when one epoch (or an evaluation) meets more '
@@ -181,7 +182,8 @@ def get_args_parser():
     g.add_argument('--verify-images', action='store_true',
                    help='decode every training and validation image with --num_workers processes, list the unreadable '
                         'ones, then exit (code 0 when all are readable, else 2); run it with one process')
-    g.add_argument('--download', action='store_true', help='download CIFAR into --data-path if missing')
+    g.add_argument('--download', action='store_true',
+                   help='download CIFAR (or a torch/NAME data set) into --data-path if missing')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float,
                    help='evaluation: resize to input-size / ratio, then centre crop')
     g.add_argument('--num_workers', default=10, type=int, help='data-loader worker processes per training process')

@@ -150,7 +150,8 @@ def test_files_are_taken_by_extension_or_content(tmp_path):
 def make_bad_files(folder):
     """One of each kind of unreadable file; returns their paths."""
     good = open(os.path.join(folder, '0.png'), 'rb').read()
-    bad = {'empty.png': b'', 'truncated.png': good[:60], 'text.jpg': b'hello', 'garbage.png': b'\x89PNG\r\n\x1a\n' + b'x' * 50,
+    bad = {'empty.png': b'', 'truncated.png': good[:60], 'text.jpg': b'hello',
+           'garbage.png': b'\x89PNG\r\n\x1a\n' + b'x' * 50,
            'corrupt.png': good[:40] + b'\0' * (len(good) - 40)}
     for name, data in bad.items():
         with open(os.path.join(folder, name), 'wb') as f:
@@ -257,7 +258,12 @@ def test_tar_data_set_through_timm(tmp_path):
     assert image[2].mean() > image[0].mean()  # blue
 
 
-def test_data_set_names():
-    assert datasets.data_set_name('hfds/beans') == 'hfds/beans'
+def test_timm_torchvision_data_set_and_names(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    args = trainer.get_args_parser().parse_args(['--data-set', 'torch/folder', '--data-path', data,
+                                                 '--input-size', '32'])
+    val, classes = datasets.build_dataset(False, args)
+    assert classes == 3 and len(val) == 3 and [val[i][1] for i in range(3)] == [0, 1, 2]
+    assert val[0][0].shape == (3, 32, 32) and val[0][2] == ()
     with pytest.raises(argparse.ArgumentTypeError, match='unknown --data-set IMAGENET'):
         datasets.data_set_name('IMAGENET')
