@@ -181,8 +181,9 @@ def raw_image_dataset(name, root, is_train, download=False):
         dataset = INatDataset(root, is_train, 2018 if name == 'INAT' else 2019)
         return dataset, dataset.num_classes
     if name == 'tar':
-        dataset = tar_dataset(os.path.join(root, f'{split}.tar'), tar_dataset(os.path.join(root, 'train.tar')))
-        return dataset, len(dataset.reader.class_name_to_idx)
+        train = tar_dataset(os.path.join(root, 'train.tar'))
+        dataset = train if is_train else tar_dataset(os.path.join(root, 'val.tar'), train)
+        return dataset, len(train.reader.class_name_to_idx)
     # torch/NAME: timm's create_dataset; input_img_mode None leaves any decoding to ImageSource
     try:
         dataset = create_dataset(name, root=root, split='train' if is_train else 'validation',
