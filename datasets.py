@@ -1,64 +1,84 @@
 """Datasets and their DeiT-style transforms: `build_dataset(is_train, args) -> (dataset, num_classes)`.
 
-Unreadable images: a corrupt or truncated file stops the run with an error naming the file, instead
-of being skipped: skipping would silently change the data and, with several loader workers, could not
-be counted reliably. Replace or delete the file and rerun; training resumes from the last checkpoint.
+Image files (class folders, iNaturalist, tar files, timm's torch/ data sets) are read through
+image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
+replaced by another image and reported with the batch, so that the trainer counts and limits them
+(--max-bad-images, --strict-images).
 """
+import argparse
+import functools
 import json
 import os
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
+from timm.data import create_dataset, create_transform
+from timm.data.auto_augment import AugmentOp
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.readers.img_extensions import add_img_extensions
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from image_files import IMAGE_EXTENSIONS, ImageSource, find_unreadable, is_image_file
 from trainer import UserError
+from trainer.distributed import log
 
-DATA_SETS = ('IMNET', 'folder', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
+DATA_SETS = ('IMNET', 'folder', 'tar', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
+# timm create_dataset names of map-style data sets (the iterable ones cannot be resumed mid-epoch). Not
+# hfds/: timm's Hugging Face reader imports the `datasets` package, which this module's name shadows.
+TIMM_PREFIXES = ('torch/',)
 DIGITS_NUM_TRAIN = 1437  # first 80% of scikit-learn's 1797 digits train, the rest validate
 
 
-def load_image(path):
-    try:
-        with open(path, 'rb') as f:
-            image = Image.open(f)
-            return image.convert('RGB')
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise UserError(f'cannot read image {path} ({err}): delete or replace this file and rerun '
-                        f'(training resumes from the last checkpoint)') from None
+def data_set_name(name):
+    """argparse type of --data-set: one of DATA_SETS or a timm name with one of TIMM_PREFIXES."""
+    if name in DATA_SETS or (name.lower().startswith(TIMM_PREFIXES) and '/' in name.rstrip('/')):
+        return name
+    raise argparse.ArgumentTypeError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}, or a timm '
+                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. torch/mnist)')
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder that names empty class folders and unreadable images instead of failing obscurely."""
+    """ImageFolder of raw items (path, class) that names empty class folders instead of failing obscurely;
+    image files are recognised by extension or content (image_files.is_image_file)."""
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root):
         if not os.path.isdir(root):
             raise UserError(f'data folder {root} does not exist: --data-path must hold train/ and val/, '
                             f'each with one sub-folder of images per class')
+        self.ignored = []
         try:
-            super().__init__(root, transform=transform, loader=load_image, allow_empty=True)
+            super().__init__(root, loader=str, is_valid_file=self._take, allow_empty=True)
         except FileNotFoundError as err:  # no class folders at all
             raise UserError(f'{root}: {err}: put the images of each class in their own sub-folder') from None
         counts = Counter(self.targets)
         empty = [name for name, i in self.class_to_idx.items() if counts[i] == 0]
         if empty:
             shown = ', '.join(empty[:5]) + (f' and {len(empty) - 5} more' if len(empty) > 5 else '')
-            raise UserError(f'class folder(s) {shown} in {root} hold no images ({", ".join(IMG_EXTENSIONS)}): '
+            raise UserError(f'class folder(s) {shown} in {root} hold no images (any format Pillow reads): '
                             f'add images or remove the folder(s)')
+        if self.ignored:
+            log(f'{root}: ignored {len(self.ignored)} file(s) that are not images, e.g. {self.ignored[0]}')
+
+    def _take(self, path):
+        if is_image_file(path):
+            return True
+        self.ignored.append(path)
+        return False
+
+    def filename(self, index):
+        return self.samples[index][0]
 
 
 class INatDataset(torch.utils.data.Dataset):
     """iNaturalist 2018/2019 in its release layout: `train{year}.json`, `val{year}.json` (COCO style:
     `images` with `file_name`, `annotations` with `category_id`) and the image tree they point into.
-    Classes are the species (`category_id`s of the training annotations, in sorted order).
+    Classes are the species (`category_id`s of the training annotations, in sorted order). Items are
+    raw (path, class), to be decoded by image_files.ImageSource.
     """
 
-    def __init__(self, root, train, year, transform=None):
-        self.root, self.transform = root, transform
+    def __init__(self, root, train, year):
+        self.root = root
         train_json = read_json(os.path.join(root, f'train{year}.json'))
         split_json = train_json if train else read_json(os.path.join(root, f'val{year}.json'))
         categories = sorted({a['category_id'] for a in train_json['annotations']})
@@ -72,9 +92,10 @@ class INatDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, target = self.samples[index]
-        image = load_image(path)
-        return (self.transform(image) if self.transform else image), target
+        return self.samples[index]
+
+    def filename(self, index):
+        return self.samples[index][0]
 
 
 def read_json(path):
@@ -142,13 +163,70 @@ def build_dataset(is_train, args):
         except RuntimeError as err:
             raise UserError(f'{name} at {root}: {err} (add --download to fetch it)') from None
         return dataset, len(dataset.classes)
-    if name in ('INAT', 'INAT19'):
-        dataset = INatDataset(root, is_train, 2018 if name == 'INAT' else 2019, transform)
-        return dataset, dataset.num_classes
+    base, num_classes = raw_image_dataset(name, root, is_train, getattr(args, 'download', False))
+    return ImageSource(base, transform), num_classes
+
+
+def raw_image_dataset(name, root, is_train, download=False):
+    """(data set of raw (path, bytes or PIL image; class) items, number of classes).
+
+    Class folders (IMNET, folder) stay on torchvision's ImageFolder rather than timm's folder reader,
+    which takes images by extension only, names classes by leaf folder (nested folders become extra
+    classes) and drops empty class folders (shifting the class indices between train/ and val/).
+    """
+    split = 'train' if is_train else 'val'
     if name in ('IMNET', 'folder'):
-        dataset = CheckedImageFolder(os.path.join(root, 'train' if is_train else 'val'), transform)
-        return dataset, len(dataset.classes)
-    raise UserError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}')
+        folder = CheckedImageFolder(os.path.join(root, split))
+        return folder, len(folder.classes)
+    if name in ('INAT', 'INAT19'):
+        dataset = INatDataset(root, is_train, 2018 if name == 'INAT' else 2019)
+        return dataset, dataset.num_classes
+    if name == 'tar':
+        train = tar_dataset(os.path.join(root, 'train.tar'))
+        dataset = train if is_train else tar_dataset(os.path.join(root, 'val.tar'), train)
+        return dataset, len(train.reader.class_name_to_idx)
+    # torch/NAME: timm's create_dataset; input_img_mode None leaves any decoding to ImageSource
+    try:
+        dataset = create_dataset(name, root=root, split='train' if is_train else 'validation',
+                                 is_training=is_train, download=download, input_img_mode=None)
+    except (ImportError, AssertionError, OSError, ValueError) as err:
+        raise UserError(f'--data-set {name} at {root}: {err}') from None
+    classes = getattr(getattr(dataset, 'reader', dataset), 'class_to_idx', None) or getattr(dataset, 'classes', None)
+    if not classes:
+        raise UserError(f'--data-set {name}: timm reports no class labels for it; use a classification data set')
+    return dataset, len(classes)
+
+
+@functools.lru_cache(maxsize=2)
+def tar_dataset(path, classes_of=None):
+    """timm's data set over a tar of <class>/<image> files, items (bytes, class); `classes_of` another
+    tar data set whose class indices to use (val takes train's)."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path} does not exist: --data-set tar reads train.tar and val.tar in --data-path, '
+                        f'each holding <class>/<image> files')
+    add_img_extensions(sorted(IMAGE_EXTENSIONS))  # timm's tar reader takes files by extension
+    class_map = dict(classes_of.reader.class_name_to_idx) if classes_of is not None else ''
+    return create_dataset('', root=path, load_bytes=True, class_map=class_map)
+
+
+def verify_images(args):
+    """--verify-images: decode every image of the validation and training sets; raise UserError naming
+    the count when some cannot be read (each is printed)."""
+    total, unreadable = 0, []
+    for is_train in (False, True):
+        dataset, _ = build_dataset(is_train, args)
+        if not isinstance(dataset, ImageSource):
+            log(f'--data-set {args.data_set} has no image files to verify')
+            return
+        split = 'train' if is_train else 'val'
+        found = find_unreadable(dataset, f'verifying {split}', args.num_workers)
+        for line in found:
+            print(f'unreadable: {line}', flush=True)
+        total, unreadable = total + len(dataset), unreadable + found
+    if unreadable:
+        raise UserError(f'{len(unreadable)} of {total} images cannot be read (listed above): fix or delete them, '
+                        f'or let training skip them (at most --max-bad-images per epoch)')
+    log(f'all {total} images are readable')
 
 
 def build_transform(is_train, args):
@@ -160,7 +238,8 @@ def build_transform(is_train, args):
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount)
         if args.input_size <= 32:  # tiny images: pad-and-crop instead of a random resized crop
-            transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+            transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4, pad_if_needed=True)
+        use_own_posterize(transform)
         return transform
     return transforms.Compose([
         transforms.Resize(int(args.input_size / args.eval_crop_ratio),
@@ -171,8 +250,29 @@ def build_transform(is_train, args):
     ])
 
 
+def posterize(image, bits, **_):
+    """Keep the `bits` high bits of each channel; 0 bits gives a black image.
+
+    timm's RandAugment asks for 0 bits (PosterizeIncreasing at magnitude 10, which the magnitude noise
+    of rand-m9-mstd0.5 reaches once in ~40 draws; Posterize at magnitude < 2.5). Pillow before 13
+    returned black for it, Pillow 13 raises ValueError; this keeps the older result on every version.
+    """
+    if bits >= 8:
+        return image
+    mask = 0 if bits <= 0 else 256 - 2 ** (8 - bits)
+    return image.point([i & mask for i in range(256)] * len(image.getbands()))
+
+
+def use_own_posterize(transform):
+    """Point the posterize ops of the (Rand/Auto)Augment stages of a timm transform at `posterize`."""
+    for stage in getattr(transform, 'transforms', ()):
+        ops = getattr(stage, 'ops', None) or [op for ops in getattr(stage, 'policy', ()) for op in ops]
+        for op in ops:
+            if isinstance(op, AugmentOp) and op.name.startswith('Posterize'):
+                op.aug_fn = posterize
+
+
 if __name__ == '__main__':
-    import argparse
     parser = argparse.ArgumentParser(description='Export the DIGITS data for machines without scikit-learn.')
     parser.add_argument('--export-digits', required=True, metavar='PATH', help='where to write digits.npz')
     path = parser.parse_args().export_digits

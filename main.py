@@ -25,7 +25,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from mamba_ssm.ops import linear_3xtf32, policy
-from torch.utils.data import DataLoader
 
 try:
     from timm.optim import param_groups_weight_decay
@@ -33,8 +32,9 @@ except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
     from timm.optim.optim_factory import param_groups_weight_decay
 
 import vim  # noqa: F401  (registers the Vim models with timm)
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, data_set_name, verify_images
 from engine import TrainingDiverged, evaluate, train_one_epoch
+from image_files import BadImageCount, CountingLoader
 from trainer import UserError
 from trainer.checkpoint import (capture_rng_state, check_compatible, load_finetune_weights, model_state_dict,
                                 open_checkpoint, restore_rng_state, save_atomic)
@@ -200,13 +200,26 @@ def get_args_parser():
 
     g = p.add_argument_group('data')
     add_flag(g, '--data-path', default='data', type=str,
-             help='dataset root: train/ and val/ class folders (IMNET, folder), the CIFAR or iNaturalist '
-                  'folder; for DIGITS only read without scikit-learn (digits.npz)')
-    add_flag(g, '--data-set', default='IMNET', choices=DATA_SETS, type=str,
-             help='IMNET or folder: <data-path>/{train,val}/<class>/<images>; CIFAR10, CIFAR100 (CIFAR = '
+             help='dataset root: train/ and val/ class folders (IMNET, folder), train.tar and val.tar (tar), '
+                  'the CIFAR or iNaturalist folder; for DIGITS only read without scikit-learn (digits.npz)')
+    add_flag(g, '--data-set', default='IMNET', type=data_set_name, metavar='|'.join(DATA_SETS) + '|torch/NAME',
+             help='IMNET or folder: <data-path>/{train,val}/<class>/<images> (any format Pillow reads); tar: '
+                  '<data-path>/{train,val}.tar holding <class>/<image> files; CIFAR10, CIFAR100 (CIFAR = '
                   'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
-                  'upsampled (built in, no download)')
-    add_flag(g, '--download', action='store_true', help='download CIFAR into --data-path if missing')
+                  f'upsampled (built in, no download); {", ".join(p + "NAME" for p in TIMM_PREFIXES)}: timm\'s '
+                  'create_dataset (torchvision\'s data sets, e.g. torch/mnist, torch/stl10, torch/folder; add '
+                  '--download to fetch them)')
+    add_flag(g, '--max-bad-images', default=100, type=int, metavar='N',
+             help='unreadable images (corrupt, truncated, empty, not an image) are skipped, each named in the '
+                  'log and replaced by another image; the run stops when one epoch (or an evaluation) meets more '
+                  'than N')
+    add_flag(g, '--strict-images', action='store_const', const=0, dest='max_bad_images',
+             help='stop at the first unreadable image (--max-bad-images 0)')
+    add_flag(g, '--verify-images', action='store_true',
+             help='decode every training and validation image with --num-workers processes, list the unreadable '
+                  'ones, then exit (code 0 when all are readable, else 2); run it with one process')
+    add_flag(g, '--download', action='store_true',
+             help='download CIFAR (or a torch/NAME data set) into --data-path if missing')
     add_flag(g, '--eval-crop-ratio', default=0.875, type=float,
              help='evaluation: resize to input-size / ratio, then centre crop')
     add_flag(g, '--num-workers', default=10, type=int, help='data-loader worker processes per training process')
@@ -393,18 +406,21 @@ def train_loader(dataset, args, seed, pin_memory):
                         f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); '
                         f'lower --batch-size')
     # The loader's own generator keeps iterator creation from consuming the global random stream.
-    loader = DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                        worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
+    loader = CountingLoader(SeededDataset(dataset), BadImageCount(args.max_bad_images, 'training'), sampler=sampler,
+                            batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
+                            pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
+                            worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps
 
 
 def eval_loader(dataset, args, pin_memory):
     # Without padding, so that accuracy counts each test image exactly once.
     indices = range(get_rank(), len(dataset), get_world_size()) if args.dist_eval else range(len(dataset))
-    return DataLoader(dataset, sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
-                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
+    purpose = 'evaluation' if args.eval else 'validation'  # validation: within a training run
+    return CountingLoader(dataset, BadImageCount(args.max_bad_images, purpose), drop_substitutes=True,
+                          sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
+                          num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
+                          worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
 
 
 def report_accuracy(stats, label='network'):
@@ -413,6 +429,8 @@ def report_accuracy(stats, label='network'):
 
 def main(args):
     check_args(args)
+    if args.verify_images:
+        return verify_images(args)
     init_distributed_mode(args)
     device = torch.device(f'cuda:{args.gpu}' if args.device.startswith('cuda') and args.distributed else args.device)
     seed_everything(args.seed + get_rank())

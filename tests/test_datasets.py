@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datasets import DIGITS_NUM_TRAIN, INatDataset, build_dataset
+from image_files import ImageSource
 from trainer import UserError
 from trainer.distributed import first_slurm_host
 from trainer.losses import DistillationLoss
@@ -79,8 +80,8 @@ def test_inaturalist_layout(tmp_path):
     dataset = INatDataset(str(tmp_path), train=True, year=2019)
     assert dataset.num_classes == 2
     assert [(os.path.basename(p), t) for p, t in dataset.samples] == [('a.jpg', 1), ('b.jpg', 0)]
-    image, target = INatDataset(str(tmp_path), train=False, year=2019)[0]
-    assert image.size == (8, 8) and target == 1
+    image, target, unreadable = ImageSource(INatDataset(str(tmp_path), train=False, year=2019))[0]
+    assert image.size == (8, 8) and target == 1 and unreadable == ()
     with pytest.raises(UserError, match='train2018.json does not exist'):
         INatDataset(str(tmp_path), train=True, year=2018)
 

@@ -1,0 +1,269 @@
+"""Image files: the default training transform over many odd images, every mode and format to the right
+8-bit RGB pixels, unreadable files skipped, named and counted, --verify-images, and tar data sets."""
+import argparse
+import io
+import os
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import PILToTensor
+
+import datasets
+import main as trainer
+from image_files import BadImageCount, CountingLoader, ImageSource, decode, is_image_file, to_rgb
+from test_trainer import make_image_folder, run_trainer, tiny_args
+from trainer import UserError
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def random_image(rng):
+    """An image of random size (1 px, thin strips, ordinary), aspect ratio and mode."""
+    w, h = [(1, 1), (1, 60), (80, 2), (3, 5), (int(rng.integers(8, 64)), int(rng.integers(8, 64)))][rng.integers(5)]
+    mode = ['RGB', 'L', 'P', 'RGBA', 'I;16', 'CMYK', '1'][rng.integers(7)]
+    if mode == 'I;16':
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return image.convert('CMYK') if mode == 'CMYK' else image.convert(mode)
+
+
+def test_default_training_transform_never_fails(monkeypatch):
+    # rand-m9-mstd0.5-inc1 draws magnitude 10 (PosterizeIncreasing: 0 bits) for ~2% of its ops; the
+    # posterize ops are counted to show that the draws reached that case.
+    bits_seen, own = [], datasets.posterize
+    monkeypatch.setattr(datasets, 'posterize', lambda image, bits, **kw: bits_seen.append(bits) or own(image, bits))
+    args = trainer.get_args_parser().parse_args(['--input-size', '48'])  # the recipe's augmentation defaults
+    transform = datasets.build_transform(True, args)
+    rng = np.random.default_rng(0)
+    images = [to_rgb(random_image(rng)) for _ in range(200)]
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    for i in range(8000):
+        out = transform(images[i % len(images)])
+        assert out.shape == (3, 48, 48) and torch.isfinite(out).all()
+    assert bits_seen.count(0) >= 5
+
+
+def test_posterize_matches_pillow_and_gives_black_for_zero_bits():
+    image = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16).repeat(3).reshape(16, 16, 3))
+    for bits in range(1, 9):
+        assert np.array_equal(np.asarray(datasets.posterize(image, bits)), np.asarray(ImageOps.posterize(image, bits)))
+    assert not np.asarray(datasets.posterize(image, 0)).any()
+    # only the posterize ops are replaced; the others keep timm's functions
+    args = trainer.get_args_parser().parse_args([])
+    ops = next(t for t in datasets.build_transform(True, args).transforms if hasattr(t, 'ops')).ops
+    assert [op.name for op in ops if op.aug_fn is datasets.posterize] == ['PosterizeIncreasing']
+
+
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-m9-mstd0.5', 'original', 'originalr', 'v0', 'v0r',
+                                    '3a'])
+def test_every_augmentation_op_at_both_magnitude_ends(policy):
+    # The magnitude noise reaches 0 and 10 (clamped there); every op of the policy must take both on an
+    # RGB image, tiny ones included (what the transform gets after the crop, at any input size).
+    args = trainer.get_args_parser().parse_args(['--input-size', '32', '--aa', policy])
+    stage = datasets.build_transform(True, args).transforms[2]
+    ops = getattr(stage, 'ops', None) or [op for ops in stage.policy for op in ops]
+    assert ops
+    for op in ops:
+        op.prob, op.magnitude_std = 1.0, 0
+        for magnitude in (0, 10):
+            op.magnitude = magnitude
+            for size in ((1, 1), (3, 40), (32, 32)):
+                out = op(Image.new('RGB', size, (200, 100, 50)))
+                assert out.size == size and out.mode == 'RGB'
+
+
+def test_tiny_images_with_tiny_input_size():
+    args = trainer.get_args_parser().parse_args(['--input-size', '32'])
+    transform = datasets.build_transform(True, args)
+    assert transform(Image.new('RGB', (5, 3))).shape == (3, 32, 32)  # smaller than the crop: padded
+
+
+def saved(tmp_path, image, name, **kwargs):
+    path = tmp_path / name
+    image.save(path, **kwargs)
+    return path
+
+
+def pixels(path):
+    return np.asarray(decode(str(path))).reshape(-1, 3).tolist()
+
+
+def test_sixteen_bit_and_float_images_are_scaled(tmp_path):
+    values = np.array([[0, 25700, 65535, 1000]], dtype=np.uint16)  # 25700 = 100 x 257
+    png = saved(tmp_path, Image.fromarray(values), 'deep.png')
+    assert Image.open(png).mode in ('I;16', 'I')  # Pillow's mode for it depends on its version
+    assert pixels(png) == [[v] * 3 for v in (0, 100, 255, 4)]  # 1000 * 255 / 65535 = 3.9
+    as_int = saved(tmp_path, Image.fromarray(values.astype(np.int32)), 'int.tif')
+    assert Image.open(as_int).mode == 'I' and pixels(as_int) == [[v] * 3 for v in (0, 100, 255, 4)]
+    unit = saved(tmp_path, Image.fromarray(np.array([[0, 0.5, 1, 0.25]], dtype=np.float32)), 'unit.tif')
+    assert Image.open(unit).mode == 'F' and pixels(unit) == [[v] * 3 for v in (0, 128, 255, 64)]
+    wide = saved(tmp_path, Image.fromarray(np.array([[0, 10, 300, -5]], dtype=np.float32)), 'wide.tif')
+    assert pixels(wide) == [[v] * 3 for v in (0, 10, 255, 0)]
+
+
+def test_cmyk_palette_and_alpha(tmp_path):
+    cmyk = Image.new('CMYK', (3, 1))
+    for x, value in enumerate([(255, 0, 0, 0), (0, 0, 0, 255), (0, 128, 0, 0)]):
+        cmyk.putpixel((x, 0), value)
+    assert pixels(saved(tmp_path, cmyk, 'c.tif')) == [[0, 255, 255], [0, 0, 0], [255, 127, 255]]
+
+    palette = Image.new('P', (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    gif = saved(tmp_path, palette, 'p.gif', transparency=1)  # green is the transparent colour
+    assert pixels(gif) == [[255, 0, 0], [255, 255, 255]]
+    assert pixels(saved(tmp_path, palette, 'p.png')) == [[255, 0, 0], [0, 255, 0]]  # no transparency
+
+    rgba = Image.new('RGBA', (3, 1))
+    for x, value in enumerate([(255, 0, 0, 255), (0, 0, 255, 0), (0, 0, 0, 128)]):
+        rgba.putpixel((x, 0), value)
+    got = pixels(saved(tmp_path, rgba, 'a.png'))
+    assert got[:2] == [[255, 0, 0], [255, 255, 255]]  # transparent -> white
+    assert all(abs(v - 127) <= 1 for v in got[2])  # black at alpha 128/255 over white: 255 * 127/255
+    la = Image.new('LA', (2, 1))
+    la.putpixel((0, 0), (100, 255))
+    la.putpixel((1, 0), (100, 0))
+    assert pixels(saved(tmp_path, la, 'la.png')) == [[100, 100, 100], [255, 255, 255]]
+    grey = saved(tmp_path, Image.new('1', (2, 1), 1), 'one.bmp')
+    assert pixels(grey) == [[255, 255, 255]] * 2
+    webp = saved(tmp_path, Image.new('RGB', (2, 2), (10, 200, 30)), 'w.webp', lossless=True)
+    assert pixels(webp) == [[10, 200, 30]] * 4
+
+
+def test_files_are_taken_by_extension_or_content(tmp_path):
+    os.makedirs(tmp_path / 'train' / 'cat')
+    folder = tmp_path / 'train' / 'cat'
+    Image.new('RGB', (4, 4), (1, 2, 3)).save(folder / 'anim.gif')
+    Image.new('RGB', (4, 4), (1, 2, 3)).save(folder / 'no_extension', format='PNG')
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / '._resource.jpg').write_bytes(b'\0' * 10)  # hidden: ignored
+    dataset = datasets.CheckedImageFolder(str(tmp_path / 'train'))
+    assert sorted(os.path.basename(p) for p, _ in dataset.samples) == ['anim.gif', 'no_extension']
+    assert sorted(os.path.basename(p) for p in dataset.ignored) == ['._resource.jpg', 'notes.txt']
+    assert is_image_file(str(folder / 'x.tiff')) and not is_image_file(str(folder / 'notes.txt'))
+
+
+def make_bad_files(folder):
+    """One of each kind of unreadable file; returns their paths."""
+    good = open(os.path.join(folder, '0.png'), 'rb').read()
+    bad = {'empty.png': b'', 'truncated.png': good[:60], 'text.jpg': b'hello',
+           'garbage.png': b'\x89PNG\r\n\x1a\n' + b'x' * 50,
+           'corrupt.png': good[:40] + b'\0' * (len(good) - 40)}
+    for name, data in bad.items():
+        with open(os.path.join(folder, name), 'wb') as f:
+            f.write(data)
+    return sorted(os.path.join(folder, name) for name in bad)
+
+
+def test_unreadable_files_are_substituted_and_reported(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    bad = make_bad_files(os.path.join(data, 'train', 'square'))
+    source = ImageSource(datasets.CheckedImageFolder(os.path.join(data, 'train')), transform=np.asarray)
+    assert len(source) == 6 + len(bad)
+    index = source.base.samples.index((bad[0], 1))  # the 5 bad squares sort last: next readable is a stripe
+    image, target, unreadable = source[index]
+    assert target == 2 and np.array_equal(image, np.asarray(Image.open(source.base.samples[index + 5][0])))
+    assert [line.split(': ')[0] for line in unreadable] == bad
+    again = source[index]
+    assert np.array_equal(again[0], image) and again[2] == unreadable  # deterministic (resume)
+    reported = {line.split(': ')[0] for i in range(len(source)) for line in source[i][2]}
+    assert sorted(reported) == bad
+
+    for workers in (0, 2):  # counts reach the main process from loader workers
+        count = BadImageCount(limit=100, purpose='training')
+        loader = CountingLoader(ImageSource(source.base, transform=PILToTensor()),
+                                count, batch_size=3, num_workers=workers)
+        batches = list(loader)
+        assert all(len(b) == 2 for b in batches) and sum(len(t) for _, t in batches) == len(source)
+        assert count.named == {line for i in range(len(source)) for line in source[i][2]}
+        assert count.epoch == set()  # the complete pass ended the epoch's count
+
+    count = BadImageCount(limit=2, purpose='evaluation')
+    with pytest.raises(UserError, match=r'unreadable image\(s\) in evaluation, more than --max-bad-images 2.*'
+                                        r'rerun the evaluation'):
+        list(CountingLoader(ImageSource(source.base, transform=PILToTensor()), count, batch_size=20))
+    # evaluation drops the substitutes: each readable image counted once
+    evaluation = CountingLoader(ImageSource(source.base, transform=lambda im: torch.zeros(1)),
+                                BadImageCount(100, 'evaluation'), drop_substitutes=True, batch_size=4)
+    assert sum(len(t) for _, t in evaluation) == 6
+
+
+def test_trainer_skips_counts_and_stops_on_bad_files(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=4, val_per_class=1)
+    bad = make_bad_files(os.path.join(data, 'train', 'square'))
+    def argv(out, *extra):  # a new output folder each time: no resume
+        return tiny_args(data, tmp_path / out, '--epochs', '1', '--no-repeated-aug', '--num_workers', '1', *extra)
+    assert run_trainer(argv('skip')) == 0
+    out = capsys.readouterr().out
+    assert all(f'skipped unreadable image {path}: ' in out for path in bad)
+    assert 'epoch 0: 5 unreadable image(s) skipped' in out
+
+    assert run_trainer(argv('limit', '--max-bad-images', '4')) == 2
+    err = capsys.readouterr().err
+    assert 'more than --max-bad-images 4' in err and 'training resumes from the last checkpoint' in err
+    assert run_trainer(argv('strict', '--strict-images')) == 2
+    assert 'the run stops at the first one (--strict-images)' in capsys.readouterr().err
+
+    val_bad = make_bad_files(os.path.join(data, 'val', 'circle'))
+    assert run_trainer(argv('eval', '--eval', '--strict-images')) == 2
+    err = capsys.readouterr().err
+    assert 'in evaluation' in err and 'rerun the evaluation' in err and 'resum' not in err
+    assert run_trainer(argv('eval', '--eval')) == 0
+    out = capsys.readouterr().out
+    assert 'on the 3 test images' in out and all(path in out for path in val_bad)  # bad ones not counted
+
+
+def test_verify_images_lists_every_unreadable_file(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    bad = make_bad_files(os.path.join(data, 'train', 'circle'))
+    argv = tiny_args(data, tmp_path / 'out', '--verify-images', '--num_workers', '2')
+    assert run_trainer(argv) == 2
+    captured = capsys.readouterr()
+    listed = sorted(line.split('unreadable: ')[1].split(': ')[0] for line in captured.out.splitlines()
+                    if line.startswith('unreadable: '))
+    assert listed == bad
+    assert f'{len(bad)} of {6 + 3 + len(bad)} images cannot be read' in captured.err
+    for path in bad:
+        os.remove(path)
+    assert run_trainer(argv) == 0
+    assert 'all 9 images are readable' in capsys.readouterr().out
+
+
+def write_tar(path, members):
+    with tarfile.open(path, 'w') as tar:
+        for name, image in members.items():
+            buffer = io.BytesIO()
+            image.save(buffer, format='PNG' if name.endswith('.png') else 'GIF')
+            info = tarfile.TarInfo(name)
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+
+
+def test_tar_data_set_through_timm(tmp_path):
+    red, blue = Image.new('RGB', (4, 4), (255, 0, 0)), Image.new('RGB', (4, 4), (0, 0, 255))
+    write_tar(tmp_path / 'train.tar', {'ant/1.png': red, 'bee/2.gif': blue, 'cow/3.png': red})
+    write_tar(tmp_path / 'val.tar', {'bee/4.png': blue})  # no ant or cow: indices must follow train's
+    args = trainer.get_args_parser().parse_args(['--data-set', 'tar', '--data-path', str(tmp_path), '--input-size',
+                                                 '16'])
+    train, classes = datasets.build_dataset(True, args)
+    assert classes == 3 and len(train) == 3  # the .gif is taken
+    val, _ = datasets.build_dataset(False, args)
+    image, target, unreadable = val[0]
+    assert target == 1 and unreadable == () and image.shape == (3, 16, 16)
+    assert image[2].mean() > image[0].mean()  # blue
+
+
+def test_timm_torchvision_data_set_and_names(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    args = trainer.get_args_parser().parse_args(['--data-set', 'torch/folder', '--data-path', data,
+                                                 '--input-size', '32'])
+    val, classes = datasets.build_dataset(False, args)
+    assert classes == 3 and len(val) == 3 and [val[i][1] for i in range(3)] == [0, 1, 2]
+    assert val[0][0].shape == (3, 32, 32) and val[0][2] == ()
+    with pytest.raises(argparse.ArgumentTypeError, match='unknown --data-set IMAGENET'):
+        datasets.data_set_name('IMAGENET')
