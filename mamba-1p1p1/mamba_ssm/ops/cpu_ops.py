@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.extension import OptionalExtension
+from causal_conv1d.layout import is_token_major
 from mamba_ssm.ops import scan_ops
 
 _EXTENSION = OptionalExtension(
@@ -31,6 +32,20 @@ def supports(u: Tensor) -> bool:
 if available():
     scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu,
                               scan_ops.KernelTraits(CHUNK, state_slots=None))
+
+
+def conv_silu_pair_applies(x, *params) -> bool:
+    """Whether conv_silu_pair takes both convs of a bidirectional block over x: inference (no autograd
+    through x or the weights) on an fp32 token-major CPU tensor, the layout the block's in_proj writes."""
+    return (available() and x.device.type == "cpu" and x.dtype == torch.float32 and is_token_major(x)
+            and not scan_ops.needs_grad(x, *params)
+            and all(p is None or (p.device.type == "cpu" and p.dtype == torch.float32) for p in params))
+
+
+def conv_silu_pair(x, weight_f, bias_f, weight_b, bias_b):
+    """(silu(causal conv of x), silu(anti-causal conv of x)) in one pass over x, token-major outputs;
+    inference only (see conv_silu_pair_applies). Weights (dim, width), biases (dim,) or None."""
+    return tuple(torch.ops.selective_scan_cpu.conv_silu_pair(x, weight_f, bias_f, weight_b, bias_b))
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,

@@ -289,7 +289,10 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
                   for p, r, reverse in zip(directions, ranks, (False, True))]
     else:  # both convs in one pass over x where the kernel takes it (x read once, one dx written)
         convs = [t for p in directions for t in (_conv_weight(p["conv1d_weight"]), p["conv1d_bias"])]
-        us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
+        if backend in ("auto", "cpu") and cpu_ops.conv_silu_pair_applies(x, *convs):
+            us = cpu_ops.conv_silu_pair(x, *convs)
+        else:
+            us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
         inputs = [(u, *_project(u, p["x_proj_weight"], *r)) for u, p, r in zip(us, directions, ranks)]
     if fused:
         def kernel_args(params, u, dt, B, C):
