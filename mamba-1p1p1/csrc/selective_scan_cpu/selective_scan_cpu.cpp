@@ -688,6 +688,8 @@ SS_INLINE void store_rows(const float* src, at::Tensor& operand, int64_t b, int6
   }
 }
 
+constexpr int kPrefetch = 8;  // positions ahead that load_block prefetches
+
 // Channels d0 .. d0+nch-1 of batch element b of a (batch, dim, seqlen) operand as a position-major fp32
 // block: dst[t * kRowBlock + c], zeros for c >= nch. From a token-major operand each position is one
 // contiguous run of channels (no transposition, unlike load_rows).
@@ -698,6 +700,9 @@ SS_INLINE void load_block(const at::Tensor& operand, int64_t b, int64_t d0, int 
   for (int t = 0; t < L; ++t) {
     float* row = dst + static_cast<int64_t>(t) * kRowBlock;
     const T* s = src + t * seq_stride;
+    // Positions lie a whole row of channels apart (kilobytes), usually on another page, where the
+    // hardware prefetchers stop: fetch a few positions ahead (the loads were a third of the forward).
+    if (t + kPrefetch < L) __builtin_prefetch(s + kPrefetch * seq_stride);
     if (dim_stride == 1 && nch == kRowBlock) {
       for (int c = 0; c < kRowBlock; ++c) row[c] = static_cast<float>(s[c]);
     } else {

@@ -33,6 +33,11 @@ if available():
     scan_ops.register_kernels("cpu", torch.ops.selective_scan_cpu,
                               scan_ops.KernelTraits(CHUNK, state_slots=None))
 
+    @torch.library.register_fake("selective_scan_cpu::conv_silu_pair")
+    def _(x, weight_f, bias_f, weight_b, bias_b):
+        batch, dim, seqlen = x.shape
+        return tuple(x.new_empty(batch, seqlen, dim).transpose(1, 2) for _ in range(2))
+
 
 def conv_silu_pair_applies(x, *params) -> bool:
     """Whether conv_silu_pair takes both convs of a bidirectional block over x: inference (no autograd
