@@ -37,6 +37,9 @@ def parse():
     p.add_argument("--baseline", default="deit_tiny_patch16_224", help="timm model of table 3 ('' skips it)")
     p.add_argument("--pairs", type=int, default=15, help="alternating (Vim, baseline) runs in table 3")
     p.add_argument("--compile", action="store_true", help="table 3 also with both models torch.compile'd")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="table 3 on the process's CPU time instead of wall time: steadier on a shared machine "
+                        "(with --threads 1, where no thread waits for another)")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -63,16 +66,16 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def paired_times(fns, pairs):
+def paired_times(fns, pairs, clock=time.perf_counter):
     """Seconds per call of each of fns, run alternately `pairs` times after a warm-up: {name: [times]}."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(pairs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -171,8 +174,9 @@ def versus_table(args, model, baseline, torch, results):
     modes = [("eager", model, baseline)]
     if args.compile:
         modes.append(("compiled", torch.compile(model), torch.compile(baseline)))
-    print(f"\n{args.model} vs {args.baseline}, inference at 224 (eval, inference_mode), fp32, img/s: "
-          f"medians of {args.pairs} alternating pairs")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"\n{args.model} vs {args.baseline}, inference at 224 (eval, inference_mode), fp32, img/s "
+          f"({'CPU' if args.cpu_time else 'wall'} time): medians of {args.pairs} alternating pairs")
     print(f"{'batch':>5} {'mode':>9} {'vim':>8} {'baseline':>9} {'ratio':>6}")
     for batch in args.batch:
         x = torch.randn(batch, 3, 224, 224)
@@ -183,8 +187,8 @@ def versus_table(args, model, baseline, torch, results):
                         m(x)
                 return fn
 
-            times = paired_times(dict(vim=run(vim_model), baseline=run(base_model)), args.pairs)
-            row = dict(batch=batch, mode=mode, baseline=args.baseline,
+            times = paired_times(dict(vim=run(vim_model), baseline=run(base_model)), args.pairs, clock)
+            row = dict(batch=batch, mode=mode, baseline=args.baseline, clock="cpu" if args.cpu_time else "wall",
                        vim_img_s=batch / statistics.median(times["vim"]),
                        baseline_img_s=batch / statistics.median(times["baseline"]),
                        ratio=statistics.median(b / v for v, b in zip(times["vim"], times["baseline"])))
