@@ -331,6 +331,21 @@ def test_bimamba_inner_is_forward_plus_flipped_backward(out_scale):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_bimamba_inner_fp32_inference_token_major():
+    """Vim's CPU inference path: fp32, no autograd, xz token-major as in_proj writes it (both convs in one
+    pass on the CPU extension where it is built), against the float64 oracle."""
+    pf, pb = _direction(d_inner=12, seed=3), _direction(d_inner=12, seed=4)
+    xz = torch.randn(2, 9, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).transpose(1, 2)
+    args = lambda p: (p["conv1d_weight"], p["conv1d_bias"], p["x_proj_weight"], p["delta_proj_weight"],  # noqa: E731
+                      p["A"], p["D"], p["delta_bias"])
+    ref = (inner_oracle(xz, *args(pf)) + inner_oracle(xz.flip(-1), *args(pb)).flip(-1)) * 0.5
+    f32 = lambda p: {k: v.float() for k, v in p.items()}  # noqa: E731
+    with torch.inference_mode():
+        out = bimamba_inner_fn_no_out_proj(xz.float(), f32(pf), f32(pb), out_scale=0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Errors and dispatch
 # ---------------------------------------------------------------------------------------------------

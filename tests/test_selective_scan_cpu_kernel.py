@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from helpers import assert_max_error as close
-from mamba_ssm.ops import extensions, scan
+from mamba_ssm.ops import extensions, mamba_inner, scan
 from mamba_ssm.ops.scan import selective_scan_ref
+from test_causal_conv1d import conv_oracle
 
 pytestmark = pytest.mark.skipif(not extensions.cpu.available(), reason="selective_scan_cpu extension not built")
 
@@ -109,7 +110,7 @@ def test_fwd_bwd_fp32_vs_float64(seqlen, groups, with_D, with_z, with_bias, soft
         close(gk[k], gr[k], 5e-6, 1e-6, f"grad {k}")
 
 
-@pytest.mark.parametrize("dstate", [3, 16, 24])
+@pytest.mark.parametrize("dstate", [3, 16, 24, 32])  # 32: 16-float vectors where AVX-512 runs
 def test_dstate_generic_and_no_last_state(dstate):
     t = make(seqlen=70, dstate=dstate, groups=2, seed=dstate)
     dout = torch.randn(t["u"].shape, dtype=torch.float64)
@@ -230,3 +231,33 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="groups"):
         B3 = torch.randn(2, 3, 16, 7)
         scan.cpu_selective_scan(t["u"], t["delta"], t["A"], B3, B3, None, None, None, True, False)
+
+
+@pytest.mark.parametrize("dim,seqlen,width,with_bias", [(21, 70, 4, True), (8, 2, 4, False), (16, 5, 2, True)])
+def test_conv_silu_pair_vs_float64(dim, seqlen, width, with_bias):
+    """Both convs of a bidirectional block (inference): the causal one, and the anti-causal one as the causal
+    conv of the flipped sequence flipped back; x a token-major channel half of a wider tensor (as in Vim);
+    dim 21 ends in a partial vector, seqlen 2 is shorter than the conv."""
+    g = torch.Generator().manual_seed(dim + seqlen)
+    xz = torch.randn(3, seqlen, 2 * dim, generator=g, dtype=torch.float64).transpose(1, 2)
+    x = xz[:, :dim]
+    wf, wb = torch.randn(dim, width, generator=g, dtype=torch.float64), torch.randn(dim, width, generator=g, dtype=torch.float64)
+    bf, bb = (torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(2)) if with_bias else (None, None)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    assert mamba_inner.conv_silu_pair_applies(f32(x), f32(wf), f32(bf))
+    out_f, out_b = mamba_inner.conv_silu_pair(f32(x), f32(wf), f32(bf), f32(wb), f32(bb))
+    assert out_f.stride(1) == 1 and out_b.stride(1) == 1, "token-major outputs, as the linear layers take them"
+    ref_f = conv_oracle(x, wf, bf, "silu")
+    ref_b = conv_oracle(x.flip(-1), wb, bb, "silu").flip(-1)
+    close(out_f, ref_f, 2e-6, 1e-6, "causal conv")
+    close(out_b, ref_b, 2e-6, 1e-6, "anti-causal conv")
+
+
+def test_conv_silu_pair_only_for_inference():
+    x = torch.randn(2, 7, 8).transpose(1, 2)
+    w = torch.randn(8, 4, requires_grad=True)
+    assert not mamba_inner.conv_silu_pair_applies(x, w, None)  # autograd: the differentiable convs run instead
+    with torch.no_grad():
+        assert mamba_inner.conv_silu_pair_applies(x, w, None)
+        assert not mamba_inner.conv_silu_pair_applies(x.contiguous(), w, None)  # channel-major
+        assert not mamba_inner.conv_silu_pair_applies(x.double(), w.double(), None)

@@ -68,6 +68,10 @@ namespace {
 
 constexpr int kChunk = 64;       // positions per checkpoint (CPU_CHUNK in mamba_ssm/ops/scan.py)
 constexpr int kMaxState = 256;   // largest dstate supported
+// Channels whose rows are moved together: in a token-major operand (channel stride 1) 8 adjacent
+// channels of a position share a cache line. Also the period of the per-channel constants (bias, D)
+// of the row functions below, so a block of channels stored position-major is one vector per position.
+constexpr int kRowBlock = 8;
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -102,12 +106,13 @@ const char* isa_name() {
 #endif
 }
 
-// NAME(PARAMS) calls NAME##_impl(ARGS), compiled for each ISA and dispatched on g_isa.
+// NAME(PARAMS) calls WIDE_IMPL(ARGS) in the AVX-512 variant and IMPL(ARGS) in the others, compiled for
+// each ISA and dispatched on g_isa; SS_DISPATCHED uses NAME##_impl for all.
 #if SS_X86_DISPATCH
-#define SS_DISPATCHED(NAME, PARAMS, ARGS)                                         \
-  SS_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_impl ARGS; }                \
-  SS_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }                    \
-  void NAME##_base PARAMS { NAME##_impl ARGS; }                                   \
+#define SS_DISPATCHED_AS(NAME, PARAMS, ARGS, WIDE_IMPL, IMPL)                     \
+  SS_TARGET_AVX512 void NAME##_avx512 PARAMS { WIDE_IMPL ARGS; }                  \
+  SS_TARGET_AVX2 void NAME##_avx2 PARAMS { IMPL ARGS; }                           \
+  void NAME##_base PARAMS { IMPL ARGS; }                                          \
   void NAME PARAMS {                                                              \
     switch (g_isa) {                                                              \
       case Isa::kAvx512: NAME##_avx512 ARGS; return;                              \
@@ -116,9 +121,10 @@ const char* isa_name() {
     }                                                                             \
   }
 #else
-#define SS_DISPATCHED(NAME, PARAMS, ARGS) \
-  void NAME PARAMS { NAME##_impl ARGS; }
+#define SS_DISPATCHED_AS(NAME, PARAMS, ARGS, WIDE_IMPL, IMPL) \
+  void NAME PARAMS { IMPL ARGS; }
 #endif
+#define SS_DISPATCHED(NAME, PARAMS, ARGS) SS_DISPATCHED_AS(NAME, PARAMS, ARGS, NAME##_impl, NAME##_impl)
 
 // ------------------------------------------------------------------------------------------------
 // fp32 math on scalars and on 8-float vectors (GCC/Clang vector extensions: they compile to ymm
@@ -129,12 +135,25 @@ const char* isa_name() {
 #define SS_VEC 1
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-SS_INLINE v8f vload(const float* p) {
-  v8f v;
+// 16 floats: one AVX-512 register (Vim's 16 states in one vector), used by the AVX-512 variants only.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+template <class V = v8f>
+SS_INLINE V vload(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-SS_INLINE void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+SS_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+// The two halves of a v16f summed (a v8f, lane parts of the same sums); a v8f unchanged.
+SS_INLINE v8f fold8(v8f v) { return v; }
+SS_INLINE v8f fold8(v16f v) {
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return lo + hi;
+}
 SS_INLINE float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 #if defined(__clang__)
 #define SS_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -156,6 +175,8 @@ SS_INLINE v8f as_float(v8i i) { return reinterpret_cast<v8f>(i); }
 SS_INLINE v8i as_int(v8f f) { return reinterpret_cast<v8i>(f); }
 SS_INLINE v8i to_int(v8f f) { return __builtin_convertvector(f, v8i); }
 SS_INLINE v8f to_float(v8i i) { return __builtin_convertvector(i, v8f); }
+SS_INLINE v16f as_float(v16i i) { return reinterpret_cast<v16f>(i); }
+SS_INLINE v16i to_int(v16f f) { return __builtin_convertvector(f, v16i); }
 #else
 #define SS_VEC 0
 #endif
@@ -181,14 +202,14 @@ template <class V>
 SS_INLINE V load(const float* p) {
   if constexpr (std::is_same_v<V, float>) return *p;
 #if SS_VEC
-  else return vload(p);
+  else return vload<V>(p);
 #endif
 }
 template <class V>
 SS_INLINE void store(float* p, V v) {
   if constexpr (std::is_same_v<V, float>) *p = v;
 #if SS_VEC
-  else vstore(p, v);
+  else vstore<V>(p, v);
 #endif
 }
 
@@ -287,6 +308,7 @@ SS_INLINE void for_rows(int L, F&& f) {
 // ------------------------------------------------------------------------------------------------
 struct FwdChannel {
   int L, N;
+  int ps;              // stride between positions in dt, dtu and y (kRowBlock: a position-major block)
   bool reverse;
   const float* dt;     // [L] softplus'd delta
   const float* dtu;    // [L] dt * u
@@ -302,17 +324,17 @@ template <class V>
 SS_INLINE float reduce(V v) {
   if constexpr (std::is_same_v<V, float>) return v;
 #if SS_VEC
-  else return hsum(v);
+  else return hsum(fold8(v));
 #endif
 }
 
 // One step of the forward recurrence at position t over NV state vectors: updates h, returns y_t's parts
 // (one per lane; `reduce` sums them).
 template <class V, int kNV>
-SS_INLINE V fwd_step(int NV, int N, int t, const float* dt, const float* dtu, const float* Bt, const float* Ct,
-                     const V* A2v, V* h) {
+SS_INLINE V fwd_step(int NV, int N, int t, int ps, const float* dt, const float* dtu, const float* Bt,
+                     const float* Ct, const V* A2v, V* h) {
   constexpr int W = sizeof(V) / sizeof(float);
-  const float d = dt[t], du = dtu[t];
+  const float d = dt[t * ps], du = dtu[t * ps];
   const float* b = Bt + static_cast<int64_t>(t) * N;
   const float* c = Ct + static_cast<int64_t>(t) * N;
   V yv = splat<V>(0.0f);
@@ -331,7 +353,7 @@ SS_INLINE V fwd_step(int NV, int N, int t, const float* dt, const float* dtu, co
 template <class V, int kNV = 0>
 SS_INLINE void fwd_channel_t(const FwdChannel& a) {
   constexpr int W = sizeof(V) / sizeof(float);
-  const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L, step = a.reverse ? -1 : 1;
+  const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L, ps = a.ps, step = a.reverse ? -1 : 1;
   // The fields in locals: the stores to y would otherwise make the compiler reload them every step.
   const float *dt = a.dt, *dtu = a.dtu, *Bt = a.Bt, *Ct = a.Ct;
   float* y = a.y;
@@ -353,64 +375,73 @@ SS_INLINE void fwd_channel_t(const FwdChannel& a) {
       for (; i + 8 <= i1; i += 8, t += 8 * step) {
         v8f ys[8];
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) ys[j] = fwd_step<V, kNV>(NV, N, t + j * step, dt, dtu, Bt, Ct, A2v, h);
+        for (int j = 0; j < 8; ++j) ys[j] = fold8(fwd_step<V, kNV>(NV, N, t + j * step, ps, dt, dtu, Bt, Ct, A2v, h));
         const v8f sums = hsum8(ys);
-        if (a.reverse) vstore(y + t - 7, reversed(sums));
-        else vstore(y + t, sums);
+        for (int j = 0; j < 8; ++j) y[(t + j * step) * ps] = sums[j];
       }
     }
 #endif
-    for (; i < i1; ++i, t += step) y[t] = reduce(fwd_step<V, kNV>(NV, N, t, dt, dtu, Bt, Ct, A2v, h));
+    for (; i < i1; ++i, t += step) y[t * ps] = reduce(fwd_step<V, kNV>(NV, N, t, ps, dt, dtu, Bt, Ct, A2v, h));
   }
   if (a.last != nullptr)
     for (int k = 0; k < NV; ++k) store<V>(a.last + k * W, h[k]);
 }
 
+// kWide: the AVX-512 variant, where 16 states make one vector (Vim's N = 16: half the instructions).
+template <bool kWide>
 SS_INLINE void fwd_channel_impl(const FwdChannel& a) {
 #if SS_VEC
+  if constexpr (kWide) {
+    if (a.N == 16) return fwd_channel_t<v16f, 1>(a);
+    if (a.N % 16 == 0) return fwd_channel_t<v16f>(a);
+  }
   if (a.N == 16) return fwd_channel_t<v8f, 2>(a);
   if (a.N % 8 == 0) return fwd_channel_t<v8f>(a);
 #endif
   fwd_channel_t<float>(a);
 }
-SS_DISPATCHED(fwd_channel, (const FwdChannel& a), (a))
+SS_DISPATCHED_AS(fwd_channel, (const FwdChannel& a), (a), fwd_channel_impl<true>, fwd_channel_impl<false>)
 
-// Row preparation and finishing, vectorised over positions.
-SS_INLINE void prep_rows_impl(int L, const float* delta, const float* u, float bias, bool softplus, float* dt,
+// Row preparation and finishing over n elements, vectorised. The per-channel constants (bias8, D8) have
+// period kRowBlock: element i uses bias8[i % kRowBlock], so the same functions serve one channel's row
+// (all 8 equal) and a position-major block of kRowBlock channels (one per channel).
+static_assert(kRowBlock == 8, "the row functions load the per-channel constants as one 8-float vector");
+SS_INLINE void prep_rows_impl(int n, const float* delta, const float* u, const float* bias8, bool softplus, float* dt,
                               float* sig, float* dtu) {
   if (softplus) {
-    for_rows(L, [&]<class V>(int t) {
+    for_rows(n, [&]<class V>(int t) {
       V sp, sg;
-      softplus_sigmoid<V>(load<V>(delta + t) + bias, sp, sg);
+      softplus_sigmoid<V>(load<V>(delta + t) + load<V>(bias8 + t % kRowBlock), sp, sg);
       store<V>(dt + t, sp);
-      store<V>(sig + t, sg);
+      if (sig != nullptr) store<V>(sig + t, sg);
       store<V>(dtu + t, sp * load<V>(u + t));
     });
   } else {
-    for (int t = 0; t < L; ++t) {
-      const float d = delta[t] + bias;
+    for (int t = 0; t < n; ++t) {
+      const float d = delta[t] + bias8[t % kRowBlock];
       dt[t] = d;
-      sig[t] = 1.0f;
+      if (sig != nullptr) sig[t] = 1.0f;
       dtu[t] = d * u[t];
     }
   }
 }
 SS_DISPATCHED(prep_rows,
-              (int L, const float* delta, const float* u, float bias, bool softplus, float* dt, float* sig, float* dtu),
-              (L, delta, u, bias, softplus, dt, sig, dtu))
+              (int n, const float* delta, const float* u, const float* bias8, bool softplus, float* dt, float* sig,
+               float* dtu),
+              (n, delta, u, bias8, softplus, dt, sig, dtu))
 
 // out = (y + D u) * silu(z)   (in place in y)
-SS_INLINE void finish_rows_impl(int L, float* y, const float* u, float Dv, const float* z) {
+SS_INLINE void finish_rows_impl(int n, float* y, const float* u, const float* D8, const float* z) {
   if (z != nullptr) {
-    for_rows(L, [&]<class V>(int t) {
+    for_rows(n, [&]<class V>(int t) {
       const V zz = load<V>(z + t);
-      store<V>(y + t, (load<V>(y + t) + Dv * load<V>(u + t)) * (zz / (1.0f + fexp<V>(-zz))));
+      store<V>(y + t, (load<V>(y + t) + load<V>(D8 + t % kRowBlock) * load<V>(u + t)) * (zz / (1.0f + fexp<V>(-zz))));
     });
   } else {
-    for (int t = 0; t < L; ++t) y[t] = y[t] + Dv * u[t];
+    for (int t = 0; t < n; ++t) y[t] = y[t] + D8[t % kRowBlock] * u[t];
   }
 }
-SS_DISPATCHED(finish_rows, (int L, float* y, const float* u, float Dv, const float* z), (L, y, u, Dv, z))
+SS_DISPATCHED(finish_rows, (int n, float* y, const float* u, const float* D8, const float* z), (n, y, u, D8, z))
 
 struct BwdChannel {
   int L, N;
@@ -585,6 +616,28 @@ SS_INLINE void gate_bwd_rows_impl(int L, const float* dout, const float* z, floa
 SS_DISPATCHED(gate_bwd_rows, (int L, const float* dout, const float* z, float* dy, float* dsilu),
               (L, dout, z, dy, dsilu))
 
+// Both depthwise convs of a bidirectional block at one position t, with SiLU (inference): per channel c
+//   of[c] = silu(bf[c] + sum_k wf[k, c] x_{t-(W-1)+k}[c]),   ob[c] = silu(bb[c] + sum_k wb[k, c] x_{t+(W-1)-k}[c])
+// (the causal conv and the anti-causal one, positions outside 0..L-1 reading zeros). x: position rows of
+// `dim` channels (stride xs between positions); weights tap-major (W, dim), so each tap is a vector load.
+SS_INLINE void conv_silu_pair_impl(int L, int dim, int W, int t, const float* x, int64_t xs, const float* wf,
+                                   const float* bf, const float* wb, const float* bb, float* of, float* ob) {
+  for_rows(dim, [&]<class V>(int c) {
+    V af = load<V>(bf + c), ab = load<V>(bb + c);
+    for (int k = 0; k < W; ++k) {
+      const int sf = t - (W - 1) + k, sb = t + (W - 1) - k;
+      if (sf >= 0) af += load<V>(wf + k * dim + c) * load<V>(x + sf * xs + c);
+      if (sb < L) ab += load<V>(wb + k * dim + c) * load<V>(x + sb * xs + c);
+    }
+    store<V>(of + c, af / (1.0f + fexp<V>(-af)));
+    store<V>(ob + c, ab / (1.0f + fexp<V>(-ab)));
+  });
+}
+SS_DISPATCHED(conv_silu_pair,
+              (int L, int dim, int W, int t, const float* x, int64_t xs, const float* wf, const float* bf,
+               const float* wb, const float* bb, float* of, float* ob),
+              (L, dim, W, t, x, xs, wf, bf, wb, bb, of, ob))
+
 // ------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------
@@ -606,9 +659,6 @@ SS_INLINE void store_row(const float* src, T* dst, int64_t stride, int L) {
   }
 }
 
-// Channels whose rows are moved together: in a token-major operand (channel stride 1) 8 adjacent
-// channels of a position share a cache line.
-constexpr int kRowBlock = 8;
 
 // Rows of channels d0 .. d0+nch-1 (nch <= kRowBlock, positions 0..L-1) of batch element b of a (batch,
 // dim, seqlen) operand of type T, into dst[c * L + t] as fp32. A token-major operand is read position by
@@ -636,6 +686,49 @@ SS_INLINE void store_rows(const float* src, at::Tensor& operand, int64_t b, int6
   } else {
     for (int c = 0; c < nch; ++c) store_row(src + c * L, dst + c * dim_stride, seq_stride, L);
   }
+}
+
+constexpr int kPrefetch = 8;  // positions ahead that load_block prefetches
+
+// Channels d0 .. d0+nch-1 of batch element b of a (batch, dim, seqlen) operand as a position-major fp32
+// block: dst[t * kRowBlock + c], zeros for c >= nch. From a token-major operand each position is one
+// contiguous run of channels (no transposition, unlike load_rows).
+template <typename T>
+SS_INLINE void load_block(const at::Tensor& operand, int64_t b, int64_t d0, int nch, int L, float* dst) {
+  const int64_t dim_stride = operand.stride(1), seq_stride = operand.stride(2);
+  const T* src = operand.const_data_ptr<T>() + b * operand.stride(0) + d0 * dim_stride;
+  for (int t = 0; t < L; ++t) {
+    float* row = dst + static_cast<int64_t>(t) * kRowBlock;
+    const T* s = src + t * seq_stride;
+    // Positions lie a whole row of channels apart (kilobytes), usually on another page, where the
+    // hardware prefetchers stop: fetch a few positions ahead (the loads were a third of the forward).
+    if (t + kPrefetch < L) __builtin_prefetch(s + kPrefetch * seq_stride);
+    if (dim_stride == 1 && nch == kRowBlock) {
+      for (int c = 0; c < kRowBlock; ++c) row[c] = static_cast<float>(s[c]);
+    } else {
+      for (int c = 0; c < kRowBlock; ++c) row[c] = c < nch ? static_cast<float>(s[c * dim_stride]) : 0.0f;
+    }
+  }
+}
+// The inverse of load_block (its first nch channels).
+template <typename T>
+SS_INLINE void store_block(const float* src, at::Tensor& operand, int64_t b, int64_t d0, int nch, int L) {
+  const int64_t dim_stride = operand.stride(1), seq_stride = operand.stride(2);
+  T* dst = operand.data_ptr<T>() + b * operand.stride(0) + d0 * dim_stride;
+  for (int t = 0; t < L; ++t) {
+    const float* row = src + static_cast<int64_t>(t) * kRowBlock;
+    T* d = dst + t * seq_stride;
+    if (dim_stride == 1 && nch == kRowBlock) {
+      for (int c = 0; c < kRowBlock; ++c) d[c] = static_cast<T>(row[c]);
+    } else {
+      for (int c = 0; c < nch; ++c) d[c * dim_stride] = static_cast<T>(row[c]);
+    }
+  }
+}
+
+// A block's per-channel constant (bias or D, absent: zeros) as the 8-vector the row functions take.
+SS_INLINE void block_constants(const float* v, int64_t d0, int nch, float* v8) {
+  for (int c = 0; c < kRowBlock; ++c) v8[c] = v != nullptr && c < nch ? v[d0 + c] : 0.0f;
 }
 
 // A new (batch, dim, seqlen) tensor in u's layout, so that a Mamba block stays in the linear layers'
@@ -718,38 +811,41 @@ void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, f
   const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
   const int64_t nblk = (dim + kRowBlock - 1) / kRowBlock;  // blocks of channels per batch element
   const int64_t grain = std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L)));
+  // A block of kRowBlock channels at a time, position-major (load_block): the per-position work runs
+  // over the block's channels as one vector per position, and token-major operands need no transposition.
   at::parallel_for(0, p.batch * nblk, grain, [&](int64_t begin, int64_t end) {
-    const size_t rows = static_cast<size_t>(L) * kRowBlock;
-    std::vector<float> buf(rows * 4 + static_cast<size_t>(L) * 3);
-    float *fu = buf.data(), *fd = fu + rows, *fz = fd + rows, *y = fz + rows, *dt = y + rows, *sig = dt + L,
-          *dtu = sig + L;
+    const int n = L * kRowBlock;
+    std::vector<float> buf(static_cast<size_t>(n) * 6);
+    float *fu = buf.data(), *fd = fu + n, *fz = fd + n, *y = fz + n, *dt = y + n, *dtu = dt + n;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nblk, d0 = (i % nblk) * kRowBlock;
       const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, dim - d0));
-      load_rows<T>(p.u, b, d0, nch, L, fu);
-      load_rows<T>(p.delta, b, d0, nch, L, fd);
-      if (has_z) load_rows<T>(p.z, b, d0, nch, L, fz);
+      load_block<T>(p.u, b, d0, nch, L, fu);
+      load_block<T>(p.delta, b, d0, nch, L, fd);
+      if (has_z) load_block<T>(p.z, b, d0, nch, L, fz);
+      float bias8[kRowBlock], D8[kRowBlock];
+      block_constants(bias, d0, nch, bias8);
+      block_constants(Dp, d0, nch, D8);
+      prep_rows(n, fd, fu, bias8, softplus, dt, nullptr, dtu);
       for (int c = 0; c < nch; ++c) {
         const int64_t d = d0 + c, bd = b * dim + d, g = d / per_group;
-        const float* uc = fu + c * L;
-        float* yc = y + c * L;
-        prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, softplus, dt, sig, dtu);
         FwdChannel a;
         a.L = L;
         a.N = N;
+        a.ps = kRowBlock;
         a.reverse = reverse;
-        a.dt = dt;
-        a.dtu = dtu;
+        a.dt = dt + c;
+        a.dtu = dtu + c;
         a.A = A + d * N;
         a.Bt = Bt + (b * p.groups + g) * p.L * N;
         a.Ct = Ct + (b * p.groups + g) * p.L * N;
-        a.y = yc;
+        a.y = y + c;
         a.last = last ? last + bd * N : nullptr;
         a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
         fwd_channel(a);
-        finish_rows(L, yc, uc, Dp ? Dp[d] : 0.0f, has_z ? fz + c * L : nullptr);
       }
-      store_rows<T>(y, out, b, d0, nch, L);
+      finish_rows(n, y, fu, D8, has_z ? fz : nullptr);
+      store_block<T>(y, out, b, d0, nch, L);
     }
   });
 }
@@ -849,7 +945,9 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
               float* dsilu = fz + c * L;  // silu'(z) replaces z once dy is known
               float *duc = gu + c * L, *ddt = gd + c * L;
               const float Dv = Dp ? Dp[d] : 0.0f;
-              prep_rows(L, fd + c * L, uc, bias ? bias[d] : 0.0f, delta_softplus, dt, sig, dtu);
+              float bias8[kRowBlock];
+              std::fill(bias8, bias8 + kRowBlock, bias ? bias[d] : 0.0f);
+              prep_rows(L, fd + c * L, uc, bias8, delta_softplus, dt, sig, dtu);
               if (has_z) {
                 gate_bwd_rows(L, gc, dsilu, dy, dsilu);
               } else {
@@ -908,6 +1006,38 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   return {du, ddelta, dA, dB, dC, dD, dz, ddb};
 }
 
+// Inference-only: (silu(causal conv of x with wf, bf), silu(anti-causal conv with wb, bb)) for an fp32
+// token-major x (batch, dim, seqlen), both token-major. weights (dim, width), biases (dim,) or absent.
+std::tuple<at::Tensor, at::Tensor> conv_silu_pair_op(const at::Tensor& x, const at::Tensor& wf, const OptTensor& bf,
+                                                  const at::Tensor& wb, const OptTensor& bb) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(1) == 1,
+              "selective_scan_cpu.conv_silu_pair: x must be a float32 token-major (batch, dim, seqlen) CPU tensor");
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2);
+  TORCH_CHECK(wf.dim() == 2 && wf.size(0) == dim && wb.sizes() == wf.sizes(),
+              "selective_scan_cpu.conv_silu_pair: weights must be (dim, width) with dim = ", dim, ", got ", wf.sizes(),
+              " and ", wb.sizes());
+  const int W = static_cast<int>(wf.size(1));
+  const at::Tensor wft = wf.to(at::kFloat).t().contiguous(), wbt = wb.to(at::kFloat).t().contiguous();
+  const at::Tensor zeros = at::zeros({dim}, x.options());
+  const at::Tensor bft = bf.has_value() ? f32_vec(bf, dim, "bf") : zeros;
+  const at::Tensor bbt = bb.has_value() ? f32_vec(bb, dim, "bb") : zeros;
+  at::Tensor of = seq_layout::empty_seq(batch, dim, L, true, x.options());
+  at::Tensor ob = seq_layout::empty_seq(batch, dim, L, true, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float *ofp = of.data_ptr<float>(), *obp = ob.data_ptr<float>();
+  const int64_t xb = x.stride(0), xs = x.stride(2);
+  at::parallel_for(0, batch * L, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, dim)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / L;
+      const int t = static_cast<int>(i % L);
+      conv_silu_pair(static_cast<int>(L), static_cast<int>(dim), W, t, xp + b * xb, xs, wft.const_data_ptr<float>(),
+                     bft.const_data_ptr<float>(), wbt.const_data_ptr<float>(), bbt.const_data_ptr<float>(),
+                     ofp + i * dim, obp + i * dim);
+    }
+  });
+  return {of, ob};
+}
+
 }  // namespace
 }  // namespace sscpu
 
@@ -918,12 +1048,14 @@ TORCH_LIBRARY(selective_scan_cpu, m) {
   m.def(
       "bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
       "Tensor dout, Tensor? dlast, Tensor ckpt, bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("conv_silu_pair(Tensor x, Tensor wf, Tensor? bf, Tensor wb, Tensor? bb) -> (Tensor, Tensor)");
   m.def("isa() -> str", []() -> std::string { return sscpu::isa_name(); });
 }
 
 TORCH_LIBRARY_IMPL(selective_scan_cpu, CPU, m) {
   m.impl("fwd", &sscpu::scan_fwd);
   m.impl("bwd", &sscpu::scan_bwd);
+  m.impl("conv_silu_pair", &sscpu::conv_silu_pair_op);
 }
 
 static struct PyModuleDef selective_scan_cpu_module = {

@@ -50,6 +50,31 @@ def bidirectional_conv_x_proj(x, conv_f, conv_b, proj_weight_f, proj_weight_b):
     return torch.ops.selective_scan_cuda.conv_x_proj(x, *conv_f, *conv_b, proj_weight_f, proj_weight_b)
 
 
+CONV_SILU_PAIR_DTYPES = (torch.float32,)
+
+
+def conv_silu_pair_applies(x, *params) -> bool:
+    """Whether `conv_silu_pair` takes both convs of a bidirectional block over x: inference (no autograd
+    through x or the weights), an fp32 token-major CPU tensor (the layout the block's in_proj writes), and
+    CPU fp32 weights and biases."""
+    return (policy.kernel_takes(x, extensions.cpu, "cpu", CONV_SILU_PAIR_DTYPES) and is_token_major(x)
+            and not policy.needs_grad(x, *params)
+            and all(p is None or (p.device.type == "cpu" and p.dtype == torch.float32) for p in params))
+
+
+def conv_silu_pair(x, weight_f, bias_f, weight_b, bias_b):
+    """(silu(causal conv of x), silu(anti-causal conv of x)) in one pass over x, token-major outputs;
+    inference only (see conv_silu_pair_applies). Weights (dim, width), biases (dim,) or None."""
+    extensions.cpu.require()
+    return tuple(torch.ops.selective_scan_cpu.conv_silu_pair(x, weight_f, bias_f, weight_b, bias_b))
+
+
+if extensions.cpu.available():
+    @torch.library.register_fake("selective_scan_cpu::conv_silu_pair")
+    def _(x, weight_f, bias_f, weight_b, bias_b):
+        return tuple(empty_in_layout(x) for _ in range(2))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused bidirectional scan (Vim v2 block): out = silu(z) * (y_f + y_b) * out_scale, where direction b runs
 # from position L-1 down to 0 over natural-order inputs: no flipped copies, one launch each way.
@@ -318,7 +343,10 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
                   for p, r, reverse in zip(directions, ranks, (False, True))]
     else:  # both convs in one pass over x where the kernel takes it (x read once, one dx written)
         convs = [t for p in directions for t in (_conv_weight(p["conv1d_weight"]), p["conv1d_bias"])]
-        us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
+        if backend in ("auto", "cpu") and conv_silu_pair_applies(x, *convs):
+            us = conv_silu_pair(x, *convs)
+        else:
+            us = causal_conv1d_bidirectional_fn(x, *convs, activation="silu", backend=backend)
         inputs = [(u, *_project(u, p["x_proj_weight"], *r)) for u, p, r in zip(us, directions, ranks)]
     if fused:
         def kernel_args(params, u, dt, B, C):
