@@ -384,28 +384,30 @@ def replace_unreadable(images):
 
 
 class GpuTrainLoader:
-    """Wraps a DataLoader of encoded batches: yields (normalised images, labels) on the CUDA `device`.
+    """Wraps a DataLoader of encoded batches: yields (normalised images, labels) on `device`.
 
-    A background thread decodes and augments the next batches on its own CUDA stream while the training step
-    runs (the thread waits on the GPU and the loader queue, which release the GIL). Erasing noise comes from a
-    generator seeded by a number each batch's first sample drew, so it leaves the training's random stream alone.
+    A background thread decodes and augments the next batches, on CUDA on its own stream, while the training
+    step runs (the thread waits on the GPU and the loader queue, which release the GIL). Erasing noise comes
+    from a generator seeded by a number each batch's first sample drew, so it leaves the training's random
+    stream alone. On a CPU device (tests) the same runs without streams.
     """
 
     def __init__(self, loader, augmentation, device, prefetch=2):
-        self.loader, self.augmentation, self.device, self.prefetch = loader, augmentation, device, prefetch
+        self.loader, self.augmentation, self.prefetch = loader, augmentation, prefetch
+        self.device = torch.device(device)
+        self.cuda = self.device.type == 'cuda'
 
     def __len__(self):
         return len(self.loader)
 
     def prepare(self, batch, stream, generator):
         encoded, choices, targets, paths = batch
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):  # no-op for stream None
             generator.manual_seed(int(choices['noise_seed'][0]))
             images = replace_unreadable(decode_batch(encoded, paths, self.device))
             samples = augment_batch(images, choices, self.augmentation, generator)
             targets = targets.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
+            ready = stream.record_event() if self.cuda else None
         return samples, targets, ready
 
     def __iter__(self):
@@ -422,8 +424,9 @@ class GpuTrainLoader:
             return False
 
         def work():
-            torch.cuda.set_device(self.device)
-            stream = torch.cuda.Stream(self.device)
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+            stream = torch.cuda.Stream(self.device) if self.cuda else None
             generator = torch.Generator(self.device)
             try:
                 for batch in self.loader:
@@ -440,10 +443,12 @@ class GpuTrainLoader:
                 if isinstance(item, BaseException):
                     raise item
                 samples, targets, ready = item
-                torch.cuda.current_stream(self.device).wait_event(ready)
-                # the consumer's stream now uses these tensors: keep the allocator from handing them out early
-                samples.record_stream(torch.cuda.current_stream(self.device))
-                targets.record_stream(torch.cuda.current_stream(self.device))
+                if self.cuda:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(ready)
+                    # the consumer's stream now uses these tensors: keep the allocator from handing them out early
+                    samples.record_stream(consumer)
+                    targets.record_stream(consumer)
                 yield samples, targets
         finally:  # also when the consumer stops early: the loader may be iterated again only after the thread ends
             stop.set()

@@ -11,11 +11,13 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from timm.data import create_transform
 from torchvision import transforms
+from torchvision.datasets import ImageFolder
 
 import gpu_input
 import main
 from gpu_input import OP_KINDS, TrainAugmentation
 from trainer import UserError
+from trainer.samplers import ResumableSampler, SeededDataset
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -154,10 +156,67 @@ def check_erasing(device):
     assert 0.5 < out[0, :, 2:6, 3:8].std() < 1.5
 
 
+def write_folder(root, classes=2, per_class=12, size=(96, 72)):
+    """JPEGs (one greyscale, one CMYK) and a PNG per class, as an image folder."""
+    for c in range(classes):
+        folder = root / 'train' / f'class{c}'
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            image = photo(*size, seed=100 * c + i)
+            if i == 0:
+                image.save(folder / f'{i}.png')
+            else:
+                image = image.convert('L') if i == 1 else image.convert('CMYK') if i == 2 else image
+                image.save(folder / f'{i}.jpg', quality=90)
+        (root / 'val' / f'class{c}').mkdir(parents=True)
+        photo(*size, seed=c).save(root / 'val' / f'class{c}' / '0.jpg')
+    return root
+
+
+def batches(device, tmp_path, epochs, stop_after, workers=2):
+    root = write_folder(tmp_path)
+    folder = ImageFolder(str(root / 'train'), transform=create_transform(**{**RECIPE, 'input_size': 64}))
+    dataset = gpu_input.encoded_dataset(folder, 'folder')
+    sampler = ResumableSampler(len(dataset), seed=3)
+    loader = torch.utils.data.DataLoader(SeededDataset(dataset), sampler=sampler, batch_size=8, num_workers=workers,
+                                         collate_fn=dataset.collate, persistent_workers=True, drop_last=True)
+    gpu_loader = gpu_input.GpuTrainLoader(loader, dataset.augmentation, device)
+    out = []
+    for _ in range(epochs):
+        sampler.set_epoch(0)  # the same samples and seeds each pass
+        for step, (samples, targets) in enumerate(gpu_loader):
+            out.append((samples.clone(), targets.clone()))
+            if step + 1 == stop_after:
+                break
+    return out
+
+
+def check_prefetching_loader(device, tmp_path):
+    """Same samples and seeds give the same batches, also after stopping a pass early; a loader error surfaces."""
+    passes = batches(device, tmp_path, epochs=3, stop_after=2)
+    assert len(passes) == 6
+    for (a, ta), (b, tb) in zip(passes[:2], passes[2:4]):
+        assert a.shape == (8, 3, 64, 64) and a.device.type == torch.device(device).type and a.dtype == torch.float32
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    everything = torch.cat([s for s, _ in passes])
+    assert torch.isfinite(everything).all() and abs(everything.mean().item()) < 1.0
+    broken = gpu_input.GpuTrainLoader(torch.utils.data.DataLoader(range(4), collate_fn=failing_collate), None, device)
+    with pytest.raises(RuntimeError, match='cannot collate'):
+        list(broken)
+
+
+def failing_collate(items):
+    raise RuntimeError('cannot collate')
+
+
 @pytest.mark.parametrize('check', [check_pixel_ops, check_geometric_ops, check_resized_crop,
                                    check_recipe_matches_cpu_transform, check_erasing])
 def test_batched_ops_on_cpu(check):
     check('cpu')
+
+
+def test_prefetching_loader_on_cpu(tmp_path):
+    check_prefetching_loader('cpu', tmp_path)
 
 
 def test_posterize_to_zero_bits_is_black_and_eight_bits_unchanged():
