@@ -74,7 +74,8 @@ class TrainAugmentation:
                 self.randaug = t
                 for op in t.ops:
                     if op.name not in OPS:
-                        raise UserError(f'--input-pipeline gpu has no batched {op.name} (--aa): use --input-pipeline cpu')
+                        raise UserError(f'--input-pipeline gpu has no batched {op.name} (--aa): '
+                                        f'use --input-pipeline cpu')
             elif isinstance(t, transforms.Normalize):
                 self.mean, self.std = torch.as_tensor(t.mean).tolist(), torch.as_tensor(t.std).tolist()
             elif isinstance(t, RandomErasing):
@@ -396,6 +397,8 @@ class GpuTrainLoader:
         self.loader, self.augmentation, self.prefetch = loader, augmentation, prefetch
         self.device = torch.device(device)
         self.cuda = self.device.type == 'cuda'
+        if self.cuda and self.device.index is None:  # the thread sets its device by index
+            self.device = torch.device('cuda', torch.cuda.current_device())
 
     def __len__(self):
         return len(self.loader)
@@ -456,9 +459,10 @@ class GpuTrainLoader:
 
 
 def encoded_dataset(dataset, name):
-    """A training dataset of image files (a list of (path, label) samples, torchvision's or timm's) as an EncodedImageDataset with its transform."""
+    """A training dataset of image files ((path, label) samples, torchvision's or timm's) as an
+    EncodedImageDataset drawing the choices of its transform."""
     samples = getattr(dataset, 'samples', None) or getattr(getattr(dataset, 'reader', None), 'samples', None)
     if samples is None:
-        raise UserError(f'--input-pipeline gpu reads image files (--data-set IMNET, folder, INAT, INAT19), not --data-set {name}: '
-                        f'use --input-pipeline cpu')
+        raise UserError(f'--input-pipeline gpu reads image files (--data-set IMNET, folder, INAT, INAT19), not '
+                        f'--data-set {name}: use --input-pipeline cpu')
     return EncodedImageDataset(samples, TrainAugmentation(dataset.transform))

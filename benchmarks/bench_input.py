@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpu_input  # noqa: E402
 import main as trainer_main  # noqa: E402
+from bench_models import pyplot  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from engine import train_one_epoch  # noqa: E402
 from mamba_ssm.ops import linear_3xtf32  # noqa: E402
@@ -51,7 +52,8 @@ def write_photo(task):
     for _ in range(rng.integers(5, 15)):
         x0, y0 = rng.integers(0, w), rng.integers(0, h)
         box = [x0, y0, x0 + rng.integers(10, w // 2), y0 + rng.integers(10, h // 2)]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     mid = Image.fromarray(rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
     pixels = np.asarray(image, np.float32) * 0.75 + np.asarray(mid, np.float32) * 0.25 + rng.normal(0, 18, (h, w, 1))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -71,7 +73,8 @@ def write_image_folder(root, images, classes, val_per_class=2):
     for split, count in (('train', images), ('val', val_per_class * classes)):
         for c in range(classes):
             os.makedirs(os.path.join(root, split, f'n{c:08d}'), exist_ok=True)
-        tasks += [(os.path.join(root, split, f'n{i % classes:08d}', f'{split}_{i}.JPEG'), i + (split == 'val') * 10 ** 7)
+        seed_offset = 10 ** 7 if split == 'val' else 0
+        tasks += [(os.path.join(root, split, f'n{i % classes:08d}', f'{split}_{i}.JPEG'), i + seed_offset)
                   for i in range(count)]
     start = time.time()
     with multiprocessing.Pool() as pool:
@@ -109,7 +112,7 @@ class TimedBatches:
     """The first `steps` batches of `source`, noting when batch `warmup` is handed out."""
 
     def __init__(self, source, steps, warmup):
-        self.source, self.steps, self.warmup, self.started = source, steps, warmup, None
+        self.source, self.steps, self.warmup, self.started, self.handed_out = source, steps, warmup, None, 0
 
     def __len__(self):
         return self.steps
@@ -119,12 +122,16 @@ class TimedBatches:
             if step == self.warmup:
                 torch.cuda.synchronize()
                 self.started = time.perf_counter()
+            self.handed_out = step + 1
             yield batch
             if step + 1 == self.steps:
                 return
 
     def img_per_s(self, batch):
         torch.cuda.synchronize()
+        if self.handed_out < self.steps:
+            raise SystemExit(f'error: the loader ran out after {self.handed_out} of {self.steps} batches: '
+                             f'raise --images')
         return (self.steps - self.warmup) * batch / (time.perf_counter() - self.started)
 
 
@@ -193,14 +200,9 @@ def measure_training(data, batch, dtype, cpu_workers, gpu_workers, steps, warmup
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-    except ImportError:
-        print('matplotlib is not installed: no plot written')
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     fig, (ax_loader, ax_train) = plt.subplots(1, 2, figsize=(12, 4.5))
     for pipeline, rows in results['loader'].items():
         ax_loader.plot([int(w) for w in rows], list(rows.values()), marker='o', label=f'{pipeline} input path')
@@ -212,11 +214,27 @@ def plot(results, path):
         bars = ax_train.bar(xs, [row[k] for k in labels], width=0.38, label=dtype)
         ax_train.bar_label(bars, fmt='%.0f', fontsize=7)
     ax_train.set_xticks(np.arange(len(labels)) + 0.2, ['model only', 'cpu input path', 'gpu input path'])
-    ax_train.set(ylabel='img/s', title=f'{results["model"].split("_")[0]} training, --compile')
+    ax_train.set(ylabel='img/s', title='training loop (pt-vim-t recipe, --compile)')
     ax_train.legend()
     fig.suptitle(f'{results["gpu"]}, {results["cpu_cores"]} CPU cores, torch {results["torch"]}')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def table(results):
+    """The summary printed last: loader img/s, then training img/s per precision and input path."""
+    loader = '; '.join(f'{p} path ' + ', '.join(f'{w} workers {r:.0f}' for w, r in rows.items())
+                       for p, rows in results['loader'].items())
+    lines = [f'{results["gpu"]}, {results["cpu_cores"]} CPU cores, batch {results["batch"]}, torch {results["torch"]}',
+             f'loader alone (img/s): {loader}']
+    if results['train']:
+        lines.append(f'{"Vim-tiny training img/s":24s} {"model only":>10s} {"cpu path":>16s} {"gpu path":>16s}')
+        for dtype, row in results['train'].items():
+            cells = [f'{row[p]:7.0f} ({100 * row[p] / row["model_only"]:3.0f}%)' for p in ('cpu', 'gpu')]
+            lines.append(f'{dtype + " --compile":24s} {row["model_only"]:10.0f} {cells[0]:>16s} {cells[1]:>16s}')
+        lines.append(f'(cpu path: {results["cpu_path_workers"]} workers, gpu path: {results["gpu_path_workers"]} '
+                     f'workers; % of model only; acceptance: gpu path >= 90%)')
+    return '\n'.join(lines)
 
 
 def main():
@@ -224,13 +242,14 @@ def main():
     parser.add_argument('--out', default='.', help='folder for bench_input.json and bench_input.png')
     parser.add_argument('--data', default=os.path.join(os.environ.get('TMPDIR', '/tmp'), 'bench_input_images'),
                         help='where the JPEG folder is written (reused when complete)')
-    parser.add_argument('--images', type=int, default=10000, help='training images (the epoch is 3x: repeated aug)')
+    parser.add_argument('--images', type=int, default=8000,
+                        help='training images (an epoch holds 3x as many samples: repeated augmentation)')
     parser.add_argument('--classes', type=int, default=100)
     parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--steps', type=int, default=200, help='training steps per measured run')
-    parser.add_argument('--warmup', type=int, default=30, help='first steps of each run left out of the timing')
+    parser.add_argument('--steps', type=int, default=150, help='training steps per measured run')
+    parser.add_argument('--warmup', type=int, default=20, help='first steps of each run left out of the timing')
     parser.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
-    parser.add_argument('--loader-batches', type=int, default=30, help='timed batches per loader measurement')
+    parser.add_argument('--loader-batches', type=int, default=20, help='timed batches per loader measurement')
     parser.add_argument('--cpu-workers', type=int, nargs='+', default=None,
                         help='worker counts for the CPU path (default: 4, 8 and main.py\'s default)')
     parser.add_argument('--gpu-workers', type=int, nargs='+', default=[1, 2, 4],
@@ -269,16 +288,7 @@ def main():
     if results['train']:
         plot(results, os.path.join(args.out, 'bench_input.png'))
 
-    print(f'\n{results["gpu"]}, {results["cpu_cores"]} CPU cores, batch {args.batch}, torch {results["torch"]}')
-    print('loader alone (img/s): ' + '; '.join(f'{p} path ' + ', '.join(f'{w} workers {r:.0f}' for w, r in rows.items())
-                                                for p, rows in results['loader'].items()))
-    if results['train']:
-        print(f'{"Vim-tiny training img/s":24s} {"model only":>10s} {"cpu path":>16s} {"gpu path":>16s}')
-        for dtype, row in results['train'].items():
-            cells = [f'{row[p]:7.0f} ({100 * row[p] / row["model_only"]:3.0f}%)' for p in ('cpu', 'gpu')]
-            print(f'{dtype + " --compile":24s} {row["model_only"]:10.0f} {cells[0]:>16s} {cells[1]:>16s}')
-        print(f'(cpu path: {results["cpu_path_workers"]} workers, gpu path: {results["gpu_path_workers"]} workers; '
-              f'% of model only; acceptance: gpu path >= 90%)')
+    print('\n' + table(results))
 
 
 if __name__ == '__main__':
