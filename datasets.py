@@ -7,6 +7,7 @@ be counted reliably. Replace or delete the file and rerun; training resumes from
 import json
 import os
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,16 +17,20 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from jpeg_draft import draft_for_random_crop
 from trainer import UserError
 
 DATA_SETS = ('IMNET', 'folder', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
 DIGITS_NUM_TRAIN = 1437  # first 80% of scikit-learn's 1797 digits train, the rest validate
 
 
-def load_image(path):
+def load_image(path, prepare=None):
+    """The image as RGB; `prepare(image)` runs before decoding (JPEG draft mode)."""
     try:
         with open(path, 'rb') as f:
             image = Image.open(f)
+            if prepare is not None:
+                prepare(image)
             return image.convert('RGB')
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise UserError(f'cannot read image {path} ({err}): delete or replace this file and rerun '
@@ -147,6 +152,9 @@ def build_dataset(is_train, args):
         return dataset, dataset.num_classes
     if name in ('IMNET', 'folder'):
         dataset = CheckedImageFolder(os.path.join(root, 'train' if is_train else 'val'), transform)
+        draft = draft_for_random_crop(transform) if is_train else None
+        if draft is not None:
+            dataset.loader = partial(load_image, prepare=draft)
         return dataset, len(dataset.classes)
     raise UserError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}')
 
