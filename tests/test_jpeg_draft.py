@@ -36,8 +36,9 @@ def test_reduction_is_the_largest_that_keeps_every_box_at_least_the_output_size(
 
 
 def test_draft_decoding_gives_the_full_decodes_crops(tmp_path, recipe_crop):
-    photo(2200, 1650).save(tmp_path / 'big.jpg', quality=90)
-    photo(2200, 1650).save(tmp_path / 'big.png')
+    big = photo(550, 412).resize((2200, 1650), Image.BICUBIC)  # cheaper to make than a 2200 px photo()
+    big.save(tmp_path / 'big.jpg', quality=90)
+    Image.new('RGB', big.size).save(tmp_path / 'big.png')
     draft = draft_for_random_crop(create_transform(**RECIPE))
     reduced = load_image(tmp_path / 'big.jpg', prepare=draft)
     assert reduced.size == (1100, 825) and load_image(tmp_path / 'big.png', prepare=draft).size == (2200, 1650)
@@ -50,4 +51,4 @@ def test_draft_decoding_gives_the_full_decodes_crops(tmp_path, recipe_crop):
             torch.manual_seed(seed)
             crops.append(np.asarray(recipe_crop(image), dtype=np.float32))
         diffs.append(np.abs(crops[0] - crops[1]).mean())
-    assert max(diffs) < 4.0, diffs
+    assert max(diffs) < 1.5, diffs
