@@ -144,8 +144,8 @@ class TrainAugmentation:
 class EncodedImageDataset(torch.utils.data.Dataset):
     """(path, label) samples -> (encoded image, augmentation choices, label, path).
 
-    The encoded image is the file's bytes (1-D uint8) for a JPEG nvJPEG decodes, the decoded image (CHW uint8)
-    for any other file Pillow reads, and an empty tensor for a file that cannot be read.
+    The encoded image is the file's bytes for a JPEG nvJPEG decodes, the decoded image (CHW uint8 tensor) for
+    any other file Pillow reads, and None for a file that cannot be read.
     """
 
     def __init__(self, samples, augmentation):
@@ -153,10 +153,10 @@ class EncodedImageDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items):
-        """A batch: (list of encoded images, dict of stacked choices, labels, paths)."""
+        """A batch: (EncodedBatch, dict of stacked choices, labels, paths)."""
         encoded, choices, targets, paths = zip(*items)
         stacked = {key: torch.stack([torch.as_tensor(c[key]) for c in choices]) for key in choices[0]}
-        return list(encoded), stacked, torch.tensor(targets), list(paths)
+        return EncodedBatch(encoded), stacked, torch.tensor(targets), list(paths)
 
     def __len__(self):
         return len(self.samples)
@@ -168,14 +168,31 @@ class EncodedImageDataset(torch.utils.data.Dataset):
                 data = f.read()
             image = Image.open(io.BytesIO(data))  # reads the header only
             choices = self.augmentation.draw(image)
-            if image.format == 'JPEG' and image.mode in NVJPEG_MODES:
-                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            else:
-                encoded = pil_to_tensor(load_image(path))
+            encoded = data if image.format == 'JPEG' and image.mode in NVJPEG_MODES else pil_to_tensor(load_image(path))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, UserError):
-            encoded = torch.empty(0, dtype=torch.uint8)
+            encoded = None
             choices = self.augmentation.draw(Image.new('RGB', self.augmentation.size[::-1]))
         return encoded, choices, target, path
+
+
+class EncodedBatch:
+    """A batch's encoded images: all JPEG bytes in one tensor (one shared-memory block between processes, where
+    a tensor per image would cost a file descriptor each), and the images the workers decoded."""
+
+    def __init__(self, encoded):
+        jpegs = [e if isinstance(e, bytes) else b'' for e in encoded]
+        self.jpeg_bytes = torch.frombuffer(bytearray(b''.join(jpegs)) or bytearray(1), dtype=torch.uint8)
+        self.jpeg_lengths = torch.tensor([len(j) for j in jpegs])
+        self.pixels = [e if isinstance(e, torch.Tensor) else None for e in encoded]
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def jpegs(self):
+        """{index in the batch: 1-D uint8 tensor of the JPEG's bytes}"""
+        ends = self.jpeg_lengths.cumsum(0).tolist()
+        return {i: self.jpeg_bytes[end - length:end]
+                for i, (end, length) in enumerate(zip(ends, self.jpeg_lengths.tolist())) if length}
 
 
 def pil_to_tensor(image):
@@ -183,15 +200,16 @@ def pil_to_tensor(image):
 
 
 def decode_batch(encoded, paths, device):
-    """CHW uint8 images on `device`: JPEG bytes through nvJPEG (on CUDA) in one call, the rest as decoded by the
-    workers. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file is logged and gets None."""
-    images = [e.to(device, non_blocking=True) if e.dim() == 3 else None for e in encoded]
-    jpegs = [i for i, e in enumerate(encoded) if e.dim() == 1 and e.numel()]
+    """CHW uint8 images on `device` from an EncodedBatch: the JPEGs through nvJPEG (on CUDA) in one call, the
+    rest as the workers decoded them. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file is logged
+    and gets None."""
+    images = [p.to(device, non_blocking=True) if p is not None else None for p in encoded.pixels]
+    jpegs = encoded.jpegs()
     if jpegs:
         try:
-            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg(list(jpegs.values()), mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad file fails the whole call: decode each on its own
-            decoded = [decode_one(encoded[i], device) for i in jpegs]
+            decoded = [decode_one(data, device) for data in jpegs.values()]
         for i, image in zip(jpegs, decoded):
             images[i] = image
     for i, image in enumerate(images):

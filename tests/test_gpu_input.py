@@ -295,23 +295,27 @@ def test_dataset_reads_bytes_and_decodes_what_nvjpeg_cannot(tmp_path):
     image.convert('CMYK').save(tmp_path / 'cmyk.jpg', quality=95)
     image.save(tmp_path / 'rgb.png')
     (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-    names = ['rgb.jpg', 'cmyk.jpg', 'rgb.png', 'broken.jpg']
+    good = (tmp_path / 'rgb.jpg').read_bytes()
+    (tmp_path / 'truncated.jpg').write_bytes(good[:len(good) // 2])  # a valid header: only decoding fails
+    names = ['rgb.jpg', 'cmyk.jpg', 'rgb.png', 'broken.jpg', 'truncated.jpg']
     augmentation = TrainAugmentation(create_transform(**{**RECIPE, 'input_size': 16}))
     dataset = gpu_input.EncodedImageDataset([(str(tmp_path / n), i) for i, n in enumerate(names)], augmentation)
-    encoded, choices, targets, paths = dataset.collate([dataset[i] for i in range(4)])
-    assert encoded[0].dim() == 1 and bytes(encoded[0].numpy()) == (tmp_path / 'rgb.jpg').read_bytes()
-    assert encoded[1].shape == (3, 30, 40) and encoded[2].shape == (3, 30, 40) and encoded[3].numel() == 0
-    assert targets.tolist() == [0, 1, 2, 3] and choices['crop'].shape == (4, 4)
-    assert np.array_equal(encoded[2].permute(1, 2, 0).numpy(), np.asarray(image))  # PNG: lossless
+    encoded, choices, targets, paths = dataset.collate([dataset[i] for i in range(5)])
+    jpegs = encoded.jpegs()
+    assert list(jpegs) == [0, 4] and bytes(jpegs[0].numpy()) == good and len(jpegs[4]) == len(good) // 2
+    pixels = encoded.pixels
+    assert pixels[0] is None and pixels[1].shape == (3, 30, 40) and pixels[2].shape == (3, 30, 40) and pixels[3] is None
+    assert targets.tolist() == [0, 1, 2, 3, 4] and choices['crop'].shape == (5, 4)
+    assert np.array_equal(pixels[2].permute(1, 2, 0).numpy(), np.asarray(image))  # PNG: lossless
     decoded = gpu_input.decode_batch(encoded, paths, 'cpu')
-    assert decoded[3] is None
+    assert decoded[3] is None and decoded[4] is None
     for i in range(3):  # the JPEGs: as Pillow decodes them, up to the decoders' rounding
         want = np.asarray(Image.open(tmp_path / names[i]).convert('RGB'), dtype=np.float32)
         assert np.abs(decoded[i].permute(1, 2, 0).numpy() - want).mean() < 1.5, names[i]
     batch = gpu_input.replace_unreadable(decoded)
-    assert batch[3] is decoded[3 % 3] and len(batch) == 4
+    assert batch[3] is decoded[0] and batch[4] is decoded[1] and len(batch) == 5
     samples = gpu_input.augment_batch(batch, choices, augmentation)
-    assert samples.shape == (4, 3, 16, 16) and torch.isfinite(samples).all()
+    assert samples.shape == (5, 3, 16, 16) and torch.isfinite(samples).all()
 
 
 def test_unsupported_transforms_and_datasets_are_refused():
