@@ -47,6 +47,7 @@ OPS = {
     'TranslateY': ('translate_y', True),
 }
 OP_KINDS = sorted({kind for kind, _ in OPS.values()})
+MOVING_KINDS = {kind for kind, moves in OPS.values() if moves}
 NO_OP = -1
 
 
@@ -354,9 +355,7 @@ def randaugment(x, ops, op_args, op_interpolation, fill):
                 continue
             kind = OP_KINDS[code]
             chosen = (ops[:, layer] == code).nonzero()[:, 0]
-            args = op_args[chosen, layer].to(device=x.device, dtype=x.dtype)
-            if kind in ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y', 'translate_x_rel',
-                        'translate_y_rel'):
+            if kind in MOVING_KINDS:
                 for mode in op_interpolation[chosen, layer].unique().tolist():
                     part = chosen[op_interpolation[chosen, layer] == mode]
                     index = part.to(x.device)
@@ -365,7 +364,7 @@ def randaugment(x, ops, op_args, op_interpolation, fill):
                     x[index] = warp(x[index], matrices, INTERPOLATIONS[mode], fill)
             else:
                 index = chosen.to(x.device)
-                x[index] = pixel_op(kind, x[index], args)
+                x[index] = pixel_op(kind, x[index], op_args[chosen, layer].to(device=x.device, dtype=x.dtype))
     return x
 
 
