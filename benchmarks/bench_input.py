@@ -33,7 +33,7 @@ import main as trainer_main  # noqa: E402
 from bench_models import pyplot  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from engine import train_one_epoch  # noqa: E402
-from mamba_ssm.ops import linear_3xtf32  # noqa: E402
+from mamba_ssm.ops import policy  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
@@ -158,7 +158,7 @@ def measure_training(data, batch, dtype, cpu_workers, gpu_workers, steps, warmup
     args = recipe_args(data, batch, dtype, cpu_workers, 'cpu')
     trainer_main.seed_everything(args.seed)
     torch.backends.cudnn.benchmark = True
-    linear_3xtf32.set_mode(args.fp32_matmul)
+    policy.set_mode(args.fp32_matmul)
     amp_dtype = torch.bfloat16 if dtype == 'bf16' else None
     num_classes = len(os.listdir(os.path.join(data, 'train')))
     # as main() builds them
