@@ -20,6 +20,7 @@ from timm.data.readers.img_extensions import add_img_extensions
 from torchvision import datasets, transforms
 
 from image_files import IMAGE_EXTENSIONS, ImageSource, find_unreadable, is_image_file
+from jpeg_draft import draft_for_random_crop
 from trainer import UserError
 from trainer.distributed import log
 
@@ -164,7 +165,8 @@ def build_dataset(is_train, args):
             raise UserError(f'{name} at {root}: {err} (add --download to fetch it)') from None
         return dataset, len(dataset.classes)
     base, num_classes = raw_image_dataset(name, root, is_train, getattr(args, 'download', False))
-    return ImageSource(base, transform), num_classes
+    draft = draft_for_random_crop(transform) if is_train else None  # JPEGs decoded at the scale the crop needs
+    return ImageSource(base, transform, prepare=draft), num_classes
 
 
 def raw_image_dataset(name, root, is_train, download=False):

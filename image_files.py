@@ -59,9 +59,10 @@ def is_image_file(path):
         return False
 
 
-def decode(source):
+def decode(source, prepare=None):
     """An 8-bit RGB image from a path, bytes, a file object or a (lazily opened) PIL image; BadImage if
-    the data cannot be decoded. Pillow raises many exception types on damaged data (OSError, SyntaxError,
+    the data cannot be decoded; `prepare(image)` runs between opening and decoding (JPEG draft mode).
+    Pillow raises many exception types on damaged data (OSError, SyntaxError,
     ValueError, struct.error, DecompressionBombError...), so all are turned into BadImage here."""
     try:
         if isinstance(source, (str, os.PathLike)):
@@ -69,6 +70,8 @@ def decode(source):
                 source = f.read()
         image = source if isinstance(source, Image.Image) else Image.open(
             io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        if prepare is not None:
+            prepare(image)
         image.load()
     except UnidentifiedImageError:
         raise BadImage('not an image in a format Pillow reads') from None  # its message names a BytesIO
@@ -111,8 +114,8 @@ class ImageSource(torch.utils.data.Dataset):
     choice depends only on the index, so runs stay deterministic and resume exactly.
     """
 
-    def __init__(self, base, transform=None):
-        self.base, self.transform = base, transform
+    def __init__(self, base, transform=None, prepare=None):
+        self.base, self.transform, self.prepare = base, transform, prepare
 
     def name_of(self, index):
         return self.base.filename(index) if hasattr(self.base, 'filename') else f'item {index}'
@@ -126,7 +129,7 @@ class ImageSource(torch.utils.data.Dataset):
             item = (index + attempt) % len(self.base)
             source, target = self.base[item][:2]
             try:
-                image = decode(source)
+                image = decode(source, self.prepare)
             except BadImage as err:
                 unreadable.append(f'{self.name_of(item)}: {err}')
                 continue

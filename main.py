@@ -24,6 +24,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 from mamba_ssm.ops import linear_3xtf32, policy
 
 try:
@@ -31,6 +32,7 @@ try:
 except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
     from timm.optim.optim_factory import param_groups_weight_decay
 
+import gpu_input
 import vim  # noqa: F401  (registers the Vim models with timm)
 from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, data_set_name, verify_images
 from engine import TrainingDiverged, evaluate, train_one_epoch
@@ -222,7 +224,13 @@ def get_args_parser():
              help='download CIFAR (or a torch/NAME data set) into --data-path if missing')
     add_flag(g, '--eval-crop-ratio', default=0.875, type=float,
              help='evaluation: resize to input-size / ratio, then centre crop')
-    add_flag(g, '--num-workers', default=10, type=int, help='data-loader worker processes per training process')
+    add_flag(g, '--num-workers', default=None, type=int,
+             help='data-loader worker processes per training process (default: the CPU cores this process may use, '
+                  'shared among the training processes of the node, less one for the process itself, at most 16)')
+    add_flag(g, '--input-pipeline', default='cpu', choices=['cpu', 'gpu'],
+             help='training images: cpu decodes and augments in the loader workers; gpu has the workers read file '
+                  'bytes only and decodes (nvJPEG) and augments whole batches on the GPU, for when the CPU cores '
+                  'cannot keep up with the model. Evaluation always uses the CPU')
     add_flag(g, '--pin-mem', action='store_true',
              help='pin CPU memory for faster host-to-GPU copies (default, GPU only)')
     add_flag(g, '--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
@@ -334,6 +342,11 @@ def check_args(args):
         args.compile = None
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} but no CUDA device is available: use --device cpu')
+    if args.input_pipeline == 'gpu' and not args.device.startswith('cuda'):
+        raise UserError(f'--input-pipeline gpu decodes and augments on a CUDA device, but --device is {args.device}: '
+                        f'use --input-pipeline cpu')
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     if args.batch_size < 1:
         raise UserError(f'--batch-size {args.batch_size}: must be at least 1')
     if not args.eval and mixup_active(args) and args.batch_size % 2:
@@ -347,6 +360,13 @@ def check_args(args):
     if args.fp32_matmul == 'tf32' and not args.device.startswith('cuda'):
         raise UserError(f'--fp32-matmul tf32 selects CUDA tensor cores; it does nothing on --device {args.device}: '
                         f'drop it')
+
+
+def default_num_workers():
+    """The CPU cores this process may use, shared among the node's training processes, less one, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    local = os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0]
+    return max(1, min(16, cores // max(1, int(local)) - 1))
 
 
 def mixup_active(args):
@@ -406,10 +426,13 @@ def train_loader(dataset, args, seed, pin_memory):
                         f'one batch of --batch-size {args.batch_size} on {get_world_size()} process(es); '
                         f'lower --batch-size')
     # The loader's own generator keeps iterator creation from consuming the global random stream.
-    loader = CountingLoader(SeededDataset(dataset), BadImageCount(args.max_bad_images, 'training'), sampler=sampler,
-                            batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
-                            pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                            worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
+    common = dict(sampler=sampler, batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
+                  pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
+                  worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
+    if hasattr(dataset, 'collate'):  # the GPU input path's encoded batches (it logs unreadable files itself)
+        loader = DataLoader(SeededDataset(dataset), collate_fn=dataset.collate, **common)
+    else:
+        loader = CountingLoader(SeededDataset(dataset), BadImageCount(args.max_bad_images, 'training'), **common)
     return loader, sampler, steps
 
 
@@ -482,7 +505,12 @@ def main(args):
         return
 
     dataset_train, _ = build_dataset(True, args)
-    data_loader_train, sampler_train, steps_per_epoch = train_loader(dataset_train, args, args.seed, pin_memory)
+    if args.input_pipeline == 'gpu':
+        dataset_train = gpu_input.encoded_dataset(dataset_train, args.data_set)
+    data_loader_train, sampler_train, steps_per_epoch = train_loader(
+        dataset_train, args, args.seed, pin_memory and args.input_pipeline == 'cpu')
+    if args.input_pipeline == 'gpu':
+        data_loader_train = gpu_input.GpuTrainLoader(data_loader_train, dataset_train.augmentation, device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                            device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None
     model_without_ddp = model

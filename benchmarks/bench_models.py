@@ -91,15 +91,22 @@ def measure(kind, name, img_size, batch, dtype, fused_attn, iters, compile_mode=
     return {"img_per_s": batch / seconds, "ms": seconds * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
-def plot(results, path):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (saying so) when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
         print("matplotlib is not installed: no plot written")
-        return
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot(results, path):
+    plt = pyplot()
+    if plt is None:
+        return
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab20").colors
     for i, (label, rows) in enumerate(results["features"].items()):

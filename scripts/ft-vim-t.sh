@@ -7,4 +7,4 @@
 #        [--gpus N] [main.py flags]      (or PRETRAINED=... in the environment)
 exec "$(dirname "$0")/launch.sh" ft-vim-t --model vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
   --batch-size 128 --lr 5e-6 --weight-decay 1e-8 --drop-path 0.0 --epochs 30 --warmup-lr 1e-5 --min-lr 1e-5 \
-  --no-amp --num-workers 10 --compile "$@"
+  --no-amp --compile "$@"

@@ -5,4 +5,4 @@
 # Add --grad-checkpointing if 64 images do not fit a GPU; bf16 (--if-amp) trains faster.
 # Usage: scripts/pt-vim-b.sh --data-path /path/to/imagenet [--output-dir DIR] [--gpus N] [main.py flags]
 exec "$(dirname "$0")/launch.sh" pt-vim-b --model vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2 \
-  --batch-size 64 --lr 5e-4 --weight-decay 0.05 --drop-path 0.1 --epochs 300 --no-amp --num-workers 10 --compile "$@"
+  --batch-size 64 --lr 5e-4 --weight-decay 0.05 --drop-path 0.1 --epochs 300 --no-amp --compile "$@"
