@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null; then
   index=${VIM_TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
-  if [ -n "$index" ]; then
-    python -m pip install -q --index-url "$index" "torch>=2.6" "torchvision>=0.21"
+  if [ -n "$index" ] && ! python -m pip install -q --index-url "$index" "torch>=2.6" "torchvision>=0.21"; then
+    echo "setup.sh: torch's CPU wheels could not be installed from $index; taking torch from pip's default index" >&2
   fi
 fi
 python -m pip install -q -r vim_requirements.txt

@@ -163,7 +163,9 @@ def _run_setup(tmp_path, env_extra, nvidia_smi):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "log"
-    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exit 1; fi\necho "$@" >> {log}\n')
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\nif [ "$1" = -c ]; then exit 1; fi\necho "$@" >> {log}\n'
+        'case "$*" in *--index-url*) [ -z "$UNREACHABLE_INDEX" ] || exit 1;; esac\n')
     (bin_dir / "python").chmod(0o755)
     if nvidia_smi:
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
@@ -187,4 +189,11 @@ def test_setup_takes_cpu_torch_wheels_without_a_gpu(tmp_path, env, nvidia_smi, i
         assert not torch_calls
     else:
         assert torch_calls == [f"-m pip install -q --index-url {index} torch>=2.6 torchvision>=0.21"]
+    assert calls[-1].endswith("-e causal-conv1d -e mamba-1p1p1 -e .")
+
+
+def test_setup_falls_back_to_the_default_index_when_the_cpu_index_is_unreachable(tmp_path):
+    calls = _run_setup(tmp_path, {"UNREACHABLE_INDEX": "1"}, nvidia_smi=False)
+    assert calls[0].startswith("-m pip install -q --index-url https://download.pytorch.org/whl/cpu")
+    assert "-m pip install -q -r vim_requirements.txt" in calls[1:]  # torch then comes from the default index
     assert calls[-1].endswith("-e causal-conv1d -e mamba-1p1p1 -e .")
