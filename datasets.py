@@ -50,6 +50,13 @@ class CheckedImageFolder(datasets.ImageFolder):
             raise UserError(f'class folder(s) {shown} in {root} hold no images ({", ".join(IMG_EXTENSIONS)}): '
                             f'add images or remove the folder(s)')
 
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (ValueError, RuntimeError) as err:  # a transform that this image cannot take, e.g. a crop larger than it
+            raise UserError(f'cannot use image {self.samples[index][0]} ({err}): replace or delete this file and '
+                            f'rerun') from None
+
 
 class INatDataset(torch.utils.data.Dataset):
     """iNaturalist 2018/2019 in its release layout: `train{year}.json`, `val{year}.json` (COCO style:
@@ -149,6 +156,24 @@ def build_dataset(is_train, args):
         dataset = CheckedImageFolder(os.path.join(root, 'train' if is_train else 'val'), transform)
         return dataset, len(dataset.classes)
     raise UserError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}')
+
+
+def check_class_sets(train, val):
+    """Labels are class indices, so train and val must hold the same classes: a class missing from val or
+    an extra one there shifts the labels of all classes after it (or changes the head)."""
+    train_classes, val_classes = getattr(train, 'classes', None), getattr(val, 'classes', None)
+    if train_classes is None or val_classes is None or list(train_classes) == list(val_classes):
+        return
+    differences = []
+    for label, names in (('missing from val', set(train_classes) - set(val_classes)),
+                         ('only in val', set(val_classes) - set(train_classes))):
+        if names:
+            names = sorted(names)
+            differences.append(f'{label}: {", ".join(names[:5])}' + (f' and {len(names) - 5} more' if len(names) > 5
+                                                                     else ''))
+    raise UserError(f'the training set has {len(train_classes)} classes and the validation set {len(val_classes)}, '
+                    f'not the same ({"; ".join(differences)}): give train/ and val/ one folder for each class, '
+                    f'with the same names')
 
 
 def build_transform(is_train, args):

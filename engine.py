@@ -27,7 +27,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     Steps whose loss or gradient is not finite are skipped (no optimizer or EMA update) and counted;
     `args.max_nonfinite_steps` consecutive ones raise TrainingDiverged unless `args.if_continue_inf`.
     Every `args.save_every_steps` steps, and when `stop_request` fires, `save_checkpoint(epoch, steps
-    done)` is called; after a stop request Preempted is raised. All processes take these decisions
+    done)` is called; after a stop request Preempted is raised (on the epoch's last step, neither: the
+    caller's epoch end evaluates, logs and saves first). All processes take these decisions
     together (one small all-reduce per step), so none is left waiting in a collective.
     """
     model.train()
@@ -93,11 +94,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
 
         steps_done = step + 1
-        periodic_save = args.save_every_steps and steps_done % args.save_every_steps == 0
-        if save_checkpoint is not None and (stop or (periodic_save and steps_done < steps_per_epoch)):
-            save_checkpoint(epoch, steps_done)
-        if stop:
-            raise Preempted(f'stopped after step {global_step} (epoch {epoch}, iteration {step})')
+        if steps_done < steps_per_epoch:  # a stop on the last step is served at the epoch's end, after evaluation
+            periodic_save = args.save_every_steps and steps_done % args.save_every_steps == 0
+            if save_checkpoint is not None and (stop or periodic_save):
+                save_checkpoint(epoch, steps_done)
+            if stop:
+                raise Preempted(f'stopped after step {global_step} (epoch {epoch}, iteration {step})')
 
     metric_logger.synchronize_between_processes(device)
     log('Averaged stats:', metric_logger)
