@@ -2,7 +2,8 @@
 
 Exit codes: 0 done, 1 another process of a distributed job stopped answering (--dist-timeout), 2 user
 error (one line on stderr), 3 training diverged (non-finite steps), 75 stopped by SIGTERM, SIGUSR1 or
-Ctrl-C after saving a resumable checkpoint, or before anything needed saving (rerun the same command).
+Ctrl-C after saving a resumable checkpoint, or before anything needed saving (rerun the same command),
+130 a second Ctrl-C before that save.
 
 Resuming (an existing OUTPUT_DIR/checkpoint.pth, else --resume) restores the weights, EMA, optimizer
 moments, loss scale, random states, epoch and step, and best accuracy. Everything else comes from the
@@ -680,7 +681,7 @@ def logged_epoch(line):
 
 def loader_worker_death(err):
     """The one-line explanation when `err` says that the OS ended a data-loader worker, else None."""
-    match = re.search(r'DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\) (exited unexpectedly|is killed by signal: \w+)',
+    match = re.search(r'DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (exited unexpectedly|is killed by signal: \w+)',
                       str(err))
     if not isinstance(err, RuntimeError) or not match:
         return None
