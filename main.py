@@ -533,15 +533,21 @@ def run(args):
                      label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
     criterion = build_criterion(args, num_classes, device)
 
-    start_epoch, start_step, max_accuracy = args.start_epoch, 0, -1.0  # -1: no best checkpoint yet
+    # max_accuracy -1: no best checkpoint yet
+    start_epoch, start_step, max_accuracy, pending_train_stats = args.start_epoch, 0, -1.0, None
     if checkpoint is not None and 'optimizer' in checkpoint and 'epoch' in checkpoint:
-        start_epoch, start_step, max_accuracy = restore_training_state(
+        start_epoch, start_step, max_accuracy, pending_train_stats = restore_training_state(
             checkpoint, resume, args, optimizer=optimizer, model_ema=model_ema, scaler=scaler,
             global_batch=global_batch, steps_per_epoch=steps_per_epoch)
 
-    def save_checkpoint(epoch, steps_done, best=False):
+    def save_checkpoint(epoch, steps_done, *, end_of_epoch=False, best=False, train_stats=None):
         """Collective: every process contributes its random state; the main process writes checkpoint.pth
-        (and best_checkpoint.pth, the same state, when `best`)."""
+        (and first best_checkpoint.pth, the same state, when `best`).
+
+        `end_of_epoch`: the epoch is trained, evaluated and logged (this save commits it). Otherwise the
+        state is `steps_done` steps into `epoch`; all its steps, with its averages `train_stats`, when only
+        its end (evaluation, log) is pending.
+        """
         rng_states = [None] * get_world_size()
         if args.distributed:
             dist.all_gather_object(rng_states, capture_rng_state())
@@ -551,15 +557,17 @@ def run(args):
             state = {
                 'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                 'lr_scheduler': lr_scheduler.state_dict(),
-                # `epoch` is the last completed epoch (the DeiT convention); a mid-epoch save adds the steps
-                # done in the next one.
-                'epoch': epoch if steps_done == steps_per_epoch else epoch - 1,
-                'step_in_epoch': steps_done % steps_per_epoch, 'global_batch': global_batch,
+                # `epoch` is the last completed epoch (the DeiT convention); a save inside an epoch adds the
+                # steps done in the next one.
+                'epoch': epoch if end_of_epoch else epoch - 1,
+                'step_in_epoch': 0 if end_of_epoch else steps_done, 'global_batch': global_batch,
                 'scaler': scaler.state_dict() if scaler is not None else None,
                 'args': vars(args), 'rng_state': rng_states, 'max_accuracy': max_accuracy,
             }
             if model_ema is not None:
                 state['model_ema'] = model_ema.module.state_dict()
+            if train_stats is not None:
+                state['train_stats'] = train_stats
             if best:  # before checkpoint.pth, which commits the epoch
                 save_atomic(state, os.path.join(args.output_dir, 'best_checkpoint.pth'))
             save_atomic(state, checkpoint_path)
@@ -573,11 +581,14 @@ def run(args):
     start_time = time.time()
     with StopRequest() as stop_request:
         for epoch in range(start_epoch, args.epochs):
-            sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
-            train_stats = train_one_epoch(
-                model, criterion, data_loader_train, optimizer, device, epoch, args, lr_scheduler=lr_scheduler,
-                steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
-                model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
+            if start_step == steps_per_epoch:  # trained before a stop; only its end (evaluation, log) is pending
+                train_stats = pending_train_stats
+            else:
+                sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
+                train_stats = train_one_epoch(
+                    model, criterion, data_loader_train, optimizer, device, epoch, args, lr_scheduler=lr_scheduler,
+                    steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
+                    model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
             start_step = 0
             # the bare model: DDP's forward could wait on processes that hold fewer test batches
             test_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype, args.dist_eval)
@@ -587,10 +598,10 @@ def run(args):
             log(f'Max accuracy: {max_accuracy:.2f}%')
             # The epoch's end is one transaction: the log line and best_checkpoint.pth are written first,
             # checkpoint.pth last commits the epoch. A kill before that makes the resumed run redo the epoch's
-            # end (its log line then replaces the earlier one). A stop request, even on the last step, is
-            # served here, after the evaluation and the log.
+            # end (its log line then replaces the earlier one). A stop request on the last step is served
+            # here, after the evaluation and the log.
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
-            save_checkpoint(epoch, steps_per_epoch, best=improved)
+            save_checkpoint(epoch, steps_per_epoch, end_of_epoch=True, best=improved)
             if stop_request.agreed(device):
                 raise Preempted(f'stopped after epoch {epoch}')
     log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -603,7 +614,8 @@ def saved_args(checkpoint):
 
 
 def restore_training_state(checkpoint, source, args, *, optimizer, model_ema, scaler, global_batch, steps_per_epoch):
-    """Load the optimizer's moments, EMA, scaler and random states; return (start epoch, start step, best acc).
+    """Load the optimizer's moments, EMA, scaler and random states; return (start epoch, start step, best
+    accuracy, the start epoch's training averages when only its end is pending).
 
     The hyperparameters of the command line win over the saved ones (the optimizer's param groups keep
     their new lr, weight decay, ...) and the learning-rate schedule, built from the command line, is not
@@ -643,7 +655,8 @@ def restore_training_state(checkpoint, source, args, *, optimizer, model_ema, sc
         log(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
             f'restart from --seed')
     log(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}')
-    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0)
+    pending_train_stats = checkpoint.get('train_stats', {}) if start_step == steps_per_epoch else None
+    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0), pending_train_stats
 
 
 def tensorboard_writer(output_dir):

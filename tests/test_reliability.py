@@ -103,6 +103,30 @@ class Crash(BaseException):
     """Stands for a SIGKILL: nothing after it runs."""
 
 
+def test_a_kill_during_the_evaluation_after_a_stop_keeps_the_epochs_training(image_folder, tmp_path, monkeypatch,
+                                                                            capsys):
+    # A scheduler's SIGKILL may follow its SIGTERM before a long evaluation ends: the trained epoch is saved
+    # first, and the resumed run only evaluates, logs and commits it.
+    command = tiny_args(image_folder, tmp_path, '--epochs', '2', '--print-freq', '1')
+    signal_on_training_step(monkeypatch, 6)
+
+    def killed(*args, **kwargs):
+        raise Crash
+
+    monkeypatch.setattr(main, 'evaluate', killed)
+    with pytest.raises(Crash):
+        run_trainer(command)
+    pending = load(tmp_path / 'checkpoint.pth')
+    assert pending['epoch'] == -1 and pending['step_in_epoch'] == 6 and pending['train_stats']['loss'] > 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_trainer(command) == 0
+    out = capsys.readouterr().out
+    assert 'Epoch: [0]' not in out and 'Epoch: [1]  [5/6]' in out  # epoch 0 was not trained again
+    records = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0, 1] and records[0]['train_loss'] == pending['train_stats']['loss']
+
+
 @pytest.mark.parametrize('last_write', ['log.txt', 'checkpoint.pth'])
 def test_a_crash_at_an_epochs_end_is_redone_on_resume(image_folder, tmp_path, monkeypatch, last_write):
     # The run dies right after writing `last_write` at the end of epoch 1: whatever was written, the same
