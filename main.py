@@ -340,9 +340,9 @@ def check_args(args):
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} but no CUDA device is available: use --device cpu')
     for flag, value, least in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
-                               ('--num-workers', args.num_workers, 0), ('--lr', args.lr, 0), ('--min-lr', args.min_lr, 0),
-                               ('--warmup-lr', args.warmup_lr, 0), ('--warmup-epochs', args.warmup_epochs, 0),
-                               ('--weight-decay', args.weight_decay, 0)):
+                               ('--num-workers', args.num_workers, 0), ('--lr', args.lr, 0),
+                               ('--min-lr', args.min_lr, 0), ('--warmup-lr', args.warmup_lr, 0),
+                               ('--warmup-epochs', args.warmup_epochs, 0), ('--weight-decay', args.weight_decay, 0)):
         if value < least:
             raise UserError(f'{flag} {value}: must be at least {least}')
     if args.clip_grad is not None and args.clip_grad <= 0:
@@ -698,8 +698,12 @@ def loader_worker_death(err):
                       str(err))
     if not isinstance(err, RuntimeError) or not match:
         return None
-    return (f'data-loader worker {match.group(1)} {match.group(2)}, most likely ended by the system for lack of '
-            f'memory: lower --num-workers (or --batch-size) and rerun; training resumes from the last checkpoint')
+    if match.group(2).endswith(('Terminated', 'Interrupt')):  # someone else's signal, not the system's
+        cause = ('a signal meant for the trainer reached its loader workers: send SIGTERM to the main process only, '
+                 'or SIGUSR1')
+    else:
+        cause = 'most likely ended by the system for lack of memory: lower --num-workers (or --batch-size)'
+    return f'data-loader worker {match.group(1)} {match.group(2)}, {cause}; rerun to resume from the last checkpoint'
 
 
 def user_message(err):

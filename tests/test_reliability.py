@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,8 +17,9 @@ import torch
 from PIL import Image
 
 import main
+import trainer.output_dir
 from test_robustness import error_of, popen, popen_any
-from test_trainer import REPO, load, make_image_folder, run_trainer, tiny_args, tiny_model
+from test_trainer import load, make_image_folder, run_trainer, tiny_args, tiny_model
 from trainer.output_dir import LOCK_NAME, OutputDirLock
 from trainer.preemption import PREEMPTED_EXIT_CODE
 
@@ -273,6 +272,19 @@ def test_output_dir_that_is_a_file(image_folder, tmp_path, capsys):
     (tmp_path / 'out').write_text('')
     err = error_of(tiny_args(image_folder, tmp_path / 'out', '--epochs', '1'), capsys)
     assert f'--output-dir {tmp_path / "out"} is a file, not a directory' in err
+
+
+def test_read_only_output_dir_stops_before_training(image_folder, tmp_path, capsys, monkeypatch):
+    # (the tests may run as root, whom permissions do not stop: the file system's answer is simulated)
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(trainer.output_dir, 'open', read_only, raising=False)
+    assert run_trainer(tiny_args(image_folder, tmp_path, '--epochs', '1')) == 2
+    out, err = capsys.readouterr()
+    assert err == f'error: cannot write {tmp_path} (Read-only file system): make --output-dir writable or choose ' \
+                  f'another, then rerun\n'
+    assert out == ''  # stopped before reading the data, let alone training
 
 
 def test_full_disk_on_save(image_folder, tmp_path, capsys, monkeypatch):
