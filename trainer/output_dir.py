@@ -1,5 +1,6 @@
 """The output directory: one writer at a time, writable before the first step, and one-line errors for
 failed writes (full disk, read-only file system)."""
+import contextlib
 import errno
 import fcntl
 import os
@@ -71,7 +72,7 @@ def process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user
-        return True
+        pass
     return True
 
 
@@ -131,6 +132,7 @@ class OutputDirLock:
 
     def release(self):
         if self.fd is not None:
-            os.remove(self.path)
+            with contextlib.suppress(FileNotFoundError):  # deleted by hand
+                os.remove(self.path)
             os.close(self.fd)
             self.fd = None
