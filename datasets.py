@@ -231,6 +231,24 @@ def verify_images(args):
     log(f'all {total} images are readable')
 
 
+def check_class_sets(train, val):
+    """Labels are class indices, so train and val must hold the same classes: a class missing from val or
+    an extra one there shifts the labels of all classes after it (or changes the head)."""
+    train_classes, val_classes = getattr(train, 'classes', None), getattr(val, 'classes', None)
+    if train_classes is None or val_classes is None or list(train_classes) == list(val_classes):
+        return
+    differences = []
+    for label, names in (('missing from val', set(train_classes) - set(val_classes)),
+                         ('only in val', set(val_classes) - set(train_classes))):
+        if names:
+            names = sorted(names)
+            differences.append(f'{label}: {", ".join(names[:5])}' + (f' and {len(names) - 5} more' if len(names) > 5
+                                                                     else ''))
+    raise UserError(f'the training set has {len(train_classes)} classes and the validation set {len(val_classes)}, '
+                    f'not the same ({"; ".join(differences)}): give train/ and val/ one folder for each class, '
+                    f'with the same names')
+
+
 def build_transform(is_train, args):
     """DeiT's transforms: timm's RandAugment/erasing pipeline for training, resize + centre crop for eval."""
     if is_train:

@@ -27,7 +27,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     Steps whose loss or gradient is not finite are skipped (no optimizer or EMA update) and counted;
     `args.max_nonfinite_steps` consecutive ones raise TrainingDiverged unless `args.if_continue_inf`.
     Every `args.save_every_steps` steps, and when `stop_request` fires, `save_checkpoint(epoch, steps
-    done)` is called; after a stop request Preempted is raised. All processes take these decisions
+    done)` is called; after a stop request Preempted is raised. A stop on the epoch's last step saves
+    the trained state with the epoch's averages (`train_stats`) and returns: the caller's epoch end then
+    evaluates, logs and commits before stopping. All processes take these decisions
     together (one small all-reduce per step), so none is left waiting in a collective.
     """
     model.train()
@@ -36,7 +38,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('skipped_steps', SmoothedValue(window_size=1, fmt='{total:.0f}'))
     params = [p for p in model.parameters() if p.requires_grad]
-    consecutive_nonfinite = 0
+    consecutive_nonfinite, stop = 0, False
     header = f'Epoch: [{epoch}]'
     batches = metric_logger.log_every(data_loader, args.print_freq, header, total=steps_per_epoch, start=start_step)
     for step, (samples, targets) in enumerate(batches, start=start_step):
@@ -93,17 +95,20 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
 
         steps_done = step + 1
-        periodic_save = args.save_every_steps and steps_done % args.save_every_steps == 0
-        if save_checkpoint is not None and (stop or (periodic_save and steps_done < steps_per_epoch)):
-            save_checkpoint(epoch, steps_done)
-        if stop:
-            raise Preempted(f'stopped after step {global_step} (epoch {epoch}, iteration {step})')
+        if steps_done < steps_per_epoch:  # a stop on the last step is served at the epoch's end, after evaluation
+            periodic_save = args.save_every_steps and steps_done % args.save_every_steps == 0
+            if save_checkpoint is not None and (stop or periodic_save):
+                save_checkpoint(epoch, steps_done)
+            if stop:
+                raise Preempted(f'stopped after step {global_step} (epoch {epoch}, iteration {step})')
 
     metric_logger.synchronize_between_processes(device)
     log('Averaged stats:', metric_logger)
     stats = metric_logger.global_averages()
     # every process skips the same steps, and the synchronised total counted them once per process
     stats['skipped_steps'] = metric_logger.meters['skipped_steps'].total / get_world_size()
+    if stop and save_checkpoint is not None:  # first secure the epoch's training: its evaluation may take long
+        save_checkpoint(epoch, steps_per_epoch, train_stats=stats)
     return stats
 
 

@@ -117,6 +117,11 @@ class ImageSource(torch.utils.data.Dataset):
     def __init__(self, base, transform=None, prepare=None):
         self.base, self.transform, self.prepare = base, transform, prepare
 
+    @property
+    def classes(self):
+        """The class names of `base` where it has them (class folders), for checking train against val."""
+        return getattr(self.base, 'classes', None)
+
     def name_of(self, index):
         return self.base.filename(index) if hasattr(self.base, 'filename') else f'item {index}'
 
@@ -133,7 +138,12 @@ class ImageSource(torch.utils.data.Dataset):
             except BadImage as err:
                 unreadable.append(f'{self.name_of(item)}: {err}')
                 continue
-            return (self.transform(image) if self.transform else image), target, tuple(unreadable)
+            try:
+                image = self.transform(image) if self.transform else image
+            except (ValueError, RuntimeError) as err:  # a transform this image cannot take, e.g. a crop larger than it
+                raise UserError(f'cannot use image {self.name_of(item)} ({err}): replace or delete this file and '
+                                f'rerun') from None
+            return image, target, tuple(unreadable)
         raise UserError(f'{MAX_SUBSTITUTE_TRIES} consecutive files cannot be read, the last: {unreadable[-1]}; '
                         f'check the data set (python main.py --verify-images lists every unreadable file)')
 

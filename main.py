@@ -1,7 +1,16 @@
 """Train, fine-tune and evaluate Vision Mamba (and other timm classifiers) the DeiT way.
 
-Exit codes: 0 done, 2 user error (one line on stderr), 3 training diverged (non-finite steps),
-75 stopped by SIGTERM/SIGUSR1 after saving a resumable checkpoint (rerun the same command).
+Exit codes: 0 done, 1 another process of a distributed job stopped answering (--dist-timeout), 2 user
+error (one line on stderr), 3 training diverged (non-finite steps), 75 stopped by SIGTERM, SIGUSR1 or
+Ctrl-C after saving a resumable checkpoint, or before anything needed saving (rerun the same command),
+130 a second Ctrl-C before that save.
+
+Resuming (an existing OUTPUT_DIR/checkpoint.pth, else --resume) restores the weights, EMA, optimizer
+moments, loss scale, random states, epoch and step, and best accuracy. Everything else comes from the
+command line, hyperparameters included (--lr, --min-lr, --warmup-lr, --warmup-epochs, --sched, --epochs,
+--weight-decay, --clip-grad, --batch-size, --num-workers, ...): the learning-rate schedule is rebuilt from
+them and continues at the resumed step, so a new --lr or --epochs takes effect at once. The optimizer
+itself (--opt) and the model must be those of the checkpoint.
 """
 import argparse
 import ast
@@ -34,16 +43,17 @@ except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
 
 import gpu_input
 import vim  # noqa: F401  (registers the Vim models with timm)
-from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, data_set_name, verify_images
+from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, check_class_sets, data_set_name, verify_images
 from engine import TrainingDiverged, evaluate, train_one_epoch
 from image_files import BadImageCount, CountingLoader
 from trainer import UserError
 from trainer.checkpoint import (capture_rng_state, check_compatible, load_finetune_weights, model_state_dict,
                                 open_checkpoint, restore_rng_state, save_atomic)
-from trainer.distributed import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
-                                 is_main_process, log)
+from trainer.distributed import (collective_timeout, get_rank, get_world_size, init_distributed_mode,
+                                 is_dist_avail_and_initialized, is_main_process, log, main_process_check)
 from trainer.losses import DistillationLoss
-from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, ignore_warning_signal
+from trainer.output_dir import OutputDirLock, check_writable, write_atomic
+from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, shield_loader_worker, stop_at_once
 from trainer.samplers import ResumableSampler, SeededDataset
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
@@ -243,14 +253,19 @@ def get_args_parser():
     add_flag(g, '--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     add_flag(g, '--seed', default=0, type=int, help='random seed')
     add_flag(g, '--resume', default='',
-             help='checkpoint to resume from (all state) or, with --eval, to evaluate; when --output-dir '
-                  'already has checkpoint.pth, training resumes that one instead')
+             help='checkpoint to resume from or, with --eval, to evaluate; when --output-dir already has '
+                  'checkpoint.pth, training resumes that one instead. A resumed run takes its hyperparameters '
+                  '(--lr, --epochs, --min-lr, --clip-grad, worker counts, ...) from the command line and '
+                  'rebuilds the schedule from them (see the end of --help)')
     add_flag(g, '--start-epoch', default=0, type=int, help='first epoch when not resuming')
     add_flag(g, '--finetune', default='',
              help='initialise from these weights: position embeddings resampled, a head of another shape '
                   'dropped')
     add_flag(g, '--eval', action='store_true',
              help='only evaluate (the checkpoint of --resume; its EMA too when it has one)')
+    add_flag(g, '--eval-untrained', action='store_true',
+             help='allow --eval without a checkpoint (--resume or OUTPUT_DIR/checkpoint.pth): evaluate the '
+                  'randomly initialised weights')
     add_flag(g, '--dist-eval', action='store_true',
              help='split evaluation over the processes (default: every process evaluates everything)')
     add_flag(g, '--print-freq', default=10, type=int, help='iterations between progress lines')
@@ -283,6 +298,9 @@ def get_args_parser():
 
     g = p.add_argument_group('distributed (set by torchrun or SLURM)')
     add_flag(g, '--dist-url', default='env://', help='process-group rendezvous URL')
+    add_flag(g, '--dist-timeout', default=900, type=float, metavar='SECONDS',
+             help='how long a process waits for the others in a collective (gloo and NCCL) before the job stops '
+                  'with an error naming the cause: a hung or stopped process ends the job instead of freezing it')
     add_flag(g, '--local-rank', default=0, type=int,
              help='GPU index of this process on its node, as torch.distributed.launch passes it; the LOCAL_RANK '
                '(torchrun) or SLURM_LOCALID variable takes precedence. The number of processes comes from '
@@ -347,8 +365,16 @@ def check_args(args):
                         f'use --input-pipeline cpu')
     if args.num_workers is None:
         args.num_workers = default_num_workers()
-    if args.batch_size < 1:
-        raise UserError(f'--batch-size {args.batch_size}: must be at least 1')
+    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                               ('--num-workers', args.num_workers, 0), ('--lr', args.lr, 0),
+                               ('--min-lr', args.min_lr, 0), ('--warmup-lr', args.warmup_lr, 0),
+                               ('--warmup-epochs', args.warmup_epochs, 0), ('--weight-decay', args.weight_decay, 0)):
+        if value < least:
+            raise UserError(f'{flag} {value}: must be at least {least}')
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        raise UserError(f'--clip-grad {args.clip_grad}: must be positive (leave it out to not clip)')
+    if args.dist_timeout <= 0:
+        raise UserError(f'--dist-timeout {args.dist_timeout}: must be a positive number of seconds')
     if not args.eval and mixup_active(args) and args.batch_size % 2:
         raise UserError(f'--batch-size {args.batch_size} is odd, but mixup/cutmix pair up the images of a batch: '
                         f'use an even --batch-size or --mixup 0 --cutmix 0')
@@ -391,7 +417,7 @@ def build_criterion(args, num_classes, device):
     teacher = None
     if args.distillation_type != 'none':
         teacher = create_model(args.teacher_model, num_classes=num_classes)
-        weights = model_state_dict(open_checkpoint(args.teacher_path))
+        weights = model_state_dict(open_checkpoint(args.teacher_path), f'teacher {args.teacher_path}')
         check_compatible(weights, teacher, args.teacher_model, f'teacher {args.teacher_path}')
         teacher.load_state_dict(weights)
         teacher.to(device).eval()
@@ -428,7 +454,7 @@ def train_loader(dataset, args, seed, pin_memory):
     # The loader's own generator keeps iterator creation from consuming the global random stream.
     common = dict(sampler=sampler, batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
                   pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
-                  worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(seed))
+                  worker_init_fn=shield_loader_worker, generator=torch.Generator().manual_seed(seed))
     if hasattr(dataset, 'collate'):  # the GPU input path's encoded batches (it logs unreadable files itself)
         loader = DataLoader(SeededDataset(dataset), collate_fn=dataset.collate, **common)
     else:
@@ -443,7 +469,7 @@ def eval_loader(dataset, args, pin_memory):
     return CountingLoader(dataset, BadImageCount(args.max_bad_images, purpose), drop_substitutes=True,
                           sampler=indices, batch_size=args.eval_batch_size or 2 * args.batch_size,
                           num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                          worker_init_fn=ignore_warning_signal, generator=torch.Generator().manual_seed(0))
+                          worker_init_fn=shield_loader_worker, generator=torch.Generator().manual_seed(0))
 
 
 def report_accuracy(stats, label='network'):
@@ -455,6 +481,25 @@ def main(args):
     if args.verify_images:
         return verify_images(args)
     init_distributed_mode(args)
+    # Only the main process writes to the output dir, and it holds the lock for the whole run.
+    lock = OutputDirLock(args.output_dir) if args.output_dir and is_main_process() else None
+    if args.output_dir:
+        main_process_check(lambda: (check_writable(args.output_dir), lock.acquire()))
+    try:
+        run(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args):
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+    own = checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else ''
+    # A restarted run continues from its own latest checkpoint, even when --resume names another file.
+    resume = (args.resume or own) if args.eval else (own or args.resume)
+    if args.eval and not resume and not args.eval_untrained:
+        raise UserError('--eval without a checkpoint would evaluate untrained weights: pass --resume CHECKPOINT '
+                        '(or add --eval-untrained to evaluate the random initialisation)')
     device = torch.device(f'cuda:{args.gpu}' if args.device.startswith('cuda') and args.distributed else args.device)
     seed_everything(args.seed + get_rank())
     if device.type == 'cuda':
@@ -468,7 +513,13 @@ def main(args):
         precision += ' (ieee matmuls: 3xtf32 needs Triton)' if no_triton else f' ({args.fp32_matmul} matmuls)'
     log(f'{args.model} on {device} x {get_world_size()}, {precision}')
 
-    dataset_val, num_classes = build_dataset(False, args)
+    # The number of classes comes from the training set, as in DeiT; evaluation alone reads only val/.
+    dataset_train, num_classes = (None, None) if args.eval else build_dataset(True, args)
+    dataset_val, val_classes = build_dataset(False, args)
+    if dataset_train is None:
+        num_classes = val_classes
+    else:
+        check_class_sets(dataset_train, dataset_val)
     pin_memory = args.pin_mem and device.type == 'cuda'
     data_loader_val = eval_loader(dataset_val, args, pin_memory)
     model = create_model(args.model, args.model_kwargs, num_classes=num_classes, drop_rate=args.drop,
@@ -477,13 +528,9 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'number of params: {n_parameters}')
 
-    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
-    own = checkpoint_path if checkpoint_path and os.path.isfile(checkpoint_path) else ''
-    # A restarted run continues from its own latest checkpoint, even when --resume names another file.
-    resume = (args.resume or own) if args.eval else (own or args.resume)
     checkpoint = open_checkpoint(resume) if resume else None
     if checkpoint is not None:
-        weights = model_state_dict(checkpoint)
+        weights = model_state_dict(checkpoint, resume)
         check_compatible(weights, model, args.model, resume)
         model.load_state_dict(weights)
         log(f'loaded {resume}')
@@ -504,7 +551,6 @@ def main(args):
             report_accuracy(evaluate(data_loader_val, model, device, amp_dtype, args.dist_eval), 'EMA network')
         return
 
-    dataset_train, _ = build_dataset(True, args)
     if args.input_pipeline == 'gpu':
         dataset_train = gpu_input.encoded_dataset(dataset_train, args.data_set)
     data_loader_train, sampler_train, steps_per_epoch = train_loader(
@@ -533,15 +579,21 @@ def main(args):
                      label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
     criterion = build_criterion(args, num_classes, device)
 
-    start_epoch, start_step, max_accuracy = args.start_epoch, 0, -1.0  # -1: no best checkpoint yet
+    # max_accuracy -1: no best checkpoint yet
+    start_epoch, start_step, max_accuracy, pending_train_stats = args.start_epoch, 0, -1.0, None
     if checkpoint is not None and 'optimizer' in checkpoint and 'epoch' in checkpoint:
-        start_epoch, start_step, max_accuracy = restore_training_state(
-            checkpoint, resume, optimizer=optimizer, lr_scheduler=lr_scheduler, model_ema=model_ema, scaler=scaler,
+        start_epoch, start_step, max_accuracy, pending_train_stats = restore_training_state(
+            checkpoint, resume, args, optimizer=optimizer, model_ema=model_ema, scaler=scaler,
             global_batch=global_batch, steps_per_epoch=steps_per_epoch)
 
-    def save_checkpoint(epoch, steps_done, best=False):
+    def save_checkpoint(epoch, steps_done, *, end_of_epoch=False, best=False, train_stats=None):
         """Collective: every process contributes its random state; the main process writes checkpoint.pth
-        (and best_checkpoint.pth, the same state, when `best`)."""
+        (and first best_checkpoint.pth, the same state, when `best`).
+
+        `end_of_epoch`: the epoch is trained, evaluated and logged (this save commits it). Otherwise the
+        state is `steps_done` steps into `epoch`; all its steps, with its averages `train_stats`, when only
+        its end (evaluation, log) is pending.
+        """
         rng_states = [None] * get_world_size()
         if args.distributed:
             dist.all_gather_object(rng_states, capture_rng_state())
@@ -551,19 +603,21 @@ def main(args):
             state = {
                 'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                 'lr_scheduler': lr_scheduler.state_dict(),
-                # `epoch` is the last completed epoch (the DeiT convention); a mid-epoch save adds the steps
-                # done in the next one.
-                'epoch': epoch if steps_done == steps_per_epoch else epoch - 1,
-                'step_in_epoch': steps_done % steps_per_epoch, 'global_batch': global_batch,
+                # `epoch` is the last completed epoch (the DeiT convention); a save inside an epoch adds the
+                # steps done in the next one.
+                'epoch': epoch if end_of_epoch else epoch - 1,
+                'step_in_epoch': 0 if end_of_epoch else steps_done, 'global_batch': global_batch,
                 'scaler': scaler.state_dict() if scaler is not None else None,
                 'args': vars(args), 'rng_state': rng_states, 'max_accuracy': max_accuracy,
             }
             if model_ema is not None:
                 state['model_ema'] = model_ema.module.state_dict()
+            if train_stats is not None:
+                state['train_stats'] = train_stats
+            if best:  # before checkpoint.pth, which commits the epoch
+                save_atomic(state, os.path.join(args.output_dir, 'best_checkpoint.pth'))
             save_atomic(state, checkpoint_path)
             log(f'saved {checkpoint_path} (epoch {epoch}, {steps_done}/{steps_per_epoch} steps)')
-            if best:
-                save_atomic(state, os.path.join(args.output_dir, 'best_checkpoint.pth'))
         if args.distributed:
             dist.barrier()  # nobody exits (and gets the others killed by torchrun) before the file is complete
 
@@ -573,11 +627,14 @@ def main(args):
     start_time = time.time()
     with StopRequest() as stop_request:
         for epoch in range(start_epoch, args.epochs):
-            sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
-            train_stats = train_one_epoch(
-                model, criterion, data_loader_train, optimizer, device, epoch, args, lr_scheduler=lr_scheduler,
-                steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
-                model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
+            if start_step == steps_per_epoch:  # trained before a stop; only its end (evaluation, log) is pending
+                train_stats = pending_train_stats
+            else:
+                sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
+                train_stats = train_one_epoch(
+                    model, criterion, data_loader_train, optimizer, device, epoch, args, lr_scheduler=lr_scheduler,
+                    steps_per_epoch=steps_per_epoch, start_step=start_step, scaler=scaler, amp_dtype=amp_dtype,
+                    model_ema=model_ema, mixup_fn=mixup_fn, stop_request=stop_request, save_checkpoint=save_checkpoint)
             start_step = 0
             # the bare model: DDP's forward could wait on processes that hold fewer test batches
             test_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype, args.dist_eval)
@@ -585,18 +642,44 @@ def main(args):
             improved = test_stats['acc1'] > max_accuracy  # the same on every process
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             log(f'Max accuracy: {max_accuracy:.2f}%')
-            save_checkpoint(epoch, steps_per_epoch, best=improved)
+            # The epoch's end is one transaction: the log line and best_checkpoint.pth are written first,
+            # checkpoint.pth last commits the epoch. A kill before that makes the resumed run redo the epoch's
+            # end (its log line then replaces the earlier one). A stop request on the last step is served
+            # here, after the evaluation and the log.
             log_epoch(args.output_dir, writer, epoch, n_parameters, train_stats, test_stats)
-            if stop_request.requested:
+            save_checkpoint(epoch, steps_per_epoch, end_of_epoch=True, best=improved)
+            if stop_request.agreed(device):
                 raise Preempted(f'stopped after epoch {epoch}')
     log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
 
-def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model_ema, scaler, global_batch,
-                           steps_per_epoch):
-    """Load optimizer, schedule, EMA, scaler and random states; return (start epoch, start step, best acc)."""
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+def saved_args(checkpoint):
+    """The command-line arguments stored in a checkpoint, as a dict (the original trainer saved a Namespace)."""
+    saved = checkpoint.get('args')
+    return vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+
+
+def restore_training_state(checkpoint, source, args, *, optimizer, model_ema, scaler, global_batch, steps_per_epoch):
+    """Load the optimizer's moments, EMA, scaler and random states; return (start epoch, start step, best
+    accuracy, the start epoch's training averages when only its end is pending).
+
+    The hyperparameters of the command line win over the saved ones (the optimizer's param groups keep
+    their new lr, weight decay, ...) and the learning-rate schedule, built from the command line, is not
+    restored: it is a function of the global step, so a changed --lr or --epochs applies from the next step.
+    """
+    saved_opt = saved_args(checkpoint).get('opt')
+    if saved_opt and saved_opt.lower() != args.opt.lower():
+        raise UserError(f'{source} was trained with --opt {saved_opt}, not --opt {args.opt}: resume with --opt '
+                        f'{saved_opt}, or start a new --output-dir with --finetune {source}')
+    hyperparameters = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as err:
+        raise UserError(f'the optimizer state in {source} does not fit this run ({err}): resume with the --opt and '
+                        f'weight-decay flags it was trained with, or start a new --output-dir with --finetune '
+                        f'{source}') from None
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
     if model_ema is not None:
         if checkpoint.get('model_ema') is not None:
             model_ema.module.load_state_dict(checkpoint['model_ema'])
@@ -618,7 +701,8 @@ def restore_training_state(checkpoint, source, *, optimizer, lr_scheduler, model
         log(f'{source} holds random states of {len(rng_states)} processes, not {get_world_size()}: random streams '
             f'restart from --seed')
     log(f'resuming {source} at epoch {checkpoint["epoch"] + 1}, step {start_step}')
-    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0)
+    pending_train_stats = checkpoint.get('train_stats', {}) if start_step == steps_per_epoch else None
+    return checkpoint['epoch'] + 1, start_step, checkpoint.get('max_accuracy', -1.0), pending_train_stats
 
 
 def tensorboard_writer(output_dir):
@@ -634,13 +718,38 @@ def log_epoch(output_dir, writer, epoch, n_parameters, train_stats, test_stats):
         return
     record = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
               'epoch': epoch, 'n_parameters': n_parameters}
-    with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    path = os.path.join(output_dir, 'log.txt')
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:  # a resumed run that redoes an epoch's end replaces that epoch's line
+            lines = [line for line in f if logged_epoch(line) < epoch]
+    write_atomic(path, lambda f: f.write(''.join([*lines, json.dumps(record) + '\n']).encode()))
     if writer is not None:
         for key, value in record.items():
             if key not in ('epoch', 'n_parameters'):
                 writer.add_scalar(key.replace('_', '/', 1), value, epoch)
         writer.flush()
+
+
+def logged_epoch(line):
+    try:
+        return json.loads(line)['epoch']
+    except (ValueError, KeyError, TypeError):
+        return -1  # kept: not a line of this trainer
+
+
+def loader_worker_death(err):
+    """The one-line explanation when `err` says that the OS ended a data-loader worker, else None."""
+    match = re.search(r'DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (exited unexpectedly|is killed by signal: \w+)',
+                      str(err))
+    if not isinstance(err, RuntimeError) or not match:
+        return None
+    if match.group(2).endswith(('Terminated', 'Interrupt')):  # someone else's signal, not the system's
+        cause = ('a signal meant for the trainer reached its loader workers: send SIGTERM to the main process only, '
+                 'or SIGUSR1')
+    else:
+        cause = 'most likely ended by the system for lack of memory: lower --num-workers (or --batch-size)'
+    return f'data-loader worker {match.group(1)} {match.group(2)}, {cause}; rerun to resume from the last checkpoint'
 
 
 def user_message(err):
@@ -651,10 +760,9 @@ def user_message(err):
 
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
     try:
-        main(args)
+        with stop_at_once():
+            main(args)
         code = 0
     except UserError as err:
         print(f'error: {user_message(err)}', file=sys.stderr)
@@ -663,10 +771,26 @@ def cli(argv=None):
         print(f'error: {err}', file=sys.stderr)
         code = 3
     except Preempted as err:
-        saved = ('checkpoint saved, rerun the same command to continue' if args.output_dir
-                 else 'nothing saved (no --output-dir)')
+        if not args.output_dir:
+            saved = 'nothing saved (no --output-dir)'
+        elif err.saved:
+            saved = 'checkpoint saved, rerun the same command to continue'
+        else:
+            saved = 'nothing was lost since the last save; rerun the same command to continue'
         print(f'{err}; {saved} (exit code {PREEMPTED_EXIT_CODE})', file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print('error: interrupted by a second Ctrl-C before the checkpoint was written; the last complete '
+              'checkpoint is intact: rerun the same command to continue from it', file=sys.stderr)
+        code = 130
+    except RuntimeError as err:
+        if message := collective_timeout(err, args.dist_timeout):
+            code = 1
+        elif message := loader_worker_death(err):
+            code = 2
+        else:
+            raise
+        print(f'error: {message}', file=sys.stderr)
     finally:
         if is_dist_avail_and_initialized():
             dist.destroy_process_group()

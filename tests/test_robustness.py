@@ -140,7 +140,7 @@ def test_empty_class_folder(tmp_path, capsys):
 
 def test_missing_data_path(tmp_path, capsys):
     err = error_of(tiny_args(str(tmp_path / 'nowhere'), tmp_path / 'out'), capsys)
-    assert f'data folder {tmp_path / "nowhere" / "val"} does not exist' in err
+    assert f'data folder {tmp_path / "nowhere" / "train"} does not exist' in err
 
 
 def test_unknown_model_lists_close_names(image_folder, tmp_path, capsys):

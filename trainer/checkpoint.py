@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, safe loads (original-format files included) and weight loading."""
 import os
+import pickle
 import random
 import sys
 import urllib.parse
@@ -8,28 +9,13 @@ import numpy as np
 import torch
 
 from trainer import UserError
+from trainer.output_dir import write_atomic
 from vim import load_checkpoint
 
 
 def save_atomic(obj, path):
-    """torch.save `obj` to `path` so that `path` always holds a complete file.
-
-    The data goes to a temporary file in the same directory, is flushed to disk, then renamed over
-    `path` (an atomic replace on POSIX); until then the previous file stays untouched. A kill at any
-    moment leaves either the old or the new checkpoint, plus at most a stale temporary file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
-    with open(tmp_path, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save `obj` to `path` so that `path` always holds a complete file (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def open_checkpoint(path):
@@ -44,21 +30,36 @@ def open_checkpoint(path):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(path, cached)
         path = cached
+    if os.path.isdir(path):
+        raise UserError(f'checkpoint {path} is a directory: give the checkpoint file in it, e.g. '
+                        f'{os.path.join(path, "checkpoint.pth")}')
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune/--teacher-path')
     try:
         return load_checkpoint(path)
+    except pickle.UnpicklingError as err:  # torch's text advises weights_only=False, which runs any code in it
+        if 'weights only load failed' not in str(err).lower():
+            raise unreadable(path, err) from None
+        raise UserError(f'cannot load checkpoint {path}: it holds Python objects other than tensors and plain data, '
+                        f'which are refused because loading them can run arbitrary code; re-save its tensors '
+                        f'(e.g. {{"model": model.state_dict()}}) where the file is trusted') from None
     except Exception as err:  # torch raises several types for unreadable files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f'cannot load checkpoint {path} ({first_line}): it is truncated, not a PyTorch '
-                        f'checkpoint, or holds objects other than tensors and plain data') from None
+        raise unreadable(path, err) from None
 
 
-def model_state_dict(checkpoint):
+def unreadable(path, err):
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f'cannot load checkpoint {path} ({first_line}): it is truncated or not a PyTorch checkpoint')
+
+
+def model_state_dict(checkpoint, source):
     """The model weights of a checkpoint dict (`{'model': sd, ...}`) or of a bare state dict."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{source} holds a {type(checkpoint).__name__}, not a checkpoint: save a dict such as '
+                        f'{{"model": model.state_dict()}}')
     state_dict = checkpoint.get('model', checkpoint)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise UserError('checkpoint holds no state dict under "model" nor is it one')
+        raise UserError(f'{source} holds no state dict under "model" nor is it one')
     return state_dict
 
 
@@ -87,7 +88,7 @@ def load_finetune_weights(model, checkpoint, source):
     The model's own `checkpoint_filter_fn` (from its timm module) resamples position embeddings; head
     weights whose shape differs are dropped and re-initialised. Returns the dropped keys.
     """
-    state_dict = model_state_dict(checkpoint)
+    state_dict = model_state_dict(checkpoint, source)
     filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)

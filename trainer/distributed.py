@@ -1,4 +1,5 @@
 """Processes of a distributed run: joining the process group (torchrun or SLURM), rank queries, logging once."""
+import datetime
 import os
 import re
 
@@ -65,6 +66,40 @@ def init_distributed_mode(args):
     use_cuda = str(args.device).startswith('cuda')
     if use_cuda:
         torch.cuda.set_device(args.gpu)
+        # NCCL's watchdog aborts a collective that exceeds the timeout and ends the process; its heartbeat
+        # monitor also ends a process whose watchdog itself is stuck (a hung driver call).
+        env.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '1')
+        env.setdefault('TORCH_NCCL_ENABLE_MONITORING', '1')
+        env.setdefault('TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC', str(max(int(args.dist_timeout), 60)))
     dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
     dist.barrier()
+
+
+def collective_timeout(err, timeout):
+    """The one-line explanation when `err` is a collective that waited `timeout` seconds in vain, else None."""
+    text = str(err).lower()
+    if not is_dist_avail_and_initialized() or not isinstance(err, RuntimeError) or 'timed out' not in text \
+            and 'timeout' not in text:
+        return None
+    return (f'process {get_rank()}: another process did not answer within --dist-timeout {timeout:g} s (it hangs, '
+            f'was stopped or died); the job stops; the last checkpoint is intact: rerun the same command to continue '
+            f'(raise --dist-timeout if a step or save legitimately takes longer)')
+
+
+def main_process_check(check):
+    """Run `check` on the main process only; a UserError that it raises is raised on every process, so
+    that no process is left waiting for the others in the next collective."""
+    message = None
+    if is_main_process():
+        try:
+            check()
+        except UserError as err:
+            message = str(err)
+    if is_dist_avail_and_initialized():
+        shared = [message]
+        dist.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if message is not None:
+        raise UserError(message)
