@@ -1,7 +1,7 @@
 """Datasets and their DeiT-style transforms: `build_dataset(is_train, args) -> (dataset, num_classes)`.
 
 Image files (class folders, iNaturalist, tar files, timm's torch/ data sets) are read through
-image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
+trainer.image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
 replaced by another image and reported with the batch, so that the trainer counts and limits them
 (--max-bad-images, --strict-images).
 """
@@ -19,8 +19,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.readers.img_extensions import add_img_extensions
 from torchvision import datasets, transforms
 
-from image_files import IMAGE_EXTENSIONS, ImageSource, find_unreadable, is_image_file
-from jpeg_draft import draft_for_random_crop
+from trainer.image_files import IMAGE_EXTENSIONS, ImageSource, find_unreadable, is_image_file
+from trainer.jpeg_draft import draft_for_random_crop
 from trainer import UserError
 from trainer.distributed import log
 
@@ -41,7 +41,7 @@ def data_set_name(name):
 
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder of raw items (path, class) that names empty class folders instead of failing obscurely;
-    image files are recognised by extension or content (image_files.is_image_file)."""
+    image files are recognised by extension or content (trainer.image_files.is_image_file)."""
 
     def __init__(self, root):
         if not os.path.isdir(root):
@@ -75,7 +75,7 @@ class INatDataset(torch.utils.data.Dataset):
     """iNaturalist 2018/2019 in its release layout: `train{year}.json`, `val{year}.json` (COCO style:
     `images` with `file_name`, `annotations` with `category_id`) and the image tree they point into.
     Classes are the species (`category_id`s of the training annotations, in sorted order). Items are
-    raw (path, class), to be decoded by image_files.ImageSource.
+    raw (path, class), to be decoded by trainer.image_files.ImageSource.
     """
 
     def __init__(self, root, train, year):

@@ -41,16 +41,15 @@ try:
 except ImportError:  # timm before 1.0.12 keeps it in optim_factory only
     from timm.optim.optim_factory import param_groups_weight_decay
 
-import gpu_input
 import vim  # noqa: F401  (registers the Vim models with timm)
 from datasets import DATA_SETS, TIMM_PREFIXES, build_dataset, check_class_sets, data_set_name, verify_images
 from engine import TrainingDiverged, evaluate, train_one_epoch
-from image_files import BadImageCount, CountingLoader
-from trainer import UserError
+from trainer import UserError, gpu_input
 from trainer.checkpoint import (capture_rng_state, check_compatible, load_finetune_weights, model_state_dict,
                                 open_checkpoint, restore_rng_state, save_atomic)
 from trainer.distributed import (collective_timeout, get_rank, get_world_size, init_distributed_mode,
                                  is_dist_avail_and_initialized, is_main_process, log, main_process_check)
+from trainer.image_files import BadImageCount, CountingLoader
 from trainer.losses import DistillationLoss
 from trainer.output_dir import OutputDirLock, check_writable, write_atomic
 from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, shield_loader_worker, stop_at_once

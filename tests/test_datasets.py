@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datasets import DIGITS_NUM_TRAIN, INatDataset, build_dataset
-from image_files import ImageSource
+from trainer.image_files import ImageSource
 from trainer import UserError
 from trainer.distributed import first_slurm_host
 from trainer.losses import DistillationLoss

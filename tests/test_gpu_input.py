@@ -13,9 +13,9 @@ from timm.data import create_transform
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-import gpu_input
+from trainer import gpu_input
 import main
-from gpu_input import OP_KINDS, TrainAugmentation
+from trainer.gpu_input import OP_KINDS, TrainAugmentation
 from trainer import UserError
 from trainer.samplers import ResumableSampler, SeededDataset
 

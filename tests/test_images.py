@@ -14,7 +14,7 @@ from torchvision.transforms import PILToTensor
 
 import datasets
 import main as trainer
-from image_files import BadImageCount, CountingLoader, ImageSource, decode, is_image_file, to_rgb
+from trainer.image_files import BadImageCount, CountingLoader, ImageSource, decode, is_image_file, to_rgb
 from test_trainer import make_image_folder, run_trainer, tiny_args
 from trainer import UserError
 
@@ -209,10 +209,10 @@ def test_trainer_skips_counts_and_stops_on_bad_files(tmp_path, capsys):
     assert 'the run stops at the first one (--strict-images)' in capsys.readouterr().err
 
     val_bad = make_bad_files(os.path.join(data, 'val', 'circle'))
-    assert run_trainer(argv('eval', '--eval', '--strict-images')) == 2
+    assert run_trainer(argv('eval', '--eval', '--eval-untrained', '--strict-images')) == 2
     err = capsys.readouterr().err
     assert 'in evaluation' in err and 'rerun the evaluation' in err and 'resum' not in err
-    assert run_trainer(argv('eval', '--eval')) == 0
+    assert run_trainer(argv('eval', '--eval', '--eval-untrained')) == 0
     out = capsys.readouterr().out
     assert 'on the 3 test images' in out and all(path in out for path in val_bad)  # bad ones not counted
 

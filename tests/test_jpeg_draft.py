@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from image_files import decode
-from jpeg_draft import draft_for_random_crop
+from trainer.image_files import decode
+from trainer.jpeg_draft import draft_for_random_crop
 from tests.test_gpu_input import RECIPE, photo
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -20,6 +20,8 @@ import main
 import trainer.output_dir
 from test_robustness import error_of, popen, popen_any
 from test_trainer import load, make_image_folder, run_trainer, tiny_args, tiny_model
+from trainer import UserError
+from trainer.image_files import ImageSource
 from trainer.output_dir import LOCK_NAME, OutputDirLock
 from trainer.preemption import PREEMPTED_EXIT_CODE
 
@@ -298,12 +300,26 @@ def test_full_disk_on_save(image_folder, tmp_path, capsys, monkeypatch):
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
 
 
-def test_image_too_small_to_crop_is_named(tmp_path, capsys):
+def test_image_smaller_than_the_crop_trains(tmp_path, capsys):
+    """An 8x8 image in a run at a 16 px input: padded by the small-input crop, not a crash."""
     data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
-    small = tmp_path / 'data' / 'train' / 'square' / 'small.png'
-    Image.new('RGB', (8, 8)).save(small)
-    err = error_of(tiny_args(data, tmp_path / 'out', '--epochs', '1', '--no-repeated-aug'), capsys)
-    assert f'cannot use image {small}' in err and 'replace or delete this file' in err
+    Image.new('RGB', (8, 8)).save(tmp_path / 'data' / 'train' / 'square' / 'small.png')
+    assert run_trainer(tiny_args(data, tmp_path / 'out', '--epochs', '1', '--no-repeated-aug')) == 0
+
+
+def test_image_a_transform_cannot_take_is_named(tmp_path):
+    path = tmp_path / 'odd.png'
+    Image.new('RGB', (8, 8)).save(path)
+
+    class Files(list):
+        def filename(self, index):
+            return self[index][0]
+
+    def refuse(image):
+        raise ValueError('crop larger than the image')
+
+    with pytest.raises(UserError, match=f'cannot use image {path} .*crop larger than the image.*replace or delete'):
+        ImageSource(Files([(str(path), 0)]), refuse)[0]
 
 
 class NotATensor:

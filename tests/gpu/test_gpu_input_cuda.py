@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-import gpu_input
+from trainer import gpu_input
 import main
 from tests.test_gpu_input import (RECIPE, check_erasing, check_geometric_ops, check_pixel_ops,
                                   check_prefetching_loader, check_recipe_matches_cpu_transform, check_resized_crop,

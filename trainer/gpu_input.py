@@ -26,7 +26,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from image_files import BadImage, decode
+from trainer.image_files import BadImage, decode
 from trainer import UserError
 from trainer.distributed import log
 
