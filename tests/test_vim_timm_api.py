@@ -15,7 +15,7 @@ import timm
 
 import vim_reference as ref
 from vim.models_mamba import resample_pos_embed
-from helpers import assert_max_error as assert_close
+from helpers import assert_max_error as assert_close, put_in_hf_cache
 from test_vim_model import ATOL, RTOL, perturb, save_trainer_checkpoint, small
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,11 +137,8 @@ def test_pretrained_from_the_hf_cache_needs_no_network(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     source = perturb(small(img=224, depth=1, dim=16, num_classes=1000))
-    snapshot = tmp_path / "models--hustvl--Vim-tiny-midclstok" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    save_trainer_checkpoint(snapshot / "vim_t_midclstok_76p1acc.pth", source.state_dict())
-    (tmp_path / "models--hustvl--Vim-tiny-midclstok" / "refs").mkdir()
-    (tmp_path / "models--hustvl--Vim-tiny-midclstok" / "refs" / "main").write_text("0" * 40)
+    put_in_hf_cache(tmp_path, "hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth",
+                    lambda path: save_trainer_checkpoint(path, source.state_dict()))
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     model = timm.create_model("vim_tiny_patch16_224", pretrained=True, depth=1, embed_dim=16)
