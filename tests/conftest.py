@@ -11,3 +11,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # The marks timm's vendored model tests (tests/timm_suite) group themselves by; `timeout` is
+    # pytest-timeout's, honoured where that plugin is installed.
+    for mark in ("base", "cfg", "cfg_nonstd", "features", "forward", "backward", "fxforward", "fxbackward",
+                 "torchscript", "timeout"):
+        config.addinivalue_line("markers", f"{mark}: a group of timm's model tests")
