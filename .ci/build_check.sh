@@ -18,12 +18,17 @@ for pkg in causal-conv1d mamba-1p1p1; do
   (cd "$pkg" && python setup.py -q build_ext --build-temp "$tmp/$pkg/temp" --build-lib "$tmp/$pkg/lib") \
     >"$tmp/$pkg.log" 2>&1 || { tail -60 "$tmp/$pkg.log"; echo "BUILD FAILED: $pkg"; exit 1; }
 done
-# The built modules must load (this also registers their ops with torch).
+# The built modules must load and register a CUDA kernel for every op the Python packages call (the ops are
+# defined across several source files; a file left out of the build would only show on a GPU).
 PYTHONPATH="$tmp/causal-conv1d/lib:$tmp/mamba-1p1p1/lib" python - <<'PY'
 import torch, causal_conv1d_cuda, selective_scan_cuda
-for op in (torch.ops.causal_conv1d_cuda.fwd, torch.ops.selective_scan_cuda.bwd):
-    assert op.default is not None
-print("extensions load:", causal_conv1d_cuda.__file__, selective_scan_cuda.__file__, sep="\n  ")
+expected = {"causal_conv1d_cuda": ("fwd", "bwd", "bi_fwd", "bi_bwd"),
+            "selective_scan_cuda": ("fwd", "bwd", "bi_fwd", "bi_bwd", "add_rms_norm", "conv_x_proj")}
+missing = [f"{lib}::{op}" for lib, ops in expected.items() for op in ops
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{lib}::{op}", "CUDA")]
+assert not missing, f"ops without a CUDA kernel: {missing}"
+print("extensions load, every op has its CUDA kernel:", causal_conv1d_cuda.__file__, selective_scan_cuda.__file__,
+      sep="\n  ")
 PY
 # The standalone kernel timer includes the kernels' sources directly: it must keep compiling with them
 # (for sm_90, the GPUs it is run on).
