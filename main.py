@@ -454,7 +454,7 @@ def train_loader(dataset, args, seed, pin_memory):
     common = dict(sampler=sampler, batch_size=args.batch_size, drop_last=True, num_workers=args.num_workers,
                   pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
                   worker_init_fn=shield_loader_worker, generator=torch.Generator().manual_seed(seed))
-    if hasattr(dataset, 'collate'):  # the GPU input path's encoded batches (it logs unreadable files itself)
+    if hasattr(dataset, 'collate'):  # the GPU input path's encoded batches (GpuTrainLoader counts unreadable files)
         loader = DataLoader(SeededDataset(dataset), collate_fn=dataset.collate, **common)
     else:
         loader = CountingLoader(SeededDataset(dataset), BadImageCount(args.max_bad_images, 'training'), **common)
@@ -555,7 +555,8 @@ def run(args):
     data_loader_train, sampler_train, steps_per_epoch = train_loader(
         dataset_train, args, args.seed, pin_memory and args.input_pipeline == 'cpu')
     if args.input_pipeline == 'gpu':
-        data_loader_train = gpu_input.GpuTrainLoader(data_loader_train, dataset_train.augmentation, device)
+        data_loader_train = gpu_input.GpuTrainLoader(data_loader_train, dataset_train.augmentation, device,
+                                                     bad_images=BadImageCount(args.max_bad_images, 'training'))
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                            device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None
     model_without_ddp = model

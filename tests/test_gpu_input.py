@@ -13,10 +13,10 @@ from timm.data import create_transform
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from trainer import gpu_input
 import main
+from trainer import UserError, gpu_input
 from trainer.gpu_input import OP_KINDS, TrainAugmentation
-from trainer import UserError
+from trainer.image_files import BadImageCount
 from trainer.samplers import ResumableSampler, SeededDataset
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -344,3 +344,22 @@ def test_default_worker_count_shares_the_cores_of_the_node(monkeypatch):
     monkeypatch.setattr(main.os, 'sched_getaffinity', lambda _: set(range(128)), raising=False)
     monkeypatch.setenv('SLURM_NTASKS_PER_NODE', '1')
     assert main.default_num_workers() == 16
+
+
+def test_unreadable_files_are_counted_as_on_the_cpu_path(tmp_path):
+    root = write_folder(tmp_path)
+    broken = root / 'train' / 'class1' / 'broken.jpg'
+    broken.write_bytes(b'not a jpeg')
+    folder = ImageFolder(str(root / 'train'), transform=create_transform(**{**RECIPE, 'input_size': 32}))
+    dataset = gpu_input.encoded_dataset(folder, 'folder')
+
+    def one_pass(limit):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=dataset.collate)  # 25 files
+        count = BadImageCount(limit, 'training')
+        for samples, _ in gpu_input.GpuTrainLoader(loader, dataset.augmentation, 'cpu', bad_images=count):
+            assert samples.shape[0] == 5  # the unreadable file was replaced, the batch kept its size
+        return count
+
+    assert one_pass(limit=5).named == {f'{broken}: cannot be decoded'}
+    with pytest.raises(UserError, match='the run stops at the first one'):
+        one_pass(limit=0)

@@ -7,7 +7,8 @@ streams as the CPU path, so under one sample seed both paths pick the same crop,
 magnitudes and erasing box. On the GPU, `augment_batch` applies those choices to the batch: nvJPEG decodes
 (`torchvision.io.decode_jpeg` on CUDA), then resized crop, flip, the RandAugment ops (grouped by op),
 normalisation and random erasing. Files nvJPEG cannot take (not JPEG, CMYK JPEG) are decoded by the worker
-on the CPU; a file that cannot be read at all is named in the log and replaced by another image of its batch.
+on the CPU; a file that cannot be read at all is replaced by another image of its batch and counted as on the
+CPU path (trainer.image_files.BadImageCount).
 Evaluation keeps the CPU path. The batched ops work on CPU tensors too, which the tests compare with PIL.
 """
 import io
@@ -28,7 +29,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from trainer.image_files import BadImage, decode
 from trainer import UserError
-from trainer.distributed import log
 
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic')
 NVJPEG_MODES = ('RGB', 'L')  # JPEG modes nvJPEG decodes to RGB (YCbCr and greyscale); CMYK goes to the CPU
@@ -202,8 +202,7 @@ def pil_to_tensor(image):
 
 def decode_batch(encoded, paths, device):
     """CHW uint8 images on `device` from an EncodedBatch: the JPEGs through nvJPEG (on CUDA) in one call, the
-    rest as the workers decoded them. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file is logged
-    and gets None."""
+    rest as the workers decoded them. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file gets None."""
     images = [p.to(device, non_blocking=True) if p is not None else None for p in encoded.pixels]
     jpegs = encoded.jpegs()
     if jpegs:
@@ -213,9 +212,6 @@ def decode_batch(encoded, paths, device):
             decoded = [decode_one(data, device) for data in jpegs.values()]
         for i, image in zip(jpegs, decoded):
             images[i] = image
-    for i, image in enumerate(images):
-        if image is None:
-            log(f'cannot read image {paths[i]}: replaced by another image of its batch')
     return images
 
 
@@ -407,11 +403,12 @@ class GpuTrainLoader:
     A background thread decodes and augments the next batches, on CUDA on its own stream, while the training
     step runs (the thread waits on the GPU and the loader queue, which release the GIL). Erasing noise comes
     from a generator seeded by a number each batch's first sample drew, so it leaves the training's random
-    stream alone. On a CPU device (tests) the same runs without streams.
+    stream alone. On a CPU device (tests) the same runs without streams. Unreadable files go to `bad_images`
+    (a BadImageCount, as on the CPU path: named once, counted per pass, the run stopped above its limit).
     """
 
-    def __init__(self, loader, augmentation, device, prefetch=2):
-        self.loader, self.augmentation, self.prefetch = loader, augmentation, prefetch
+    def __init__(self, loader, augmentation, device, prefetch=2, bad_images=None):
+        self.loader, self.augmentation, self.prefetch, self.bad_images = loader, augmentation, prefetch, bad_images
         self.device = torch.device(device)
         self.cuda = self.device.type == 'cuda'
         if self.cuda and self.device.index is None:  # the thread sets its device by index
@@ -424,11 +421,12 @@ class GpuTrainLoader:
         encoded, choices, targets, paths = batch
         with torch.cuda.stream(stream):  # no-op for stream None
             generator.manual_seed(int(choices['noise_seed'][0]))
-            images = replace_unreadable(decode_batch(encoded, paths, self.device))
-            samples = augment_batch(images, choices, self.augmentation, generator)
+            images = decode_batch(encoded, paths, self.device)
+            unreadable = [f'{path}: cannot be decoded' for path, image in zip(paths, images) if image is None]
+            samples = augment_batch(replace_unreadable(images), choices, self.augmentation, generator)
             targets = targets.to(self.device, non_blocking=True)
             ready = stream.record_event() if self.cuda else None
-        return samples, targets, ready
+        return samples, targets, ready, unreadable
 
     def __iter__(self):
         results = queue.Queue(self.prefetch)
@@ -462,7 +460,9 @@ class GpuTrainLoader:
             while (item := results.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                samples, targets, ready = item
+                samples, targets, ready, unreadable = item
+                if self.bad_images is not None:
+                    self.bad_images.add(unreadable)
                 if self.cuda:
                     consumer = torch.cuda.current_stream(self.device)
                     consumer.wait_event(ready)
@@ -470,6 +470,9 @@ class GpuTrainLoader:
                     samples.record_stream(consumer)
                     targets.record_stream(consumer)
                 yield samples, targets
+            if self.bad_images is not None:
+                epoch = getattr(self.loader.sampler, 'epoch', None)
+                self.bad_images.end_epoch(self.bad_images.purpose if epoch is None else f'epoch {epoch}')
         finally:  # also when the consumer stops early: the loader may be iterated again only after the thread ends
             stop.set()
             thread.join()
