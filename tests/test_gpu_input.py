@@ -307,7 +307,7 @@ def test_dataset_reads_bytes_and_decodes_what_nvjpeg_cannot(tmp_path):
     assert pixels[0] is None and pixels[1].shape == (3, 30, 40) and pixels[2].shape == (3, 30, 40) and pixels[3] is None
     assert targets.tolist() == [0, 1, 2, 3, 4] and choices['crop'].shape == (5, 4)
     assert np.array_equal(pixels[2].permute(1, 2, 0).numpy(), np.asarray(image))  # PNG: lossless
-    decoded = gpu_input.decode_batch(encoded, paths, 'cpu')
+    decoded = gpu_input.decode_batch(encoded, 'cpu')
     assert decoded[3] is None and decoded[4] is None
     for i in range(3):  # the JPEGs: as Pillow decodes them, up to the decoders' rounding
         want = np.asarray(Image.open(tmp_path / names[i]).convert('RGB'), dtype=np.float32)
@@ -363,3 +363,15 @@ def test_unreadable_files_are_counted_as_on_the_cpu_path(tmp_path):
     assert one_pass(limit=5).named == {f'{broken}: cannot be decoded'}
     with pytest.raises(UserError, match='the run stops at the first one'):
         one_pass(limit=0)
+
+
+def test_the_trainers_folder_data_set_feeds_the_gpu_path(tmp_path):
+    """What build_dataset returns for class folders (an ImageSource over the files) is read as files."""
+    from datasets import build_dataset
+
+    root = write_folder(tmp_path)
+    (root / 'val').mkdir(exist_ok=True)
+    args = main.get_args_parser().parse_args(['--data-set', 'folder', '--data-path', str(root), '--input-size', '64'])
+    source, _ = build_dataset(True, args)
+    dataset = gpu_input.encoded_dataset(source, 'folder')
+    assert [path for path, _ in dataset.samples] == [source.name_of(i) for i in range(len(source))]

@@ -169,7 +169,7 @@ class EncodedImageDataset(torch.utils.data.Dataset):
                 data = f.read()
             image = Image.open(io.BytesIO(data))  # reads the header only
             choices = self.augmentation.draw(image)
-            encoded = data if image.format == 'JPEG' and image.mode in NVJPEG_MODES else pil_to_tensor(decode(data))
+            encoded = data if image.format == 'JPEG' and image.mode in NVJPEG_MODES else pil_to_tensor(decode(image))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage):
             encoded = None
             choices = self.augmentation.draw(Image.new('RGB', self.augmentation.size[::-1]))
@@ -197,10 +197,11 @@ class EncodedBatch:
 
 
 def pil_to_tensor(image):
-    return torch.from_numpy(np.array(image.convert('RGB'), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """CHW uint8 of an RGB PIL image (as trainer.image_files.decode returns)."""
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
 
 
-def decode_batch(encoded, paths, device):
+def decode_batch(encoded, device):
     """CHW uint8 images on `device` from an EncodedBatch: the JPEGs through nvJPEG (on CUDA) in one call, the
     rest as the workers decoded them. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file gets None."""
     images = [p.to(device, non_blocking=True) if p is not None else None for p in encoded.pixels]
@@ -220,8 +221,8 @@ def decode_one(data, device):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         try:
-            return pil_to_tensor(Image.open(io.BytesIO(data.numpy().tobytes()))).to(device)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            return pil_to_tensor(decode(data.numpy().tobytes())).to(device)
+        except BadImage:
             return None
 
 
@@ -421,7 +422,7 @@ class GpuTrainLoader:
         encoded, choices, targets, paths = batch
         with torch.cuda.stream(stream):  # no-op for stream None
             generator.manual_seed(int(choices['noise_seed'][0]))
-            images = decode_batch(encoded, paths, self.device)
+            images = decode_batch(encoded, self.device)
             unreadable = [f'{path}: cannot be decoded' for path, image in zip(paths, images) if image is None]
             samples = augment_batch(replace_unreadable(images), choices, self.augmentation, generator)
             targets = targets.to(self.device, non_blocking=True)
@@ -471,8 +472,7 @@ class GpuTrainLoader:
                     targets.record_stream(consumer)
                 yield samples, targets
             if self.bad_images is not None:
-                epoch = getattr(self.loader.sampler, 'epoch', None)
-                self.bad_images.end_epoch(self.bad_images.purpose if epoch is None else f'epoch {epoch}')
+                self.bad_images.end_pass(self.loader.sampler)
         finally:  # also when the consumer stops early: the loader may be iterated again only after the thread ends
             stop.set()
             thread.join()
@@ -481,7 +481,8 @@ class GpuTrainLoader:
 def encoded_dataset(dataset, name):
     """A training dataset of image files ((path, label) samples, torchvision's or timm's) as an
     EncodedImageDataset drawing the choices of its transform."""
-    samples = getattr(dataset, 'samples', None) or getattr(getattr(dataset, 'reader', None), 'samples', None)
+    files = getattr(dataset, 'base', dataset)  # build_dataset's ImageSource wraps the file list
+    samples = getattr(files, 'samples', None) or getattr(getattr(files, 'reader', None), 'samples', None)
     if samples is None:
         raise UserError(f'--input-pipeline gpu reads image files (--data-set IMNET, folder, INAT, INAT19), not '
                         f'--data-set {name}: use --input-pipeline cpu')
