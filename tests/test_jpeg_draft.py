@@ -10,7 +10,7 @@ from timm.data import create_transform
 
 from trainer.image_files import decode
 from trainer.jpeg_draft import draft_for_random_crop
-from tests.test_gpu_input import RECIPE, photo
+from test_gpu_input import RECIPE, photo
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -19,6 +19,7 @@ from PIL import Image
 import main
 import trainer.output_dir
 from test_robustness import error_of, popen, popen_any
+from test_trainer import image_folder  # noqa: F401 (a fixture, shared with test_trainer)
 from test_trainer import load, make_image_folder, run_trainer, tiny_args, tiny_model
 from trainer import UserError
 from trainer.image_files import ImageSource
@@ -26,12 +27,6 @@ from trainer.output_dir import LOCK_NAME, OutputDirLock
 from trainer.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    # 8 images per class, 3 classes, batch 4: 6 steps per epoch; 2 validation images per class
-    return make_image_folder(tmp_path_factory.mktemp('images'))
 
 
 def logged_epochs(output_dir):

@@ -199,6 +199,11 @@ class BadImageCount:
             self._stop(unreadable)
         return len(unreadable)
 
+    def end_pass(self, sampler):
+        """`end_epoch` after a loader's complete pass, labelled by its sampler's epoch where it has one."""
+        epoch = getattr(sampler, 'epoch', None)
+        return self.end_epoch(self.purpose if epoch is None else f'epoch {epoch}')
+
     def _stop(self, unreadable):
         if self.purpose == 'evaluation':
             fix = 'fix or delete them and rerun the evaluation'
@@ -235,8 +240,7 @@ class CountingLoader(DataLoader):
                 if not len(targets):
                     continue
             yield images, targets
-        epoch = getattr(self.sampler, 'epoch', None)
-        self.bad_images.end_epoch(self.bad_images.purpose if epoch is None else f'epoch {epoch}')
+        self.bad_images.end_pass(self.sampler)
 
 
 class _Checks(torch.utils.data.Dataset):

@@ -6,6 +6,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from trainer.distributed import is_dist_avail_and_initialized
+
 # sysexits.h EX_TEMPFAIL ("temporary failure, try again"): the run saved its state and wants a restart.
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -60,7 +62,7 @@ class StopRequest:
     def agreed(self, device):
         """Whether any process was asked to stop (collective: every process must call it)."""
         flag = torch.tensor([float(self.requested)], device=device)
-        if dist.is_available() and dist.is_initialized():
+        if is_dist_avail_and_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -416,7 +416,9 @@ def _pretrained_file(variant):
 def _create_vim(variant, pretrained=False, **kwargs):
     arch = _ARCHS[ALIASES.get(variant, variant)][0]
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    if pretrained and not any(overlay.get(k) for k in ("file", "url", "state_dict")):
+    # The released checkpoint, fetched with a fail-fast network check, unless the caller named another source.
+    names_source = any(overlay.get(k) for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source"))
+    if pretrained and not names_source and kwargs.get("pretrained_cfg") is None:
         overlay["file"] = _pretrained_file(variant)
     # timm resets custom_load when an overlay names a weight file; keep our loader, which reads the
     # trainer's 'model' entry (not 'model_ema') and adapts the head and position embedding.

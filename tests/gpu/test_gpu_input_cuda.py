@@ -10,7 +10,7 @@ from timm.data import create_transform
 
 from trainer import gpu_input
 import main
-from tests.test_gpu_input import (RECIPE, check_erasing, check_geometric_ops, check_pixel_ops,
+from test_gpu_input import (RECIPE, check_erasing, check_geometric_ops, check_pixel_ops,
                                   check_prefetching_loader, check_recipe_matches_cpu_transform, check_resized_crop,
                                   write_folder)
 
@@ -29,7 +29,7 @@ def test_nvjpeg_decodes_as_pillow(tmp_path):
     augmentation = gpu_input.TrainAugmentation(create_transform(**{**RECIPE, 'input_size': 32}))
     dataset = gpu_input.EncodedImageDataset([(str(p), 0) for p in paths], augmentation)
     encoded, _, _, names = dataset.collate([dataset[i] for i in range(len(dataset))])
-    decoded = gpu_input.decode_batch(encoded, names, torch.device('cuda'))
+    decoded = gpu_input.decode_batch(encoded, torch.device('cuda'))
     for path, image in zip(paths, decoded):
         want = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32)
         assert image.is_cuda and np.abs(image.permute(1, 2, 0).cpu().numpy() - want).mean() < 1.5, path

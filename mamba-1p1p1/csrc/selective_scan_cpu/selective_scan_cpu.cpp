@@ -731,11 +731,8 @@ SS_INLINE void block_constants(const float* v, int64_t d0, int nch, float* v8) {
   for (int c = 0; c < kRowBlock; ++c) v8[c] = v != nullptr && c < nch ? v[d0 + c] : 0.0f;
 }
 
-// A new (batch, dim, seqlen) tensor in u's layout, so that a Mamba block stays in the linear layers'
-// layout, as with the CUDA kernels.
-at::Tensor empty_in_layout(const at::Tensor& u) {
-  return seq_layout::empty_seq(u.size(0), u.size(1), u.size(2), seq_layout::is_token_major(u), u.options());
-}
+// New tensors take u's layout, so that a Mamba block stays in the linear layers' layout, as with the CUDA kernels.
+using seq_layout::empty_in_layout;
 
 at::Tensor seq_operand(const at::Tensor& t, const at::Tensor& u, const char* name) {
   TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan_cpu: ", name, " must have u's shape ", u.sizes(), ", got ",

@@ -29,7 +29,7 @@ def conv_x_proj_applies(x, conv_weights, proj_weights) -> bool:
     inductor has its own conv and matmul kernels), CUDA, bf16/fp16 (tensor cores), batch <= 65535,
     token-major x whose channel pairs are 4-byte aligned (as a linear layer's output is), dim a multiple
     of 8, one conv width <= 4 and one out_dim <= MAX_CONV_PROJ_OUT for both directions."""
-    if not policy.eager_inference():  # first: data_ptr() would break a traced graph
+    if torch.compiler.is_compiling():  # first: data_ptr() would break a traced graph
         return False
     widths = {w.shape[-1] for w in conv_weights}
     out_shapes = {tuple(w.shape) for w in proj_weights}
