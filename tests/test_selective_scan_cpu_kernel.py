@@ -173,9 +173,10 @@ def test_backward_without_saved_checkpoints_and_noncontiguous():
 @pytest.mark.parametrize("batch,groups,reverse", [(2, 3, False), (2, 3, True), (8, 1, True)])
 def test_token_major_blocks_of_channels(batch, groups, reverse):
     """Token-major operands as Vim passes them (u and z channel halves of one (batch, seqlen, 2 dim) tensor,
-    delta and dout (batch, seqlen, dim) transposed): the kernels move rows 8 channels at a time, so dim 21
-    leaves a partial block; 3 groups of 7 channels put block and group boundaries in different places, and
-    with batch 8 the backward's work units span more than 8 channels (several blocks each)."""
+    delta and dout (batch, seqlen, dim) transposed): the kernels move rows 16 channels at a time, so dim 21
+    leaves a partial block; 3 groups of 7 channels put block and group boundaries in different places
+    (the forward's blocks stop at a group's end), and with batch 8 the backward's work units span more than
+    16 channels (several blocks each)."""
     dim, L, N = 21, 70, 16
     g = torch.Generator().manual_seed(21 + batch + reverse)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -200,6 +201,66 @@ def test_token_major_blocks_of_channels(batch, groups, reverse):
     close(delta32.grad, gr["delta"], 5e-6, 1e-6, "grad delta")
     for k in ("A", "B", "C", "D", "delta_bias"):
         close(leaves[k].grad, gr[k], 5e-6, 1e-6, f"grad {k}")
+
+
+@pytest.mark.parametrize("dtype,rank,groups,dstate,seqlen", [
+    (torch.float32, 12, 1, 16, 197),   # Vim-tiny's block: low-rank delta
+    (torch.float32, None, 2, 5, 70),   # full-size delta; 2 groups of 11 channels end in partial blocks; dstate 5
+    (torch.bfloat16, 3, 1, 16, 1),
+])
+def test_bimamba_scan_inference_vs_float64(dtype, rank, groups, dstate, seqlen):
+    """The fused bidirectional op on the CPU (inference): silu(z) (y_f + y_b) out_scale with y_b scanned from
+    position L-1 down, delta formed from the low-rank dt inside the kernel, u_f and z token-major channel
+    halves of one tensor (as Vim passes them), against the float64 reference of each direction run on the
+    inputs rounded to the kernel's dtype."""
+    batch, dim, scale = 2, 22, 0.5
+    g = torch.Generator().manual_seed(dim + seqlen)
+    tf, tb = (make(batch, dim, seqlen, dstate, groups, seed=s) for s in (3, 4))
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g, dtype=torch.float64).transpose(1, 2)
+    tf["u"], z = xz[:, :dim], xz[:, dim:]
+    tb["z"] = tf["z"] = None
+    low_rank = {}
+    for tag, t in (("f", tf), ("b", tb)):
+        if rank is not None:
+            W = torch.randn(dim, rank, generator=g, dtype=torch.float64) * 0.5
+            dt = torch.randn(batch, rank, seqlen, generator=g, dtype=torch.float64) * 0.3
+            low_rank[tag] = (W, dt)
+    rounded = lambda v: v.to(dtype).double() if v is not None else None  # noqa: E731
+    refs = []
+    for tag, t, reverse in (("f", tf, False), ("b", tb, True)):
+        r = {k: (rounded(v) if k in ("u", "delta", "B", "C") else v) for k, v in t.items()}
+        if tag in low_rank:
+            W, dt = low_rank[tag]
+            r["delta"] = torch.einsum("dr,brl->bdl", W, rounded(dt))
+        refs.append(oracle(r, True, reverse)[0])
+    ref = (refs[0] + refs[1]) * torch.nn.functional.silu(rounded(z)) * scale
+
+    def kernel_args(tag, t):
+        delta = low_rank[tag][1] if tag in low_rank else t["delta"]
+        return (t["u"].to(dtype), delta.to(dtype), t["A"].float(), t["B"].to(dtype), t["C"].to(dtype),
+                t["D"].float(), t["delta_bias"].float())
+
+    with torch.inference_mode():
+        out = mamba_inner.fused_bimamba_scan(
+            *kernel_args("f", tf), *kernel_args("b", tb), z.to(dtype), True,
+            delta_proj_weight_f=low_rank["f"][0].float() if rank else None,
+            delta_proj_weight_b=low_rank["b"][0].float() if rank else None, out_scale=scale)
+    assert out.dtype == dtype and out.shape == (batch, dim, seqlen)
+    if seqlen > 1:
+        assert out.stride(1) == 1, "the output keeps u's token-major layout"
+    if dtype == torch.float32:
+        close(out, ref, 2e-6, 1e-6, "out")
+    else:
+        close(out, ref, 1e-2, 1e-3, "out")  # the output rounded to bfloat16
+
+
+def test_bimamba_scan_cpu_is_for_inference():
+    t = {k: (v.float() if v is not None else None) for k, v in make().items()}
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
+    out = mamba_inner.fused_bimamba_scan(*args, *args, t["z"], True)  # no autograd: runs
+    assert out.shape == t["u"].shape
+    with pytest.raises(ValueError, match="inference"):
+        mamba_inner.fused_bimamba_scan(args[0].requires_grad_(), *args[1:], *args, t["z"], True)
 
 
 def test_empty_and_no_grad():

@@ -1,8 +1,8 @@
 // Fused CPU selective scan (forward and backward) for the `selective_scan_cpu` extension.
 //
-// Ops live in the `selective_scan_cpu` library (torch.ops.selective_scan_cpu.{fwd,bwd}); the Python
-// package wraps them in differentiable torch.library custom ops (mamba_ssm/ops/scan.py). Importing
-// the module registers the ops; it holds no Python functions.
+// Ops live in the `selective_scan_cpu` library (torch.ops.selective_scan_cpu.{fwd,bwd,bi_fwd,conv_silu_pair});
+// the Python package wraps them in torch.library custom ops (mamba_ssm/ops/scan.py, mamba_inner.py).
+// Importing the module registers the ops; it holds no Python functions.
 //
 // Semantics (per batch b, channel d, state n; t runs 0..L-1, or L-1..0 with `reverse`):
 //   dt_t = softplus(delta_t + delta_bias[d])    (or without softplus / bias)
@@ -11,13 +11,16 @@
 // All arithmetic is fp32 whatever the input dtype (fp32 / fp16 / bf16); outputs are in u's dtype and
 // layout (token-major or contiguous: empty_in_layout).
 //
-// Parallelism: the forward splits (batch, channel) pairs over at::parallel_for. The inner loops run
-// over the states (8 per vector, GCC/Clang vector extensions; a scalar loop for dstate not a multiple
-// of 8) and, for the per-position work (softplus, gates), over positions. exp/log are branch-free
-// Cephes polynomials (relative error ~1e-7) that vectorise, instead of libm calls; no fast-math. On x86-64 (GCC / Clang) the hot
-// per-channel functions are compiled for the baseline, AVX2+FMA and AVX-512 and the widest one the CPU
-// supports is chosen once at load time (torch.ops.selective_scan_cpu.isa() names it; the environment
-// variable SELECTIVE_SCAN_CPU_ISA=base|avx2 caps it), so one binary runs on any x86-64 machine.
+// Forward: blocks of 16 channels (of one group) are split over at::parallel_for; a block's rows are held
+// position-major, so a position's 16 channels are one vector (two of 8 below AVX-512) and the states an
+// unrolled loop: B and C of a position are scalars broadcast to every lane and y needs no sum across lanes.
+// `bi_fwd` runs both directions of a Vim block per block of channels (inference), forming delta from the
+// low-rank dt itself and gating once. The per-position work (softplus, gates) is vectorised over the rows.
+// exp/log1p are branch-free polynomials (relative error ~1e-7) that vectorise, instead of libm calls; no
+// fast-math. On x86-64 (GCC / Clang) the hot functions are compiled for the baseline, AVX2+FMA and AVX-512
+// and the widest one the CPU supports is chosen once at load time (torch.ops.selective_scan_cpu.isa() names
+// it; the environment variable SELECTIVE_SCAN_CPU_ISA=base|avx2 caps it), so one binary runs on any x86-64
+// machine.
 //
 // Backward: the forward optionally saves the state before every chunk of kChunk positions (ckpt,
 // (batch, dim, nchunks, dstate) fp32); the backward recomputes each chunk's states from its checkpoint
@@ -68,10 +71,12 @@ namespace {
 
 constexpr int kChunk = 64;       // positions per checkpoint (CPU_CHUNK in mamba_ssm/ops/scan.py)
 constexpr int kMaxState = 256;   // largest dstate supported
-// Channels whose rows are moved together: in a token-major operand (channel stride 1) 8 adjacent
-// channels of a position share a cache line. Also the period of the per-channel constants (bias, D)
-// of the row functions below, so a block of channels stored position-major is one vector per position.
-constexpr int kRowBlock = 8;
+constexpr int kMaxDeltaRank = 64;  // largest rank of a low-rank delta (MAX_DELTA_RANK in mamba_ssm/ops/mamba_inner.py)
+// Channels whose rows are moved together: in a token-major operand (channel stride 1) 16 adjacent
+// channels of a position fill a cache line. Also the period of the per-channel constants (bias, D)
+// of the row functions below, so a block of channels stored position-major is one 16-float vector (two
+// of 8) per position.
+constexpr int kRowBlock = 16;
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -127,17 +132,18 @@ const char* isa_name() {
 #define SS_DISPATCHED(NAME, PARAMS, ARGS) SS_DISPATCHED_AS(NAME, PARAMS, ARGS, NAME##_impl, NAME##_impl)
 
 // ------------------------------------------------------------------------------------------------
-// fp32 math on scalars and on 8-float vectors (GCC/Clang vector extensions: they compile to ymm
-// instructions in the AVX2/AVX-512 variants and to pairs of xmm instructions in the baseline one).
-// exp/log are branch-free Cephes polynomials (relative error ~1e-7), written once for both types.
+// fp32 math on scalars and on 8- and 16-float vectors (GCC/Clang vector extensions: v8f compiles to ymm
+// instructions in the AVX2/AVX-512 variants and to pairs of xmm instructions in the baseline one; v16f, one
+// zmm register, is used by the AVX-512 variants only). exp/log1p are branch-free polynomials (relative
+// error ~1e-7), written once for every type.
 // ------------------------------------------------------------------------------------------------
 #if defined(__GNUC__) || defined(__clang__)
 #define SS_VEC 1
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-// 16 floats: one AVX-512 register (Vim's 16 states in one vector), used by the AVX-512 variants only.
+typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 template <class V = v8f>
 SS_INLINE V vload(const float* p) {
   V v;
@@ -146,14 +152,6 @@ SS_INLINE V vload(const float* p) {
 }
 template <class V>
 SS_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-// The two halves of a v16f summed (a v8f, lane parts of the same sums); a v8f unchanged.
-SS_INLINE v8f fold8(v8f v) { return v; }
-SS_INLINE v8f fold8(v16f v) {
-  v8f lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  return lo + hi;
-}
 SS_INLINE float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 #if defined(__clang__)
 #define SS_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -171,28 +169,19 @@ SS_INLINE v8f hsum8(const v8f (&y)[8]) {
   return SS_SHUFFLE(lo_hi0, lo_hi1, 0, 1, 2, 3, 8, 9, 10, 11) + SS_SHUFFLE(lo_hi0, lo_hi1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 SS_INLINE v8f reversed(v8f v) { return SS_SHUFFLE(v, v, 7, 6, 5, 4, 3, 2, 1, 0); }
-SS_INLINE v8f as_float(v8i i) { return reinterpret_cast<v8f>(i); }
-SS_INLINE v8i as_int(v8f f) { return reinterpret_cast<v8i>(f); }
-SS_INLINE v8i to_int(v8f f) { return __builtin_convertvector(f, v8i); }
-SS_INLINE v8f to_float(v8i i) { return __builtin_convertvector(i, v8f); }
-SS_INLINE v16f as_float(v16i i) { return reinterpret_cast<v16f>(i); }
-SS_INLINE v16i to_int(v16f f) { return __builtin_convertvector(f, v16i); }
+// The float vector whose bits are those of v shifted left by 23 (modulo 2^32).
+SS_INLINE v8f bits_shl23(v8f v) { return reinterpret_cast<v8f>(reinterpret_cast<v8u>(v) << 23); }
+SS_INLINE v16f bits_shl23(v16f v) { return reinterpret_cast<v16f>(reinterpret_cast<v16u>(v) << 23); }
 #else
 #define SS_VEC 0
 #endif
-SS_INLINE float vload1(const float* p) { return *p; }
-SS_INLINE float as_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof(f));
-  return f;
+SS_INLINE float bits_shl23(float v) {
+  uint32_t i;
+  std::memcpy(&i, &v, sizeof(i));
+  i <<= 23;
+  std::memcpy(&v, &i, sizeof(v));
+  return v;
 }
-SS_INLINE int32_t as_int(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof(i));
-  return i;
-}
-SS_INLINE int32_t to_int(float f) { return static_cast<int32_t>(f); }
-SS_INLINE float to_float(int32_t i) { return static_cast<float>(i); }
 
 template <class V>
 SS_INLINE V splat(float c) {
@@ -220,7 +209,10 @@ SS_INLINE V fexp(V x) {
   const V lo = splat<V>(-87.33654f), hi = splat<V>(88.0f);
   V xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const V k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  // k = round(x log2(e)); kb holds k + 127 in its low mantissa bits (as in fexp2_nonpos below).
+  constexpr float kRound = 12582912.0f + 127.0f;
+  const V kb = xc * 1.44269504088896341f + kRound;
+  const V k = kb - kRound;
   V r = xc - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   const V r2 = r * r;
@@ -231,66 +223,50 @@ SS_INLINE V fexp(V x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r2 + r + 1.0f;
-  const V scale = as_float((to_int(k) + 127) << 23);
-  return x < lo ? splat<V>(0.0f) : p * scale;
+  return x < lo ? splat<V>(0.0f) : p * bits_shl23(kb);
 }
 
-// 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)) of the recurrences, 16 per element,
-// where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f by
-// a degree-5 minimax polynomial (relative error below 2e-7 evaluated in fp32, like the GPU's ex2.approx)
-// times 2^k built from the exponent bits: ~14 vector operations against fexp's ~24. 2^x is subnormal below
-// -126: the result is 0 below -126.5 and 2^x (subnormal) from there to -126.
+// 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)) of the recurrences, one per state
+// update, where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f
+// by a degree-5 minimax polynomial (relative error below 2e-7 evaluated in fp32, like the GPU's ex2.approx)
+// times 2^k. Adding 1.5 * 2^23 + 127 rounds x to an integer whose low mantissa bits are k + 127, so those
+// bits shifted into the exponent field are 2^k: ~11 vector operations against fexp's ~24. The result is 0
+// below -126.5 (2^x is subnormal below -126).
 template <class V>
 SS_INLINE V fexp2_nonpos(V x) {
-  // Raised to -127, where k = -127 builds a zero scale: one select instead of a clamp and a zeroing.
+  constexpr float kRound = 12582912.0f + 127.0f;
+  // Raised to -127, where k + 127 = 0 builds a zero scale: one select instead of a clamp and a zeroing.
   const V xc = x < splat<V>(-127.0f) ? splat<V>(-127.0f) : x;  // NaN stays NaN
-  const V k = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V f = xc - k;
+  const V kb = xc + kRound;
+  const V f = xc - (kb - kRound);
   V p = splat<V>(1.3264723959e-3f);
   p = p * f + 9.6715129453e-3f;
   p = p * f + 5.5507337548e-2f;
   p = p * f + 2.4022242079e-1f;
   p = p * f + 6.9314697759e-1f;
   p = p * f + 1.0f;
-  return p * as_float((to_int(k) + 127) << 23);
+  return p * bits_shl23(kb);
 }
 constexpr float kLog2e = 1.4426950408889634f;
 
-// log(x) for finite x >= 1 (Cephes logf polynomial).
-template <class V>
-SS_INLINE V flog_ge1(V x) {
-  const auto bits = as_int(x);
-  auto e = ((bits >> 23) & 0xff) - 126;
-  V m = as_float((bits & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
-  const auto small = m < splat<V>(0.707106781186547524f);
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const V z = m * m;
-  V y = splat<V>(7.0376836292E-2f);
-  y = y * m - 1.1514610310E-1f;
-  y = y * m + 1.1676998740E-1f;
-  y = y * m - 1.2420140846E-1f;
-  y = y * m + 1.4249322787E-1f;
-  y = y * m - 1.6668057665E-1f;
-  y = y * m + 2.0000714765E-1f;
-  y = y * m - 2.4999993993E-1f;
-  y = y * m + 3.3333331174E-1f;
-  y = y * m * z;
-  const V fe = to_float(e);
-  y += fe * -2.12194440e-4f;
-  y += -0.5f * z;
-  return m + y + fe * 0.693359375f;
-}
-
-// softplus(x) = log1p(exp(x)) (torch's threshold 20), and sigmoid(x) = d softplus / dx.
-template <class V>
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) (torch's; its threshold 20 changes nothing in fp32), and with
+// kSigmoid sigmoid(x) = d softplus / dx. log1p on [0, 1] is a degree-9 polynomial (relative error below 3e-7
+// evaluated in fp32), with no range reduction, unlike a log.
+template <class V, bool kSigmoid>
 SS_INLINE void softplus_sigmoid(V x, V& sp, V& sig) {
-  const V twenty = splat<V>(20.0f);
-  const V e = fexp(x > twenty ? twenty : x);
-  const V w = 1.0f + e;
-  const V l = flog_ge1(w) - ((w - 1.0f) - e) / w;  // log1p(e) with the rounding of 1+e undone
-  sp = x > twenty ? x : l;
-  sig = e / w;
+  const V zero = splat<V>(0.0f);
+  const V e = fexp2_nonpos((x < zero ? x : -x) * kLog2e);  // exp(-|x|)
+  V q = splat<V>(5.2322140e-3f);
+  q = q * e - 2.9502830e-2f;
+  q = q * e + 7.8221105e-2f;
+  q = q * e - 1.3662738e-1f;
+  q = q * e + 1.9105709e-1f;
+  q = q * e - 2.4842885e-1f;
+  q = q * e + 3.3319080e-1f;
+  q = q * e - 4.9999493e-1f;
+  q = q * e + 9.9999994e-1f;
+  sp = (x > zero ? x : zero) + q * e;
+  if constexpr (kSigmoid) sig = (x > zero ? splat<V>(1.0f) : e) / (1.0f + e);
 }
 
 // Applies f<V>(t) over positions 0..L-1: 8 at a time, then the tail one by one.
@@ -304,121 +280,121 @@ SS_INLINE void for_rows(int L, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Per-channel kernels on fp32 rows (positions in natural order; `reverse` flips the scan order)
+// Forward on a position-major block of kRowBlock channels (row t holds the block's channels at position
+// t): the channels are the lanes of one vector and the states an unrolled loop, so a position's y needs no
+// sum across lanes and its B and C values are scalars broadcast to every lane (a third fewer operations per
+// state update than one channel's states in the lanes).
 // ------------------------------------------------------------------------------------------------
-struct FwdChannel {
-  int L, N;
-  int ps;              // stride between positions in dt, dtu and y (kRowBlock: a position-major block)
+struct FwdBlock {
+  int L, N, nch;         // nch <= kRowBlock channels of one group
   bool reverse;
-  const float* dt;     // [L] softplus'd delta
-  const float* dtu;    // [L] dt * u
-  const float* A;      // [N]
-  const float* Bt;     // [L, N] time-major
-  const float* Ct;     // [L, N]
-  float* y;            // [L] sum_n C h (before D and gate)
-  float* last;         // [N] or null
-  float* ckpt;         // [nchunks, N] or null
+  const float* dt;       // [L, kRowBlock] softplus'd delta
+  const float* dtu;      // [L, kRowBlock] dt * u
+  const float* A;        // [nch, N] the block's rows of A
+  const float* Bt;       // [L, N] time-major (the block's group)
+  const float* Ct;       // [L, N]
+  float* y;              // [L, kRowBlock] out: sum_n C h (before D and gate)
+  float* last;           // [nch, N] or null
+  float* ckpt;           // [nch, nchunks, N] or null
 };
 
-template <class V>
-SS_INLINE float reduce(V v) {
-  if constexpr (std::is_same_v<V, float>) return v;
-#if SS_VEC
-  else return hsum(fold8(v));
-#endif
-}
-
-// One step of the forward recurrence at position t over NV state vectors: updates h, returns y_t's parts
-// (one per lane; `reduce` sums them).
-template <class V, int kNV>
-SS_INLINE V fwd_step(int NV, int N, int t, int ps, const float* dt, const float* dtu, const float* Bt,
-                     const float* Ct, const V* A2v, V* h) {
-  constexpr int W = sizeof(V) / sizeof(float);
-  const float d = dt[t * ps], du = dtu[t * ps];
-  const float* b = Bt + static_cast<int64_t>(t) * N;
-  const float* c = Ct + static_cast<int64_t>(t) * N;
-  V yv = splat<V>(0.0f);
-  for (int k = 0; k < (kNV > 0 ? kNV : NV); ++k) {
-    h[k] = fexp2_nonpos(d * A2v[k]) * h[k] + du * load<V>(b + k * W);
-    yv += load<V>(c + k * W) * h[k];
+// Stores the states h of channels c .. c+lanes-1 (those below nch) as rows of `dst`, one per channel,
+// `stride` apart.
+template <class V, int kG>
+SS_INLINE void store_states(const V (&h)[kG], int nch, int c, float* dst, int64_t stride) {
+  constexpr int lanes = sizeof(V) / sizeof(float);
+  for (int j = 0; j < kG; ++j) {
+    float v[lanes];
+    store<V>(v, h[j]);
+    for (int l = 0; l < lanes && c + l < nch; ++l) dst[(c + l) * stride + j] = v[l];
   }
-  return yv;
 }
 
-// States in vectors of 8 (V = v8f, N a multiple of 8) or one at a time (V = float, any N).
-// kNV > 0 fixes the number of state vectors at compile time (N = 16: two of 8): the loops over them
-// unroll and the states stay in registers instead of a stack array on the recurrence's critical path
-// (1.5x faster for Vim's N = 16 on AVX2). Positions run chunk by chunk (a checkpoint before each) and, with
-// vectors, 8 steps at a time, whose y's lane sums are formed together (hsum8).
-template <class V, int kNV = 0>
-SS_INLINE void fwd_channel_t(const FwdChannel& a) {
-  constexpr int W = sizeof(V) / sizeof(float);
-  const int N = a.N, NV = kNV > 0 ? kNV : N / W, L = a.L, ps = a.ps, step = a.reverse ? -1 : 1;
+// States n0 .. n0+kG-1 of the block over every position: adds their part of y (writes it when `first`).
+// The lanes of V are channels c .. c+lanes-1 (V = float: channel c alone, compilers without vector
+// extensions).
+template <class V, int kG>
+SS_INLINE void fwd_states(const FwdBlock& a, int n0, bool first, int c) {
+  constexpr int lanes = sizeof(V) / sizeof(float);
+  const int L = a.L, N = a.N, step = a.reverse ? -1 : 1;
+  const int64_t ckpt_stride = static_cast<int64_t>((L + kChunk - 1) / kChunk) * N;
   // The fields in locals: the stores to y would otherwise make the compiler reload them every step.
-  const float *dt = a.dt, *dtu = a.dtu, *Bt = a.Bt, *Ct = a.Ct;
-  float* y = a.y;
-  V h[kMaxState / W];
-  V A2v[kMaxState / W];  // A log2(e): the decays are 2^(dt A2)
-  for (int k = 0; k < NV; ++k) {
-    h[k] = splat<V>(0.0f);
-    A2v[k] = load<V>(a.A + k * W) * kLog2e;
+  const float *dt = a.dt + c, *dtu = a.dtu + c, *Bt = a.Bt + n0, *Ct = a.Ct + n0;
+  float* y = a.y + c;
+  V h[kG], A2[kG];  // A log2(e): the decays are 2^(dt A2)
+  for (int j = 0; j < kG; ++j) {
+    h[j] = splat<V>(0.0f);
+    float lane_a[lanes];
+    for (int l = 0; l < lanes; ++l) lane_a[l] = c + l < a.nch ? a.A[(c + l) * N + n0 + j] * kLog2e : 0.0f;
+    A2[j] = load<V>(lane_a);
   }
   for (int i0 = 0; i0 < L; i0 += kChunk) {
-    if (a.ckpt != nullptr) {
-      float* c = a.ckpt + static_cast<int64_t>(i0 / kChunk) * N;
-      for (int k = 0; k < NV; ++k) store<V>(c + k * W, h[k]);
-    }
+    if (a.ckpt != nullptr) store_states<V, kG>(h, a.nch, c, a.ckpt + (i0 / kChunk) * N + n0, ckpt_stride);
     const int i1 = std::min(L, i0 + kChunk);
-    int i = i0, t = a.reverse ? L - 1 - i0 : i0;
-#if SS_VEC
-    if constexpr (!std::is_same_v<V, float>) {
-      for (; i + 8 <= i1; i += 8, t += 8 * step) {
-        v8f ys[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) ys[j] = fold8(fwd_step<V, kNV>(NV, N, t + j * step, ps, dt, dtu, Bt, Ct, A2v, h));
-        const v8f sums = hsum8(ys);
-        for (int j = 0; j < 8; ++j) y[(t + j * step) * ps] = sums[j];
+    for (int i = i0, t = a.reverse ? L - 1 - i0 : i0; i < i1; ++i, t += step) {
+      const V d = load<V>(dt + t * kRowBlock), du = load<V>(dtu + t * kRowBlock);
+      const float* b = Bt + static_cast<int64_t>(t) * N;
+      const float* cc = Ct + static_cast<int64_t>(t) * N;
+      V yv = first ? splat<V>(0.0f) : load<V>(y + t * kRowBlock);
+#pragma GCC unroll 16
+      for (int j = 0; j < kG; ++j) {
+        h[j] = fexp2_nonpos(d * A2[j]) * h[j] + du * b[j];
+        yv += cc[j] * h[j];
       }
+      store<V>(y + t * kRowBlock, yv);
     }
-#endif
-    for (; i < i1; ++i, t += step) y[t * ps] = reduce(fwd_step<V, kNV>(NV, N, t, ps, dt, dtu, Bt, Ct, A2v, h));
   }
-  if (a.last != nullptr)
-    for (int k = 0; k < NV; ++k) store<V>(a.last + k * W, h[k]);
+  if (a.last != nullptr) store_states<V, kG>(h, a.nch, c, a.last + n0, N);
 }
 
-// kWide: the AVX-512 variant, where 16 states make one vector (Vim's N = 16: half the instructions).
+// kG states per pass keep their states and decay rates in registers; y is summed over the passes.
+template <class V, int kG>
+SS_INLINE void fwd_block_lanes(const FwdBlock& a, int c) {
+  int n0 = 0;
+  for (; n0 + kG <= a.N; n0 += kG) fwd_states<V, kG>(a, n0, n0 == 0, c);
+  for (; n0 < a.N; ++n0) fwd_states<V, 1>(a, n0, n0 == 0, c);
+}
+
+// kWide: the AVX-512 variant, where the block's 16 channels make one vector.
 template <bool kWide>
-SS_INLINE void fwd_channel_impl(const FwdChannel& a) {
+SS_INLINE void fwd_block_impl(const FwdBlock& a) {
+  static_assert(kRowBlock == 16, "a block's channels are the lanes of one v16f or two v8f");
 #if SS_VEC
   if constexpr (kWide) {
-    if (a.N == 16) return fwd_channel_t<v16f, 1>(a);
-    if (a.N % 16 == 0) return fwd_channel_t<v16f>(a);
+    fwd_block_lanes<v16f, 16>(a, 0);
+  } else {
+    for (int c = 0; c < a.nch; c += 8) fwd_block_lanes<v8f, 8>(a, c);
   }
-  if (a.N == 16) return fwd_channel_t<v8f, 2>(a);
-  if (a.N % 8 == 0) return fwd_channel_t<v8f>(a);
+#else
+  for (int c = 0; c < a.nch; ++c) fwd_block_lanes<float, 8>(a, c);
 #endif
-  fwd_channel_t<float>(a);
 }
-SS_DISPATCHED_AS(fwd_channel, (const FwdChannel& a), (a), fwd_channel_impl<true>, fwd_channel_impl<false>)
+SS_DISPATCHED_AS(fwd_block, (const FwdBlock& a), (a), fwd_block_impl<true>, fwd_block_impl<false>)
 
-// Row preparation and finishing over n elements, vectorised. The per-channel constants (bias8, D8) have
-// period kRowBlock: element i uses bias8[i % kRowBlock], so the same functions serve one channel's row
-// (all 8 equal) and a position-major block of kRowBlock channels (one per channel).
-static_assert(kRowBlock == 8, "the row functions load the per-channel constants as one 8-float vector");
-SS_INLINE void prep_rows_impl(int n, const float* delta, const float* u, const float* bias8, bool softplus, float* dt,
+// Row preparation and finishing over n elements, vectorised. The per-channel constants (bias_blk, D_blk) have
+// period kRowBlock: element i uses bias_blk[i % kRowBlock], so the same functions serve one channel's row
+// (all equal) and a position-major block of kRowBlock channels (one per channel).
+static_assert(kRowBlock % 8 == 0, "the row functions load the per-channel constants 8 floats at a time");
+SS_INLINE void prep_rows_impl(int n, const float* delta, const float* u, const float* bias_blk, bool softplus, float* dt,
                               float* sig, float* dtu) {
-  if (softplus) {
+  if (softplus && sig != nullptr) {
     for_rows(n, [&]<class V>(int t) {
       V sp, sg;
-      softplus_sigmoid<V>(load<V>(delta + t) + load<V>(bias8 + t % kRowBlock), sp, sg);
+      softplus_sigmoid<V, true>(load<V>(delta + t) + load<V>(bias_blk + t % kRowBlock), sp, sg);
       store<V>(dt + t, sp);
-      if (sig != nullptr) store<V>(sig + t, sg);
+      store<V>(sig + t, sg);
+      store<V>(dtu + t, sp * load<V>(u + t));
+    });
+  } else if (softplus) {
+    for_rows(n, [&]<class V>(int t) {
+      V sp, unused;
+      softplus_sigmoid<V, false>(load<V>(delta + t) + load<V>(bias_blk + t % kRowBlock), sp, unused);
+      store<V>(dt + t, sp);
       store<V>(dtu + t, sp * load<V>(u + t));
     });
   } else {
     for (int t = 0; t < n; ++t) {
-      const float d = delta[t] + bias8[t % kRowBlock];
+      const float d = delta[t] + bias_blk[t % kRowBlock];
       dt[t] = d;
       if (sig != nullptr) sig[t] = 1.0f;
       dtu[t] = d * u[t];
@@ -426,22 +402,61 @@ SS_INLINE void prep_rows_impl(int n, const float* delta, const float* u, const f
   }
 }
 SS_DISPATCHED(prep_rows,
-              (int n, const float* delta, const float* u, const float* bias8, bool softplus, float* dt, float* sig,
+              (int n, const float* delta, const float* u, const float* bias_blk, bool softplus, float* dt, float* sig,
                float* dtu),
-              (n, delta, u, bias8, softplus, dt, sig, dtu))
+              (n, delta, u, bias_blk, softplus, dt, sig, dtu))
 
-// out = (y + D u) * silu(z)   (in place in y)
-SS_INLINE void finish_rows_impl(int n, float* y, const float* u, const float* D8, const float* z) {
-  if (z != nullptr) {
-    for_rows(n, [&]<class V>(int t) {
-      const V zz = load<V>(z + t);
-      store<V>(y + t, (load<V>(y + t) + load<V>(D8 + t % kRowBlock) * load<V>(u + t)) * (zz / (1.0f + fexp<V>(-zz))));
-    });
-  } else {
-    for (int t = 0; t < n; ++t) y[t] = y[t] + D8[t % kRowBlock] * u[t];
+// y += D u
+SS_INLINE void add_skip_rows_impl(int n, float* y, const float* u, const float* D_blk) {
+  for_rows(n, [&]<class V>(int t) { store<V>(y + t, load<V>(y + t) + load<V>(D_blk + t % kRowBlock) * load<V>(u + t)); });
+}
+SS_DISPATCHED(add_skip_rows, (int n, float* y, const float* u, const float* D_blk), (n, y, u, D_blk))
+
+// y = (y + y2) * silu(z) * scale, y2 optional (the two directions of a bidirectional block, gated once)
+SS_INLINE void gate_rows_impl(int n, float* y, const float* y2, const float* z, float scale) {
+  for_rows(n, [&]<class V>(int t) {
+    const V zz = load<V>(z + t);
+    const V sum = y2 != nullptr ? load<V>(y + t) + load<V>(y2 + t) : load<V>(y + t);
+    store<V>(y + t, sum * (zz / (1.0f + fexp<V>(-zz))) * scale);
+  });
+}
+SS_DISPATCHED(gate_rows, (int n, float* y, const float* y2, const float* z, float scale), (n, y, y2, z, scale))
+
+// A block's delta from the low-rank dt: delta[t * kRowBlock + c] = sum_r dtl[t * rank + r] * Wb[r * kRowBlock + c]
+// (dtl: the batch element's dt, position-major; Wb: the block's rows of the projection weight, transposed).
+SS_INLINE void low_rank_rows_impl(int L, int rank, const float* dtl, const float* Wb, float* delta) {
+  for (int t = 0; t < L; ++t) {
+    const float* d = dtl + static_cast<int64_t>(t) * rank;
+    float* row = delta + static_cast<int64_t>(t) * kRowBlock;
+#if SS_VEC
+    for (int c = 0; c < kRowBlock; c += 8) {
+      v8f acc = splat<v8f>(0.0f);
+      for (int r = 0; r < rank; ++r) acc += d[r] * vload(Wb + r * kRowBlock + c);
+      vstore(row + c, acc);
+    }
+#else
+    for (int c = 0; c < kRowBlock; ++c) {
+      float acc = 0.0f;
+      for (int r = 0; r < rank; ++r) acc += d[r] * Wb[r * kRowBlock + c];
+      row[c] = acc;
+    }
+#endif
   }
 }
-SS_DISPATCHED(finish_rows, (int n, float* y, const float* u, const float* D8, const float* z), (n, y, u, D8, z))
+SS_DISPATCHED(low_rank_rows, (int L, int rank, const float* dtl, const float* Wb, float* delta),
+              (L, rank, dtl, Wb, delta))
+
+// ------------------------------------------------------------------------------------------------
+// Backward, per channel on fp32 rows (positions in natural order; `reverse` flips the scan order): the
+// channel's states are the vector lanes.
+// ------------------------------------------------------------------------------------------------
+template <class V>
+SS_INLINE float reduce(V v) {
+  if constexpr (std::is_same_v<V, float>) return v;
+#if SS_VEC
+  else return hsum(v);
+#endif
+}
 
 struct BwdChannel {
   int L, N;
@@ -750,7 +765,8 @@ at::Tensor f32_vec(const OptTensor& t, int64_t dim, const char* name) {
 
 struct Prepared {
   at::Tensor u, delta, z, A, Bt, Ct, D, bias;  // Bt, Ct: fp32 (batch, groups, L, N)
-  int64_t batch, dim, L, N, groups, nchunks;
+  at::Tensor dtl, Wt;  // delta given low-rank: fp32 dt (batch, L, rank) and the projection weight^T (rank, dim)
+  int64_t batch, dim, L, N, groups, nchunks, rank = 0;
 };
 
 Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -783,7 +799,7 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
               "selective_scan_cpu: A, B, C must be CPU tensors");
   r.nchunks = (r.L + kChunk - 1) / kChunk;
   r.u = u;
-  r.delta = seq_operand(delta, u, "delta");
+  if (delta.defined()) r.delta = seq_operand(delta, u, "delta");
   if (z.has_value()) r.z = seq_operand(*z, u, "z");
   r.A = A.to(at::kFloat).contiguous();
   // Time-major fp32 copies of B and C (values rounded to u's dtype first, as the CUDA kernels read them).
@@ -796,53 +812,82 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
 
+// Buffers of one task: position-major rows of a block (L * kRowBlock floats each).
+struct BlockRows {
+  explicit BlockRows(int64_t L) : n(static_cast<int>(L) * kRowBlock), buf(static_cast<size_t>(n) * 7) {}
+  int n;
+  std::vector<float> buf;
+  float* row(int k) { return buf.data() + static_cast<size_t>(k) * n; }
+};
+
+// Blocks of kRowBlock channels within a group (they share B and C), position-major (load_block): the
+// per-position work runs over the block's channels as one vector, and token-major operands need no
+// transposition. Block i of the parallel loop: batch element b, group g, channels d0 .. d0+nch-1.
+struct BlockIndex {
+  int64_t b, bg, d0;
+  int nch;
+};
+int64_t blocks_per_group(const Prepared& p) { return (p.dim / p.groups + kRowBlock - 1) / kRowBlock; }
+BlockIndex block_index(const Prepared& p, int64_t i) {
+  const int64_t per_group = p.dim / p.groups, nblk = blocks_per_group(p);
+  const int64_t bg = i / nblk, blk = i % nblk;
+  return {bg / p.groups, bg, (bg % p.groups) * per_group + blk * kRowBlock,
+          static_cast<int>(std::min<int64_t>(kRowBlock, per_group - blk * kRowBlock))};
+}
+int64_t block_grain(const Prepared& p) { return std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L))); }
+
+// The scan of block k of one direction: y = sum_n C h + D u (before any gate) into rows y; u's rows into fu;
+// fd, dt and dtu are scratch rows.
+template <typename T>
+void scan_block(const Prepared& p, const BlockIndex& k, bool softplus, bool reverse, float* last, float* ckpt,
+                float* fu, float* fd, float* dt, float* dtu, float* y) {
+  const int L = static_cast<int>(p.L), N = static_cast<int>(p.N), n = L * kRowBlock;
+  load_block<T>(p.u, k.b, k.d0, k.nch, L, fu);
+  if (p.rank > 0) {
+    float Wb[kMaxDeltaRank * kRowBlock];
+    const float* Wt = p.Wt.const_data_ptr<float>();
+    for (int64_t r = 0; r < p.rank; ++r)
+      for (int c = 0; c < kRowBlock; ++c) Wb[r * kRowBlock + c] = c < k.nch ? Wt[r * p.dim + k.d0 + c] : 0.0f;
+    low_rank_rows(L, static_cast<int>(p.rank), p.dtl.const_data_ptr<float>() + k.b * p.L * p.rank, Wb, fd);
+  } else {
+    load_block<T>(p.delta, k.b, k.d0, k.nch, L, fd);
+  }
+  float bias_blk[kRowBlock], D_blk[kRowBlock];
+  block_constants(p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr, k.d0, k.nch, bias_blk);
+  block_constants(p.D.defined() ? p.D.const_data_ptr<float>() : nullptr, k.d0, k.nch, D_blk);
+  prep_rows(n, fd, fu, bias_blk, softplus, dt, nullptr, dtu);
+  FwdBlock a;
+  a.L = L;
+  a.N = N;
+  a.nch = k.nch;
+  a.reverse = reverse;
+  a.dt = dt;
+  a.dtu = dtu;
+  a.A = p.A.const_data_ptr<float>() + k.d0 * N;
+  a.Bt = p.Bt.const_data_ptr<float>() + k.bg * p.L * N;
+  a.Ct = p.Ct.const_data_ptr<float>() + k.bg * p.L * N;
+  a.y = y;
+  a.last = last ? last + (k.b * p.dim + k.d0) * N : nullptr;
+  a.ckpt = ckpt ? ckpt + (k.b * p.dim + k.d0) * p.nchunks * N : nullptr;
+  fwd_block(a);
+  add_skip_rows(n, y, fu, D_blk);
+}
+
 template <typename T>
 void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, float* last, float* ckpt) {
-  const int L = static_cast<int>(p.L), N = static_cast<int>(p.N);
-  const int64_t dim = p.dim, per_group = p.dim / p.groups;
-  const bool has_z = p.z.defined();
-  const float* A = p.A.data_ptr<float>();
-  const float* Bt = p.Bt.data_ptr<float>();
-  const float* Ct = p.Ct.data_ptr<float>();
-  const float* Dp = p.D.defined() ? p.D.data_ptr<float>() : nullptr;
-  const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
-  const int64_t nblk = (dim + kRowBlock - 1) / kRowBlock;  // blocks of channels per batch element
-  const int64_t grain = std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L)));
-  // A block of kRowBlock channels at a time, position-major (load_block): the per-position work runs
-  // over the block's channels as one vector per position, and token-major operands need no transposition.
-  at::parallel_for(0, p.batch * nblk, grain, [&](int64_t begin, int64_t end) {
-    const int n = L * kRowBlock;
-    std::vector<float> buf(static_cast<size_t>(n) * 6);
-    float *fu = buf.data(), *fd = fu + n, *fz = fd + n, *y = fz + n, *dt = y + n, *dtu = dt + n;
+  const int L = static_cast<int>(p.L);
+  at::parallel_for(0, p.batch * p.groups * blocks_per_group(p), block_grain(p), [&](int64_t begin, int64_t end) {
+    BlockRows rows(p.L);
+    float *fu = rows.row(0), *fd = rows.row(1), *fz = rows.row(2), *dt = rows.row(3), *dtu = rows.row(4),
+          *y = rows.row(5);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / nblk, d0 = (i % nblk) * kRowBlock;
-      const int nch = static_cast<int>(std::min<int64_t>(kRowBlock, dim - d0));
-      load_block<T>(p.u, b, d0, nch, L, fu);
-      load_block<T>(p.delta, b, d0, nch, L, fd);
-      if (has_z) load_block<T>(p.z, b, d0, nch, L, fz);
-      float bias8[kRowBlock], D8[kRowBlock];
-      block_constants(bias, d0, nch, bias8);
-      block_constants(Dp, d0, nch, D8);
-      prep_rows(n, fd, fu, bias8, softplus, dt, nullptr, dtu);
-      for (int c = 0; c < nch; ++c) {
-        const int64_t d = d0 + c, bd = b * dim + d, g = d / per_group;
-        FwdChannel a;
-        a.L = L;
-        a.N = N;
-        a.ps = kRowBlock;
-        a.reverse = reverse;
-        a.dt = dt + c;
-        a.dtu = dtu + c;
-        a.A = A + d * N;
-        a.Bt = Bt + (b * p.groups + g) * p.L * N;
-        a.Ct = Ct + (b * p.groups + g) * p.L * N;
-        a.y = y + c;
-        a.last = last ? last + bd * N : nullptr;
-        a.ckpt = ckpt ? ckpt + bd * p.nchunks * N : nullptr;
-        fwd_channel(a);
+      const BlockIndex k = block_index(p, i);
+      scan_block<T>(p, k, softplus, reverse, last, ckpt, fu, fd, dt, dtu, y);
+      if (p.z.defined()) {
+        load_block<T>(p.z, k.b, k.d0, k.nch, L, fz);
+        gate_rows(rows.n, y, nullptr, fz, 1.0f);
       }
-      finish_rows(n, y, fu, D8, has_z ? fz : nullptr);
-      store_block<T>(y, out, b, d0, nch, L);
+      store_block<T>(y, out, k.b, k.d0, k.nch, L);
     }
   });
 }
@@ -864,6 +909,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_cpu_fwd",
                                   [&] { fwd_impl<scalar_t>(p, delta_softplus, reverse, out, lp, cp); });
   return {out, last, ckpt};
+}
+
+// A direction whose delta comes low-rank: dt (batch, rank, seqlen) and the projection weight W (dim, rank),
+// delta = W @ dt, formed block by block (low_rank_rows) instead of read.
+void set_low_rank(Prepared& p, const at::Tensor& dt, const at::Tensor& W) {
+  TORCH_CHECK(W.dim() == 2 && W.size(0) == p.dim && W.size(1) >= 1 && W.size(1) <= kMaxDeltaRank,
+              "selective_scan_cpu.bi_fwd: a delta projection weight must be (dim, rank) with dim = ", p.dim,
+              " and 1 <= rank <= ", kMaxDeltaRank, ", got ", W.sizes());
+  p.rank = W.size(1);
+  TORCH_CHECK(dt.dim() == 3 && dt.size(0) == p.batch && dt.size(1) == p.rank && dt.size(2) == p.L,
+              "selective_scan_cpu.bi_fwd: with a delta projection weight, delta must be the low-rank dt (", p.batch,
+              ", ", p.rank, ", ", p.L, "), got ", dt.sizes());
+  TORCH_CHECK(dt.device().is_cpu() && W.device().is_cpu(), "selective_scan_cpu.bi_fwd: dt and W must be CPU tensors");
+  p.dtl = dt.to(p.u.scalar_type()).to(at::kFloat).transpose(1, 2).contiguous();
+  p.Wt = W.to(at::kFloat).t().contiguous();
+}
+
+// Both directions of a Vim v2 block in one pass over each block of channels, for inference (the CUDA op's
+// schema): out = silu(z) * (y_f + y_b) * out_scale, y_b scanned from position L-1 down to 0. Returns
+// (out, and three empty tensors: the sum and checkpoints a backward would need).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
+    const at::Tensor& u_f, const at::Tensor& delta_f, const at::Tensor& A_f, const at::Tensor& B_f,
+    const at::Tensor& C_f, const OptTensor& D_f, const OptTensor& bias_f, const at::Tensor& u_b,
+    const at::Tensor& delta_b, const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
+    const OptTensor& D_b, const OptTensor& bias_b, const at::Tensor& z, const OptTensor& dt_proj_f,
+    const OptTensor& dt_proj_b, const OptTensor& conv_weight_f, const OptTensor& conv_bias_f,
+    const OptTensor& conv_weight_b, const OptTensor& conv_bias_b, bool delta_softplus, bool save_ckpt,
+    double out_scale) {
+  TORCH_CHECK(!save_ckpt, "selective_scan_cpu.bi_fwd is for inference (it saves nothing for a backward): "
+              "training on the CPU runs each direction's scan (selective_scan_fn)");
+  TORCH_CHECK(!conv_weight_f.has_value() && !conv_weight_b.has_value() && !conv_bias_f.has_value() &&
+                  !conv_bias_b.has_value(),
+              "selective_scan_cpu.bi_fwd: the CPU kernel takes the conv outputs as u (no fused conv)");
+  TORCH_CHECK(u_b.sizes() == u_f.sizes() && u_b.scalar_type() == u_f.scalar_type(),
+              "selective_scan_cpu.bi_fwd: u_f and u_b must have one shape and dtype, got ", u_f.sizes(), " ",
+              u_f.scalar_type(), " and ", u_b.sizes(), " ", u_b.scalar_type());
+  Prepared pf = prepare(u_f, dt_proj_f.has_value() ? at::Tensor() : delta_f, A_f, B_f, C_f, D_f, z, bias_f);
+  Prepared pb = prepare(u_b, dt_proj_b.has_value() ? at::Tensor() : delta_b, A_b, B_b, C_b, D_b, std::nullopt, bias_b);
+  TORCH_CHECK(pb.groups == pf.groups, "selective_scan_cpu.bi_fwd: B_f and B_b must have one number of groups, got ",
+              pf.groups, " and ", pb.groups);
+  if (dt_proj_f.has_value()) set_low_rank(pf, delta_f, *dt_proj_f);
+  if (dt_proj_b.has_value()) set_low_rank(pb, delta_b, *dt_proj_b);
+  at::Tensor out = empty_in_layout(u_f);
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_f.scalar_type(), "selective_scan_cpu_bi_fwd", [&] {
+      const int L = static_cast<int>(pf.L);
+      at::parallel_for(0, pf.batch * pf.groups * blocks_per_group(pf), block_grain(pf), [&](int64_t begin, int64_t end) {
+        BlockRows rows(pf.L);
+        float *fu = rows.row(0), *fd = rows.row(1), *fz = rows.row(2), *dt = rows.row(3), *dtu = rows.row(4),
+              *y = rows.row(5), *y2 = rows.row(6);
+        for (int64_t i = begin; i < end; ++i) {
+          const BlockIndex k = block_index(pf, i);
+          scan_block<scalar_t>(pf, k, delta_softplus, false, nullptr, nullptr, fu, fd, dt, dtu, y);
+          scan_block<scalar_t>(pb, k, delta_softplus, true, nullptr, nullptr, fu, fd, dt, dtu, y2);
+          load_block<scalar_t>(pf.z, k.b, k.d0, k.nch, L, fz);
+          gate_rows(rows.n, y, y2, fz, static_cast<float>(out_scale));
+          store_block<scalar_t>(y, out, k.b, k.d0, k.nch, L);
+        }
+      });
+    });
+  }
+  return {out, empty0(u_f), empty0(u_f), empty0(u_f)};
 }
 
 // -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent gradients are empty tensors.
@@ -942,9 +1049,9 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
               float* dsilu = fz + c * L;  // silu'(z) replaces z once dy is known
               float *duc = gu + c * L, *ddt = gd + c * L;
               const float Dv = Dp ? Dp[d] : 0.0f;
-              float bias8[kRowBlock];
-              std::fill(bias8, bias8 + kRowBlock, bias ? bias[d] : 0.0f);
-              prep_rows(L, fd + c * L, uc, bias8, delta_softplus, dt, sig, dtu);
+              float bias_blk[kRowBlock];
+              std::fill(bias_blk, bias_blk + kRowBlock, bias ? bias[d] : 0.0f);
+              prep_rows(L, fd + c * L, uc, bias_blk, delta_softplus, dt, sig, dtu);
               if (has_z) {
                 gate_bwd_rows(L, gc, dsilu, dy, dsilu);
               } else {
@@ -1045,6 +1152,12 @@ TORCH_LIBRARY(selective_scan_cpu, m) {
   m.def(
       "bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
       "Tensor dout, Tensor? dlast, Tensor ckpt, bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def(
+      "bi_fwd(Tensor u_f, Tensor delta_f, Tensor A_f, Tensor B_f, Tensor C_f, Tensor? D_f, Tensor? delta_bias_f, "
+      "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? delta_bias_b, "
+      "Tensor z, Tensor? dt_proj_f, Tensor? dt_proj_b, Tensor? conv_weight_f, Tensor? conv_bias_f, "
+      "Tensor? conv_weight_b, Tensor? conv_bias_b, bool delta_softplus, bool save_ckpt, float out_scale=1.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv_silu_pair(Tensor x, Tensor wf, Tensor? bf, Tensor wb, Tensor? bb) -> (Tensor, Tensor)");
   m.def("isa() -> str", []() -> std::string { return sscpu::isa_name(); });
 }
@@ -1052,6 +1165,7 @@ TORCH_LIBRARY(selective_scan_cpu, m) {
 TORCH_LIBRARY_IMPL(selective_scan_cpu, CPU, m) {
   m.impl("fwd", &sscpu::scan_fwd);
   m.impl("bwd", &sscpu::scan_bwd);
+  m.impl("bi_fwd", &sscpu::bi_fwd);
   m.impl("conv_silu_pair", &sscpu::conv_silu_pair_op);
 }
 

@@ -6,7 +6,9 @@ them.
 the selective scan (`scan`); `mamba_inner_ref` runs them on the references only. On CUDA the v2 block runs
 its two scans as one differentiable op (`fused_bimamba_scan`, ``mamba_ssm::bimamba_scan_fwd`` / ``_bwd``,
 traced by ``torch.compile`` without graph breaks), and in eager inference its convs and x_proj as one
-kernel (`bidirectional_conv_x_proj`); `bimamba_inner_fn_no_out_proj` chooses among these paths.
+kernel (`bidirectional_conv_x_proj`); in CPU inference the same op runs both scans in one pass (the
+selective_scan_cpu kernel), after both convs in one pass (`conv_silu_pair`). `bimamba_inner_fn_no_out_proj`
+chooses among these paths.
 """
 from typing import Optional
 
@@ -88,6 +90,15 @@ if extensions.cpu.available():
 MAX_DELTA_RANK = 64  # kMaxDeltaRank in csrc/selective_scan/ss_common.h
 
 
+def _bi_kernels(u):
+    """The ops of the extension that runs the fused bidirectional scan of u (its device's)."""
+    if u.device.type == "cuda":
+        extensions.cuda.require()
+        return torch.ops.selective_scan_cuda
+    extensions.cpu.require()
+    return torch.ops.selective_scan_cpu
+
+
 @torch.library.custom_op("mamba_ssm::bimamba_scan_fwd", mutates_args=())
 def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Optional[Tensor],
             delta_bias_f: Optional[Tensor], u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
@@ -96,9 +107,8 @@ def _bi_fwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
             conv_weight_b: Optional[Tensor], conv_bias_b: Optional[Tensor], delta_softplus: bool,
             save_ckpt: bool, out_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out = silu(z) * ysum * out_scale in u's dtype, ysum = y_f + y_b fp32 (ungated, unscaled), ckpt_f,
-    ckpt_b); all but out empty unless save_ckpt."""
-    extensions.cuda.require()
-    out, ysum, ck_f, ck_b = torch.ops.selective_scan_cuda.bi_fwd(
+    ckpt_b); all but out empty unless save_ckpt (CUDA only: the CPU kernel is for inference)."""
+    out, ysum, ck_f, ck_b = _bi_kernels(u_f).bi_fwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z,
         dt_proj_f, dt_proj_b, conv_weight_f, conv_bias_f, conv_weight_b, conv_bias_b, delta_softplus, save_ckpt,
         out_scale)
@@ -122,7 +132,7 @@ def _bi_bwd(u_f: Tensor, delta_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
             D_b: Optional[Tensor], delta_bias_b: Optional[Tensor], z: Tensor, dout: Tensor, ysum: Tensor,
             ckpt_f: Tensor, ckpt_b: Tensor, delta_softplus: bool, out_scale: float) -> list[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, ddelta_bias of f, the same of b, dz]; absent ones empty."""
-    extensions.cuda.require()
+    extensions.cuda.require()  # CPU training runs each direction's scan, which has its own backward
     return list(torch.ops.selective_scan_cuda.bi_bwd(
         u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, z, dout,
         ysum, ckpt_f, ckpt_b, delta_softplus, out_scale))
@@ -202,12 +212,14 @@ def fused_bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delt
     delta_proj_weight_* (dim, rank), rank <= 64, that direction's delta is given as the low-rank dt
     (batch, rank, seqlen) and delta = W @ dt is formed inside the kernels. Inference only: conv_* =
     (weight (dim, width), bias or None) makes that direction's u the input of its causal conv (anti-causal
-    for b), which the kernel applies with SiLU. One kernel launch for both directions forward, one for
-    both backward.
+    for b), which the kernel applies with SiLU (CUDA only). One kernel launch for both directions forward,
+    one for both backward. On the CPU (the selective_scan_cpu kernel, dstate <= 256) the op is for inference:
+    under autograd, run each direction's `selective_scan_fn`.
     """
-    extensions.cuda.require()
+    on_cuda = u_f.device.type == "cuda"
+    _bi_kernels(u_f)
     for A in (A_f, A_b):
-        if A.dim() != 2 or not 1 <= A.shape[1] <= scan.MAX_STATE:
+        if on_cuda and (A.dim() != 2 or not 1 <= A.shape[1] <= scan.MAX_STATE):
             raise ValueError(f"bimamba_scan: the CUDA kernels support dstate 1..{scan.MAX_STATE}; "
                              f"got A {tuple(A.shape)}")
     if u_b.shape != u_f.shape or z.shape != u_f.shape:
@@ -224,6 +236,9 @@ def fused_bimamba_scan(u_f, delta_f, A_f, B_f, C_f, D_f, delta_bias_f, u_b, delt
                delta_proj_weight_f, delta_proj_weight_b)
     convs = [t for conv in (conv_f, conv_b) for t in (conv if conv is not None else (None, None))]
     save_ckpt = policy.needs_grad(*tensors, *convs)
+    if save_ckpt and not on_cuda:
+        raise ValueError("bimamba_scan: on the CPU the fused bidirectional scan is for inference; under autograd, "
+                         "run each direction's selective_scan_fn (as bimamba_inner_fn_no_out_proj does)")
     if save_ckpt and (conv_f is not None or conv_b is not None):
         raise ValueError("bimamba_scan: the fused conv (conv_f / conv_b) is for inference; without it, apply "
                          "causal_conv1d first, or run under torch.no_grad() / inference_mode()")
@@ -317,17 +332,20 @@ def bimamba_inner_fn_no_out_proj(xz, forward_params, backward_params, backend="a
     forward_params / backward_params: dicts with each direction's conv1d_weight, conv1d_bias,
     x_proj_weight, delta_proj_weight, A, D and delta_bias. The backward direction is the forward
     computation on the flipped sequence, flipped back: an anti-causal conv and a scan from the end, on
-    natural-order tensors. On CUDA both scans run in one fused kernel, which also forms delta from the
-    low-rank dt itself. Returns (y_forward + y_backward) * out_scale, (batch, d_inner, seqlen): Vim averages
+    natural-order tensors. On CUDA, and in CPU inference, both scans run in one fused kernel, which also forms
+    delta from the low-rank dt itself. Returns (y_forward + y_backward) * out_scale, (batch, d_inner, seqlen): Vim averages
     the directions with out_scale 0.5, which the fused kernels apply to the output and its gradient.
     """
     x, z = _split_xz(xz)
     directions = (forward_params, backward_params)
-    fused = scan.kernel_for(backend, x, per_step=True) is scan.cuda_selective_scan and \
+    grad = policy.needs_grad(xz, *forward_params.values(), *backward_params.values())
+    kernel = scan.kernel_for(backend, x, per_step=True)
+    # The fused op: on CUDA always, on the CPU for inference (its kernel has no backward).
+    fused = (kernel is scan.cuda_selective_scan or (kernel is scan.cpu_selective_scan and not grad)) and \
         max(p["delta_proj_weight"].shape[1] for p in directions) <= MAX_DELTA_RANK
-    # Inference on the fused kernel: the conv runs again inside the scan, so each direction's conv
+    # Inference on the fused CUDA kernel: the conv runs again inside the scan, so each direction's conv
     # output lives only until its x_proj has read it (peak memory at high resolution).
-    fuse_conv = fused and not policy.needs_grad(xz, *forward_params.values(), *backward_params.values())
+    fuse_conv = fused and kernel is scan.cuda_selective_scan and not grad
     ranks = [(p["A"].shape[1], p["delta_proj_weight"].shape[1]) for p in directions]
     conv_weights, proj_weights = [p["conv1d_weight"] for p in directions], [p["x_proj_weight"] for p in directions]
 
