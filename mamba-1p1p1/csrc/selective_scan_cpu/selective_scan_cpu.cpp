@@ -202,41 +202,17 @@ SS_INLINE void store(float* p, V v) {
 #endif
 }
 
-// exp(x): 0 below -87.34 (where expf underflows to subnormals), clamped to exp(88) above 88 (only
-// reached by sigmoid(z) for z < -88, where it is harmless).
-template <class V>
-SS_INLINE V fexp(V x) {
-  const V lo = splat<V>(-87.33654f), hi = splat<V>(88.0f);
-  V xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  // k = round(x log2(e)); kb holds k + 127 in its low mantissa bits (as in fexp2_nonpos below).
-  constexpr float kRound = 12582912.0f + 127.0f;
-  const V kb = xc * 1.44269504088896341f + kRound;
-  const V k = kb - kRound;
-  V r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  const V r2 = r * r;
-  V p = splat<V>(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r2 + r + 1.0f;
-  return x < lo ? splat<V>(0.0f) : p * bits_shl23(kb);
-}
-
-// 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)) of the recurrences, one per state
-// update, where exp's range reduction is the costliest part. x = k + f with k integer, f in [-0.5, 0.5]; 2^f
-// by a degree-5 minimax polynomial (relative error below 2e-7 evaluated in fp32, like the GPU's ex2.approx)
-// times 2^k. Adding 1.5 * 2^23 + 127 rounds x to an integer whose low mantissa bits are k + 127, so those
-// bits shifted into the exponent field are 2^k: ~11 vector operations against fexp's ~24. The result is 0
-// below -126.5 (2^x is subnormal below -126).
-template <class V>
-SS_INLINE V fexp2_nonpos(V x) {
+// 2^x, x = k + f with k integer, f in [-0.5, 0.5]: 2^f by a degree-5 minimax polynomial (relative error
+// below 2e-7 evaluated in fp32, like the GPU's ex2.approx) times 2^k. Adding 1.5 * 2^23 + 127 rounds x to an
+// integer whose low mantissa bits are k + 127, so those bits shifted into the exponent field are 2^k: ~11
+// vector operations. The result is 0 below -126.5 (2^x is subnormal below -126); kUpper clamps x to 127 (the
+// decays of the recurrences, x <= 0, skip it).
+template <class V, bool kUpper>
+SS_INLINE V exp2_poly(V x) {
   constexpr float kRound = 12582912.0f + 127.0f;
   // Raised to -127, where k + 127 = 0 builds a zero scale: one select instead of a clamp and a zeroing.
-  const V xc = x < splat<V>(-127.0f) ? splat<V>(-127.0f) : x;  // NaN stays NaN
+  V xc = x < splat<V>(-127.0f) ? splat<V>(-127.0f) : x;  // NaN stays NaN
+  if constexpr (kUpper) xc = xc > splat<V>(127.0f) ? splat<V>(127.0f) : xc;
   const V kb = xc + kRound;
   const V f = xc - (kb - kRound);
   V p = splat<V>(1.3264723959e-3f);
@@ -248,6 +224,19 @@ SS_INLINE V fexp2_nonpos(V x) {
   return p * bits_shl23(kb);
 }
 constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x for x <= 0 (or NaN): the decays exp(dt A) = 2^(dt A log2(e)), one per state update.
+template <class V>
+SS_INLINE V fexp2_nonpos(V x) {
+  return exp2_poly<V, false>(x);
+}
+
+// exp(x) = 2^(x log2(e)) (rounding the product adds a relative error of about |x| 6e-8): 0 below -87.7,
+// 2^127 above 88 (only reached by sigmoid(z) for z < -88, where it is harmless).
+template <class V>
+SS_INLINE V fexp(V x) {
+  return exp2_poly<V, true>(x * kLog2e);
+}
 
 // softplus(x) = max(x, 0) + log1p(exp(-|x|)) (torch's; its threshold 20 changes nothing in fp32), and with
 // kSigmoid sigmoid(x) = d softplus / dx. log1p on [0, 1] is a degree-9 polynomial (relative error below 3e-7
@@ -424,27 +413,30 @@ SS_DISPATCHED(gate_rows, (int n, float* y, const float* y2, const float* z, floa
 
 // A block's delta from the low-rank dt: delta[t * kRowBlock + c] = sum_r dtl[t * rank + r] * Wb[r * kRowBlock + c]
 // (dtl: the batch element's dt, position-major; Wb: the block's rows of the projection weight, transposed).
-SS_INLINE void low_rank_rows_impl(int L, int rank, const float* dtl, const float* Wb, float* delta) {
+// V: the lanes of channels c0 .. c0+lanes-1.
+template <class V>
+SS_INLINE void low_rank_lanes(int L, int rank, const float* dtl, const float* Wb, float* delta, int c0) {
   for (int t = 0; t < L; ++t) {
     const float* d = dtl + static_cast<int64_t>(t) * rank;
-    float* row = delta + static_cast<int64_t>(t) * kRowBlock;
-#if SS_VEC
-    for (int c = 0; c < kRowBlock; c += 8) {
-      v8f acc = splat<v8f>(0.0f);
-      for (int r = 0; r < rank; ++r) acc += d[r] * vload(Wb + r * kRowBlock + c);
-      vstore(row + c, acc);
-    }
-#else
-    for (int c = 0; c < kRowBlock; ++c) {
-      float acc = 0.0f;
-      for (int r = 0; r < rank; ++r) acc += d[r] * Wb[r * kRowBlock + c];
-      row[c] = acc;
-    }
-#endif
+    V acc = splat<V>(0.0f);
+    for (int r = 0; r < rank; ++r) acc += d[r] * load<V>(Wb + r * kRowBlock + c0);
+    store<V>(delta + static_cast<int64_t>(t) * kRowBlock + c0, acc);
   }
 }
-SS_DISPATCHED(low_rank_rows, (int L, int rank, const float* dtl, const float* Wb, float* delta),
-              (L, rank, dtl, Wb, delta))
+template <bool kWide>
+SS_INLINE void low_rank_rows_impl(int L, int rank, const float* dtl, const float* Wb, float* delta) {
+#if SS_VEC
+  if constexpr (kWide) {
+    low_rank_lanes<v16f>(L, rank, dtl, Wb, delta, 0);
+  } else {
+    for (int c = 0; c < kRowBlock; c += 8) low_rank_lanes<v8f>(L, rank, dtl, Wb, delta, c);
+  }
+#else
+  for (int c = 0; c < kRowBlock; ++c) low_rank_lanes<float>(L, rank, dtl, Wb, delta, c);
+#endif
+}
+SS_DISPATCHED_AS(low_rank_rows, (int L, int rank, const float* dtl, const float* Wb, float* delta),
+                 (L, rank, dtl, Wb, delta), low_rank_rows_impl<true>, low_rank_rows_impl<false>)
 
 // ------------------------------------------------------------------------------------------------
 // Backward, per channel on fp32 rows (positions in natural order; `reverse` flips the scan order): the
