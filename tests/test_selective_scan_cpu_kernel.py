@@ -254,6 +254,19 @@ def test_bimamba_scan_inference_vs_float64(dtype, rank, groups, dstate, seqlen):
         close(out, ref, 1e-2, 1e-3, "out")  # the output rounded to bfloat16
 
 
+def test_bimamba_scan_opcheck():
+    """The CPU kernel under the fused op's schema and fake (what torch.compile traces), low-rank delta in f."""
+    tf, tb = ({k: (v.float() if v is not None else None) for k, v in make(dim=20, seqlen=9, seed=s).items()}
+              for s in (5, 6))
+    W = torch.randn(20, 3)
+    dt = torch.randn(2, 3, 9)
+    args = (tf["u"], dt, tf["A"], tf["B"], tf["C"], tf["D"], tf["delta_bias"],
+            tb["u"], tb["delta"], tb["A"], tb["B"], tb["C"], tb["D"], tb["delta_bias"], tf["z"],
+            W, None, None, None, None, None, True, False, 0.5)
+    torch.library.opcheck(torch.ops.mamba_ssm.bimamba_scan_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_bimamba_scan_cpu_is_for_inference():
     t = {k: (v.float() if v is not None else None) for k, v in make().items()}
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
