@@ -1,14 +1,17 @@
 """Datasets and their DeiT-style transforms: `build_dataset(is_train, args) -> (dataset, num_classes)`.
 
-Image files (class folders, iNaturalist, tar files, timm's torch/ data sets) are read through
-trainer.image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
+Image files (class folders, iNaturalist, tar files, timm's torch/ data sets, Hugging Face data sets) are read
+through trainer.image_files.ImageSource: any format Pillow opens, converted to 8-bit RGB; an unreadable file is
 replaced by another image and reported with the batch, so that the trainer counts and limits them
 (--max-bad-images, --strict-images).
 """
 import argparse
+import contextlib
 import functools
+import importlib
 import json
 import os
+import sys
 from collections import Counter
 
 import numpy as np
@@ -25,9 +28,9 @@ from trainer import UserError
 from trainer.distributed import log
 
 DATA_SETS = ('IMNET', 'folder', 'tar', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
-# timm create_dataset names of map-style data sets (the iterable ones cannot be resumed mid-epoch). Not
-# hfds/: timm's Hugging Face reader imports the `datasets` package, which this module's name shadows.
-TIMM_PREFIXES = ('torch/',)
+# Map-style data sets named as in timm (its iterable ones, hfids/, tfds/, wds/, cannot be resumed mid-epoch):
+# torch/ through timm's create_dataset, hfds/ through HuggingFaceImages.
+TIMM_PREFIXES = ('torch/', 'hfds/')
 DIGITS_NUM_TRAIN = 1437  # first 80% of scikit-learn's 1797 digits train, the rest validate
 
 
@@ -36,7 +39,8 @@ def data_set_name(name):
     if name in DATA_SETS or (name.lower().startswith(TIMM_PREFIXES) and '/' in name.rstrip('/')):
         return name
     raise argparse.ArgumentTypeError(f'unknown --data-set {name}: choose one of {", ".join(DATA_SETS)}, or a timm '
-                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. torch/mnist)')
+                                     f'data set name starting with {" or ".join(TIMM_PREFIXES)} (e.g. torch/mnist, '
+                                     f'hfds/timm/mini-imagenet)')
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -107,6 +111,83 @@ def read_json(path):
         return json.load(f)
 
 
+@contextlib.contextmanager
+def hugging_face_datasets():
+    """Hugging Face's `datasets` package, which is sys.modules['datasets'] within the block.
+
+    This module's name shadows the package: run from the repository root, `import datasets` finds this file.
+    The package is imported (once) with the root off sys.path, and holds the name while the block loads
+    data (it imports its own modules lazily by that name); then this module gets the name back, for the
+    trainer's imports and for pickles of its objects."""
+    package = _import_hugging_face_datasets()
+    trainer_module = sys.modules.get('datasets')
+    sys.modules['datasets'] = package
+    try:
+        yield package
+    finally:
+        if trainer_module is not None:
+            sys.modules['datasets'] = trainer_module
+
+
+@functools.cache
+def _import_hugging_face_datasets():
+    shadow, path = sys.modules.pop('datasets', None), sys.path[:]
+    root = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in path if os.path.realpath(p or os.curdir) != root]
+    try:
+        return importlib.import_module('datasets')
+    except ModuleNotFoundError as err:
+        if err.name != 'datasets':
+            raise
+        raise UserError('--data-set hfds/NAME needs the Hugging Face datasets package: pip install datasets') from None
+    finally:
+        sys.path[:] = path
+        if shadow is not None:
+            sys.modules['datasets'] = shadow
+
+
+class HuggingFaceImages(torch.utils.data.Dataset):
+    """A split of a Hugging Face data set, e.g. a Hub name or a local folder that `datasets.load_dataset`
+    reads (class folders of images, parquet files), with an `image` column and a class-label column `label`
+    (timm's names). Items are raw (bytes or path, class), to be decoded by trainer.image_files.ImageSource.
+    `cache_dir` holds the downloaded and prepared files.
+    """
+
+    def __init__(self, name, split, cache_dir):
+        self.name, self.split, self.cache_dir = name, split, cache_dir
+        with hugging_face_datasets() as hf:
+            try:
+                data = hf.load_dataset(name, split=split, cache_dir=cache_dir)
+            except ValueError as err:  # e.g. no such split, its message lists those there are
+                raise UserError(f'--data-set hfds/{name}: {str(err).rstrip(".")}: name the splits with '
+                                f'--train-split and --val-split') from None
+            except OSError as err:  # not found locally or on the Hub, no connection
+                raise UserError(f'--data-set hfds/{name}: {err}') from None
+            label = data.features.get('label')
+            if 'image' not in data.features or not isinstance(label, hf.ClassLabel):
+                raise UserError(f'--data-set hfds/{name} has the columns {", ".join(data.features)}: the trainer '
+                                f'reads an "image" column and a class-label column "label"')
+            self.classes = label.names
+            self.data = data.cast_column('image', hf.Image(decode=False))  # {'bytes', 'path'}, decoded by us
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        item = self.data[index]
+        return item['image']['bytes'] or item['image']['path'], item['label']
+
+    def filename(self, index):
+        image = self.data[index]['image']
+        if not image['bytes']:
+            return image['path']
+        return f'hfds/{self.name} {self.split} item {index}' + (f' ({image["path"]})' if image['path'] else '')
+
+    def __reduce__(self):
+        # Spawned loader workers import `datasets` as this module; the HF data set is reopened from the cache.
+        return HuggingFaceImages, (self.name, self.split, self.cache_dir)
+
+
 class DigitsDataset(torch.utils.data.Dataset):
     """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes), upsampled to `size` pixels.
 
@@ -164,13 +245,15 @@ def build_dataset(is_train, args):
         except RuntimeError as err:
             raise UserError(f'{name} at {root}: {err} (add --download to fetch it)') from None
         return dataset, len(dataset.classes)
-    base, num_classes = raw_image_dataset(name, root, is_train, getattr(args, 'download', False))
+    base, num_classes = raw_image_dataset(name, root, is_train, args.train_split if is_train else args.val_split,
+                                          getattr(args, 'download', False))
     draft = draft_for_random_crop(transform) if is_train else None  # JPEGs decoded at the scale the crop needs
     return ImageSource(base, transform, prepare=draft), num_classes
 
 
-def raw_image_dataset(name, root, is_train, download=False):
-    """(data set of raw (path, bytes or PIL image; class) items, number of classes).
+def raw_image_dataset(name, root, is_train, timm_split, download=False):
+    """(data set of raw (path, bytes or PIL image; class) items, number of classes); `timm_split` names the
+    split of a data set with one of TIMM_PREFIXES.
 
     Class folders (IMNET, folder) stay on torchvision's ImageFolder rather than timm's folder reader,
     which takes images by extension only, names classes by leaf folder (nested folders become extra
@@ -187,10 +270,13 @@ def raw_image_dataset(name, root, is_train, download=False):
         train = tar_dataset(os.path.join(root, 'train.tar'))
         dataset = train if is_train else tar_dataset(os.path.join(root, 'val.tar'), train)
         return dataset, len(train.reader.class_name_to_idx)
+    if name.lower().startswith('hfds/'):
+        dataset = HuggingFaceImages(name.partition('/')[2], timm_split, root)
+        return dataset, len(dataset.classes)
     # torch/NAME: timm's create_dataset; input_img_mode None leaves any decoding to ImageSource
     try:
-        dataset = create_dataset(name, root=root, split='train' if is_train else 'validation',
-                                 is_training=is_train, download=download, input_img_mode=None)
+        dataset = create_dataset(name, root=root, split=timm_split, is_training=is_train, download=download,
+                                 input_img_mode=None)
     except (ImportError, AssertionError, OSError, ValueError) as err:
         raise UserError(f'--data-set {name} at {root}: {err}') from None
     classes = getattr(getattr(dataset, 'reader', dataset), 'class_to_idx', None) or getattr(dataset, 'classes', None)

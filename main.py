@@ -212,14 +212,23 @@ def get_args_parser():
     g = p.add_argument_group('data')
     add_flag(g, '--data-path', default='data', type=str,
              help='dataset root: train/ and val/ class folders (IMNET, folder), train.tar and val.tar (tar), '
-                  'the CIFAR or iNaturalist folder; for DIGITS only read without scikit-learn (digits.npz)')
-    add_flag(g, '--data-set', default='IMNET', type=data_set_name, metavar='|'.join(DATA_SETS) + '|torch/NAME',
+                  'the CIFAR or iNaturalist folder, the cache of hfds/ data sets; for DIGITS only read without '
+                  'scikit-learn (digits.npz)')
+    add_flag(g, '--data-set', default='IMNET', type=data_set_name,
+             metavar='|'.join([*DATA_SETS, *(p + 'NAME' for p in TIMM_PREFIXES)]),
              help='IMNET or folder: <data-path>/{train,val}/<class>/<images> (any format Pillow reads); tar: '
                   '<data-path>/{train,val}.tar holding <class>/<image> files; CIFAR10, CIFAR100 (CIFAR = '
                   'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
-                  f'upsampled (built in, no download); {", ".join(p + "NAME" for p in TIMM_PREFIXES)}: timm\'s '
-                  'create_dataset (torchvision\'s data sets, e.g. torch/mnist, torch/stl10, torch/folder; add '
-                  '--download to fetch them)')
+                  'upsampled (built in, no download); torch/NAME: timm\'s create_dataset (torchvision\'s data '
+                  'sets, e.g. torch/mnist, torch/stl10, torch/folder; add --download to fetch them); hfds/NAME: a '
+                  'Hugging Face data set with "image" and "label" columns (pip install datasets), a Hub name (e.g. '
+                  'hfds/timm/mini-imagenet) or a local folder (e.g. hfds//data/pets of train/ and val/ class '
+                  'folders, or of parquet files)')
+    add_flag(g, '--train-split', default='train', metavar='SPLIT',
+             help='split of a torch/ or hfds/ data set to train on (hfds/ also takes slices, e.g. train[:90%%])')
+    add_flag(g, '--val-split', default='validation', metavar='SPLIT',
+             help='split of a torch/ or hfds/ data set to validate on, e.g. test or train[90%%:] (the val/ folder '
+                  'of a local hfds/ data set is its validation split)')
     add_flag(g, '--max-bad-images', default=100, type=int, metavar='N',
              help='unreadable images (corrupt, truncated, empty, not an image) are skipped, each named in the '
                   'log and replaced by another image; the run stops when one epoch (or an evaluation) meets more '

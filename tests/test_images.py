@@ -1,21 +1,26 @@
 """Image files: the default training transform over many odd images, every mode and format to the right
-8-bit RGB pixels, unreadable files skipped, named and counted, --verify-images, and tar data sets."""
+8-bit RGB pixels, unreadable files skipped, named and counted, --verify-images, and the data sets read
+through timm (tar, torch/) or Hugging Face's datasets package (hfds/)."""
 import argparse
+import importlib.metadata
 import io
+import json
 import os
 import random
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
 from torchvision.transforms import PILToTensor
 
 import datasets
 import main as trainer
-from trainer.image_files import BadImageCount, CountingLoader, ImageSource, decode, is_image_file, to_rgb
-from test_trainer import make_image_folder, run_trainer, tiny_args
+from trainer.image_files import BadImageCount, CountingLoader, ImageSource, collate, decode, is_image_file, to_rgb
+from test_trainer import REPO, make_image_folder, run_trainer, tiny_args
 from trainer import UserError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -267,3 +272,108 @@ def test_timm_torchvision_data_set_and_names(tmp_path):
     assert val[0][0].shape == (3, 32, 32) and val[0][2] == ()
     with pytest.raises(argparse.ArgumentTypeError, match='unknown --data-set IMAGENET'):
         datasets.data_set_name('IMAGENET')
+
+
+def hugging_face_or_skip():
+    # not pytest.importorskip('datasets'): that name imports the trainer's datasets.py
+    try:
+        importlib.metadata.version('datasets')
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip('needs the Hugging Face datasets package (pip install datasets)')
+
+
+def hfds_args(data, cache, *extra):
+    return trainer.get_args_parser().parse_args(['--data-set', f'hfds/{data}', '--data-path', str(cache),
+                                                 '--input-size', '16', *extra])
+
+
+def items_by_file(source):
+    """{file name: (RGB pixels, class, unreadable)} of an ImageSource, its transform left out."""
+    source.transform = None
+    items = [source[i] for i in range(len(source))]
+    return {os.path.basename(source.name_of(i)): (np.asarray(image).reshape(-1, 3).tolist(), target, unreadable)
+            for i, (image, target, unreadable) in enumerate(items)}
+
+
+def test_hugging_face_image_folder(tmp_path):
+    hugging_face_or_skip()
+    palette = Image.new('P', (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    files = {'train/ant/rgb.png': Image.new('RGB', (2, 1), (10, 20, 30)),
+             'train/ant/deep.png': Image.fromarray(np.array([[0, 25700, 65535, 1000]], dtype=np.uint16)),
+             'train/bee/palette.png': palette,
+             'val/ant/a.png': Image.new('L', (1, 1), 7), 'val/bee/b.png': Image.new('RGB', (1, 1), (0, 0, 255))}
+    for name, image in files.items():
+        os.makedirs(tmp_path / 'pets' / os.path.dirname(name), exist_ok=True)
+        image.save(tmp_path / 'pets' / name)
+    broken = tmp_path / 'pets' / 'train' / 'bee' / 'broken.png'
+    broken.write_bytes(b'not an image')
+    args = hfds_args(tmp_path / 'pets', tmp_path / 'cache')
+    train, classes = datasets.build_dataset(True, args)
+    assert classes == 2 and train.classes == ['ant', 'bee'] and len(train) == 4
+    val, _ = datasets.build_dataset(False, args)  # val/ is the validation split
+    assert val[0][0].shape == (3, 16, 16)
+    assert items_by_file(val) == {'a.png': ([[7, 7, 7]], 0, ()), 'b.png': ([[0, 0, 255]], 1, ())}
+    got = items_by_file(train)
+    assert got['rgb.png'] == ([[10, 20, 30]] * 2, 0, ())
+    assert got['deep.png'] == ([[0] * 3, [100] * 3, [255] * 3, [4] * 3], 0, ())  # 16 bits scaled: 1000 -> 3.9
+    assert got['palette.png'] == ([[255, 0, 0], [0, 255, 0]], 1, ())
+    (line,) = got['broken.png'][2]  # replaced by another image, named
+    assert line == f'{broken}: not an image in a format Pillow reads'
+    assert sys.modules['datasets'] is datasets
+
+
+def test_hugging_face_parquet_files_columns_and_splits(tmp_path):
+    hugging_face_or_skip()
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new('RGB', (1, 1), colour).save(buffer, format='PNG')
+        return {'bytes': buffer.getvalue(), 'path': None}
+    with datasets.hugging_face_datasets() as hf:  # writing parquet imports more of the package
+        features = hf.Features({'image': hf.Image(), 'label': hf.ClassLabel(names=['cat', 'dog'])})
+        for split, colours, labels in (('train', [(1, 2, 3)], [1]), ('test', [(9, 8, 7), (4, 5, 6)], [1, 0])):
+            table = hf.Dataset.from_dict({'image': [png(c) for c in colours], 'label': labels}, features=features)
+            table.to_parquet(str(tmp_path / 'parquet' / f'{split}.parquet'))
+        unnamed_columns = hf.Dataset.from_dict({'img': [png((0, 0, 0))], 'label': [0]})
+        unnamed_columns.to_parquet(str(tmp_path / 'other' / 'train.parquet'))
+    assert sys.modules['datasets'] is datasets
+    with pytest.raises(UserError, match=r'Unknown split "validation".*: name the splits with --train-split and '
+                                        r'--val-split$'):
+        datasets.build_dataset(False, hfds_args(tmp_path / 'parquet', tmp_path / 'cache'))
+    val, classes = datasets.build_dataset(False, hfds_args(tmp_path / 'parquet', tmp_path / 'cache', '--val-split',
+                                                           'test'))
+    assert classes == 2 and val.name_of(1) == f'hfds/{tmp_path / "parquet"} test item 1'
+    source = ImageSource(val.base, transform=PILToTensor())
+    spawned = DataLoader(source, batch_size=2, num_workers=1, multiprocessing_context='spawn', collate_fn=collate)
+    (images, targets, _), = list(spawned)  # the workers rebuild the data set from the cache
+    assert images[:, :, 0, 0].tolist() == [[9, 8, 7], [4, 5, 6]] and targets.tolist() == [1, 0]
+    sliced, _ = datasets.build_dataset(False, hfds_args(tmp_path / 'parquet', tmp_path / 'cache', '--val-split',
+                                                        'test[1:]'))
+    assert len(sliced) == 1 and sliced.base[0][1] == 0 and decode(sliced.base[0][0]).getpixel((0, 0)) == (4, 5, 6)
+    with pytest.raises(UserError, match='has the columns img, label: the trainer reads an "image" column and a '
+                                        'class-label column "label"'):
+        datasets.build_dataset(True, hfds_args(tmp_path / 'other', tmp_path / 'cache'))
+
+
+def test_hugging_face_package_missing(monkeypatch):
+    monkeypatch.setattr(sys, 'path', [REPO])
+    with pytest.raises(UserError, match='--data-set hfds/NAME needs the Hugging Face datasets package: pip install '
+                                        'datasets'):
+        datasets._import_hugging_face_datasets.__wrapped__()  # uncached
+    assert sys.modules['datasets'] is datasets
+
+
+def test_trainer_on_a_hugging_face_data_set(tmp_path, capsys):
+    hugging_face_or_skip()
+    data = make_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    broken = os.path.join(data, 'train', 'square', 'broken.png')
+    with open(broken, 'wb') as f:
+        f.write(b'not an image')
+    argv = tiny_args(tmp_path / 'cache', tmp_path / 'out', '--epochs', '1', '--num-workers', '1',
+                     '--data-set', f'hfds/{data}')
+    assert run_trainer(argv) == 0
+    out = capsys.readouterr().out
+    assert f'skipped unreadable image {broken}: ' in out and 'epoch 0: 1 unreadable image(s) skipped' in out
+    record = json.loads((tmp_path / 'out' / 'log.txt').read_text())
+    assert record['test_num_images'] == 3

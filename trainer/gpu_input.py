@@ -198,7 +198,8 @@ class EncodedBatch:
 
 def pil_to_tensor(image):
     """CHW uint8 of an RGB PIL image (as trainer.image_files.decode returns)."""
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+    # copy(): the CHW array in C order, writable (np.asarray of a PIL image is a read-only view)
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
 def decode_batch(encoded, device):
