@@ -3,7 +3,9 @@
 Measures (batch 128 unless --batch): training steps at 224 (forward, backward, the fused AdamW step
 main.py uses on CUDA) and feature extraction (forward_features under inference_mode) at several
 resolutions, fp32 and bf16 autocast.
-DeiT runs twice: with fused (flash / memory-efficient) attention and with plain attention.
+DeiT runs twice: with fused (flash / memory-efficient) attention and with plain attention. With --compile,
+Vim and DeiT (fused attention) are also measured compiled the same way, so that a compiled Vim is compared
+with a compiled baseline.
 Writes a JSON file and a PNG plot (img/s and memory against resolution) to --out.
 
     python benchmarks/bench_models.py --out $OUT
@@ -133,7 +135,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", metavar="MODE",
-                        help="also measure Vim under torch.compile(mode=MODE) (training and features at 224)")
+                        help="also measure Vim and DeiT under torch.compile(mode=MODE) (training and features at 224)")
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run's JSON into --out")
     args = parser.parse_args()
     if args.plot_only:
@@ -170,12 +172,13 @@ def main():
                     rows.append(row)
                     lines.append(f"features {img_size:4d} {label:45s} {row}")
                 results["features"][label] = rows
-            if args.compile:
-                label = f"{vim_name} {dtype} compiled({args.compile})"
-                row = measure("train", vim_name, 224, args.batch, dtype, True, args.iters, args.compile)
+            for name, fused in variants[:2] if args.compile else ():
+                attn = "" if name.startswith("vim") else " fused-attn"
+                label = f"{name} {dtype}{attn} compiled({args.compile})"
+                row = measure("train", name, 224, args.batch, dtype, fused, args.iters, args.compile)
                 results["train"][label] = row
                 lines.append(f"train    224  {label:45s} {row}")
-                row = dict(img_size=224, **measure("features", vim_name, 224, args.batch, dtype, True, args.iters,
+                row = dict(img_size=224, **measure("features", name, 224, args.batch, dtype, fused, args.iters,
                                                    args.compile))
                 results["features_compiled"] = {**results.get("features_compiled", {}), label: [row]}
                 lines.append(f"features  224 {label:45s} {row}")
