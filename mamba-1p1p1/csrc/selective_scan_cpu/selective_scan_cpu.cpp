@@ -804,12 +804,18 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
 
-// Buffers of one task: position-major rows of a block (L * kRowBlock floats each).
+// Buffers of one task: position-major rows of a block (n = L * kRowBlock floats each).
 struct BlockRows {
-  explicit BlockRows(int64_t L) : n(static_cast<int>(L) * kRowBlock), buf(static_cast<size_t>(n) * 7) {}
+  explicit BlockRows(int64_t L) : n(static_cast<int>(L) * kRowBlock), buf(static_cast<size_t>(n) * 7) {
+    float* r = buf.data();
+    for (float** row : {&u, &delta, &z, &dt, &dtu, &y, &y2}) {
+      *row = r;
+      r += n;
+    }
+  }
   int n;
   std::vector<float> buf;
-  float* row(int k) { return buf.data() + static_cast<size_t>(k) * n; }
+  float *u, *delta, *z, *dt, *dtu, *y, *y2;
 };
 
 // Blocks of kRowBlock channels within a group (they share B and C), position-major (load_block): the
@@ -826,13 +832,22 @@ BlockIndex block_index(const Prepared& p, int64_t i) {
   return {bg / p.groups, bg, (bg % p.groups) * per_group + blk * kRowBlock,
           static_cast<int>(std::min<int64_t>(kRowBlock, per_group - blk * kRowBlock))};
 }
-int64_t block_grain(const Prepared& p) { return std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L))); }
+// f(block, rows) for every block of p, split over at::parallel_for, with one BlockRows per task.
+template <class F>
+void for_each_block(const Prepared& p, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 2048 / (kRowBlock * std::max<int64_t>(1, p.L)));
+  at::parallel_for(0, p.batch * p.groups * blocks_per_group(p), grain, [&](int64_t begin, int64_t end) {
+    BlockRows rows(p.L);
+    for (int64_t i = begin; i < end; ++i) f(block_index(p, i), rows);
+  });
+}
 
-// The scan of block k of one direction: y = sum_n C h + D u (before any gate) into rows y; u's rows into fu;
-// fd, dt and dtu are scratch rows.
+// The scan of block k of one direction: y = sum_n C h + D u (before any gate) into the rows y; u's rows into
+// rows.u; rows.delta, rows.dt and rows.dtu are scratch.
 template <typename T>
 void scan_block(const Prepared& p, const BlockIndex& k, bool softplus, bool reverse, float* last, float* ckpt,
-                float* fu, float* fd, float* dt, float* dtu, float* y) {
+                BlockRows& rows, float* y) {
+  float *fu = rows.u, *fd = rows.delta, *dt = rows.dt, *dtu = rows.dtu;
   const int L = static_cast<int>(p.L), N = static_cast<int>(p.N), n = L * kRowBlock;
   load_block<T>(p.u, k.b, k.d0, k.nch, L, fu);
   if (p.rank > 0) {
@@ -868,19 +883,13 @@ void scan_block(const Prepared& p, const BlockIndex& k, bool softplus, bool reve
 template <typename T>
 void fwd_impl(const Prepared& p, bool softplus, bool reverse, at::Tensor& out, float* last, float* ckpt) {
   const int L = static_cast<int>(p.L);
-  at::parallel_for(0, p.batch * p.groups * blocks_per_group(p), block_grain(p), [&](int64_t begin, int64_t end) {
-    BlockRows rows(p.L);
-    float *fu = rows.row(0), *fd = rows.row(1), *fz = rows.row(2), *dt = rows.row(3), *dtu = rows.row(4),
-          *y = rows.row(5);
-    for (int64_t i = begin; i < end; ++i) {
-      const BlockIndex k = block_index(p, i);
-      scan_block<T>(p, k, softplus, reverse, last, ckpt, fu, fd, dt, dtu, y);
-      if (p.z.defined()) {
-        load_block<T>(p.z, k.b, k.d0, k.nch, L, fz);
-        gate_rows(rows.n, y, nullptr, fz, 1.0f);
-      }
-      store_block<T>(y, out, k.b, k.d0, k.nch, L);
+  for_each_block(p, [&](const BlockIndex& k, BlockRows& rows) {
+    scan_block<T>(p, k, softplus, reverse, last, ckpt, rows, rows.y);
+    if (p.z.defined()) {
+      load_block<T>(p.z, k.b, k.d0, k.nch, L, rows.z);
+      gate_rows(rows.n, rows.y, nullptr, rows.z, 1.0f);
     }
+    store_block<T>(rows.y, out, k.b, k.d0, k.nch, L);
   });
 }
 
@@ -947,18 +956,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_fwd(
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_f.scalar_type(), "selective_scan_cpu_bi_fwd", [&] {
       const int L = static_cast<int>(pf.L);
-      at::parallel_for(0, pf.batch * pf.groups * blocks_per_group(pf), block_grain(pf), [&](int64_t begin, int64_t end) {
-        BlockRows rows(pf.L);
-        float *fu = rows.row(0), *fd = rows.row(1), *fz = rows.row(2), *dt = rows.row(3), *dtu = rows.row(4),
-              *y = rows.row(5), *y2 = rows.row(6);
-        for (int64_t i = begin; i < end; ++i) {
-          const BlockIndex k = block_index(pf, i);
-          scan_block<scalar_t>(pf, k, delta_softplus, false, nullptr, nullptr, fu, fd, dt, dtu, y);
-          scan_block<scalar_t>(pb, k, delta_softplus, true, nullptr, nullptr, fu, fd, dt, dtu, y2);
-          load_block<scalar_t>(pf.z, k.b, k.d0, k.nch, L, fz);
-          gate_rows(rows.n, y, y2, fz, static_cast<float>(out_scale));
-          store_block<scalar_t>(y, out, k.b, k.d0, k.nch, L);
-        }
+      for_each_block(pf, [&](const BlockIndex& k, BlockRows& rows) {
+        scan_block<scalar_t>(pf, k, delta_softplus, false, nullptr, nullptr, rows, rows.y);
+        scan_block<scalar_t>(pb, k, delta_softplus, true, nullptr, nullptr, rows, rows.y2);
+        load_block<scalar_t>(pf.z, k.b, k.d0, k.nch, L, rows.z);
+        gate_rows(rows.n, rows.y, rows.y2, rows.z, static_cast<float>(out_scale));
+        store_block<scalar_t>(rows.y, out, k.b, k.d0, k.nch, L);
       });
     });
   }
