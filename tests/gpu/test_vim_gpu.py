@@ -72,13 +72,14 @@ def test_patch_embedding_matmul_equals_the_conv(size):
     ref_grads = torch.autograd.grad(ref.square().sum(), (images, embed.proj.weight, embed.proj.bias))
     embed.cuda()
     gpu_images = images.detach().cuda().requires_grad_()
-    out = embed(gpu_images)
+    out, grid = embed(gpu_images)
+    assert grid == (size[0] // 16, size[1] // 16)
     grads = torch.autograd.grad(out.square().sum(), (gpu_images, embed.proj.weight, embed.proj.bias))
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = embed.float()(gpu_images.detach().float())
+        bf16, _ = embed.float()(gpu_images.detach().float())
     assert bf16.dtype == torch.bfloat16
     assert _rel_err(bf16.float().cpu(), ref.detach()) < 1e-2
 
