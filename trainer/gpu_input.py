@@ -27,7 +27,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from trainer.image_files import BadImage, decode
+from trainer.image_files import BadImage, as_bad_image, decode
 from trainer import UserError
 
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic')
@@ -170,21 +170,23 @@ class EncodedImageDataset(torch.utils.data.Dataset):
             image = Image.open(io.BytesIO(data))  # reads the header only
             choices = self.augmentation.draw(image)
             encoded = data if image.format == 'JPEG' and image.mode in NVJPEG_MODES else pil_to_tensor(decode(image))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage):
-            encoded = None
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage) as err:
+            encoded = as_bad_image(err)  # the reason, for the log
             choices = self.augmentation.draw(Image.new('RGB', self.augmentation.size[::-1]))
         return encoded, choices, target, path
 
 
 class EncodedBatch:
     """A batch's encoded images: all JPEG bytes in one tensor (one shared-memory block between processes, where
-    a tensor per image would cost a file descriptor each), and the images the workers decoded."""
+    a tensor per image would cost a file descriptor each), the images the workers decoded, and why the workers
+    could not read the others ({index in the batch: reason})."""
 
     def __init__(self, encoded):
         jpegs = [e if isinstance(e, bytes) else b'' for e in encoded]
         self.jpeg_bytes = torch.frombuffer(bytearray(b''.join(jpegs)) or bytearray(1), dtype=torch.uint8)
         self.jpeg_lengths = torch.tensor([len(j) for j in jpegs])
         self.pixels = [e if isinstance(e, torch.Tensor) else None for e in encoded]
+        self.unreadable = {i: str(e) for i, e in enumerate(encoded) if isinstance(e, BadImage)}
 
     def __len__(self):
         return len(self.pixels)
@@ -203,9 +205,11 @@ def pil_to_tensor(image):
 
 
 def decode_batch(encoded, device):
-    """CHW uint8 images on `device` from an EncodedBatch: the JPEGs through nvJPEG (on CUDA) in one call, the
-    rest as the workers decoded them. A JPEG nvJPEG rejects is decoded by Pillow; an unreadable file gets None."""
+    """(CHW uint8 images on `device`, {index: why that file is unreadable}) from an EncodedBatch: the JPEGs
+    through nvJPEG (on CUDA) in one call, the rest as the workers decoded them. A JPEG nvJPEG rejects is
+    decoded by Pillow; an unreadable file's image is None."""
     images = [p.to(device, non_blocking=True) if p is not None else None for p in encoded.pixels]
+    unreadable = dict(encoded.unreadable)
     jpegs = encoded.jpegs()
     if jpegs:
         try:
@@ -213,18 +217,22 @@ def decode_batch(encoded, device):
         except RuntimeError:  # one bad file fails the whole call: decode each on its own
             decoded = [decode_one(data, device) for data in jpegs.values()]
         for i, image in zip(jpegs, decoded):
-            images[i] = image
-    return images
+            if isinstance(image, BadImage):
+                unreadable[i] = str(image)
+            else:
+                images[i] = image
+    return images, unreadable
 
 
 def decode_one(data, device):
+    """One JPEG's image on `device`, or the BadImage saying why it cannot be decoded."""
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         try:
             return pil_to_tensor(decode(data.numpy().tobytes())).to(device)
-        except BadImage:
-            return None
+        except BadImage as err:
+            return err
 
 
 def resized_crops(images, crop, interpolation, size):
@@ -423,8 +431,8 @@ class GpuTrainLoader:
         encoded, choices, targets, paths = batch
         with torch.cuda.stream(stream):  # no-op for stream None
             generator.manual_seed(int(choices['noise_seed'][0]))
-            images = decode_batch(encoded, self.device)
-            unreadable = [f'{path}: cannot be decoded' for path, image in zip(paths, images) if image is None]
+            images, reasons = decode_batch(encoded, self.device)
+            unreadable = [f'{paths[i]}: {reason}' for i, reason in sorted(reasons.items())]
             samples = augment_batch(replace_unreadable(images), choices, self.augmentation, generator)
             targets = targets.to(self.device, non_blocking=True)
             ready = stream.record_event() if self.cuda else None

@@ -73,11 +73,18 @@ def decode(source, prepare=None):
         if prepare is not None:
             prepare(image)
         image.load()
-    except UnidentifiedImageError:
-        raise BadImage('not an image in a format Pillow reads') from None  # its message names a BytesIO
     except Exception as err:  # noqa: BLE001
-        raise BadImage(f'{type(err).__name__}: {err}' if str(err) else type(err).__name__) from None
+        raise as_bad_image(err) from None
     return to_rgb(image)
+
+
+def as_bad_image(err):
+    """The BadImage saying why reading or decoding an image raised err."""
+    if isinstance(err, BadImage):
+        return err
+    if isinstance(err, UnidentifiedImageError):  # its message names a BytesIO
+        return BadImage('not an image in a format Pillow reads')
+    return BadImage(f'{type(err).__name__}: {err}' if str(err) else type(err).__name__)
 
 
 def to_rgb(image):

@@ -29,7 +29,8 @@ def test_nvjpeg_decodes_as_pillow(tmp_path):
     augmentation = gpu_input.TrainAugmentation(create_transform(**{**RECIPE, 'input_size': 32}))
     dataset = gpu_input.EncodedImageDataset([(str(p), 0) for p in paths], augmentation)
     encoded, _, _, names = dataset.collate([dataset[i] for i in range(len(dataset))])
-    decoded = gpu_input.decode_batch(encoded, torch.device('cuda'))
+    decoded, unreadable = gpu_input.decode_batch(encoded, torch.device('cuda'))
+    assert not unreadable
     luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     for path, image in zip(paths, decoded):
         want = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32)
