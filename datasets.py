@@ -148,13 +148,14 @@ def _import_hugging_face_datasets():
 
 class HuggingFaceImages(torch.utils.data.Dataset):
     """A split of a Hugging Face data set, e.g. a Hub name or a local folder that `datasets.load_dataset`
-    reads (class folders of images, parquet files), with an `image` column and a class-label column `label`
-    (timm's names). Items are raw (bytes or path, class), to be decoded by trainer.image_files.ImageSource.
-    `cache_dir` holds the downloaded and prepared files.
+    reads (class folders of images, parquet files), with an image column and a class-label column (`columns`,
+    timm's names by default). Items are raw (bytes or path, class), to be decoded by
+    trainer.image_files.ImageSource. `cache_dir` holds the downloaded and prepared files.
     """
 
-    def __init__(self, name, split, cache_dir):
-        self.name, self.split, self.cache_dir = name, split, cache_dir
+    def __init__(self, name, split, cache_dir, columns=('image', 'label')):
+        self.name, self.split, self.cache_dir, self.columns = name, split, cache_dir, columns
+        image_key, label_key = columns
         with hugging_face_datasets() as hf:
             try:
                 data = hf.load_dataset(name, split=split, cache_dir=cache_dir)
@@ -163,29 +164,31 @@ class HuggingFaceImages(torch.utils.data.Dataset):
                                 f'--train-split and --val-split') from None
             except OSError as err:  # not found locally or on the Hub, no connection
                 raise UserError(f'--data-set hfds/{name}: {err}') from None
-            label = data.features.get('label')
-            if 'image' not in data.features or not isinstance(label, hf.ClassLabel):
+            label = data.features.get(label_key)
+            if image_key not in data.features or not isinstance(label, hf.ClassLabel):
                 raise UserError(f'--data-set hfds/{name} has the columns {", ".join(data.features)}: the trainer '
-                                f'reads an "image" column and a class-label column "label"')
+                                f'reads the images from "{image_key}" (--input-key) and the classes from the '
+                                f'class-label column "{label_key}" (--target-key)')
             self.classes = label.names
-            self.data = data.cast_column('image', hf.Image(decode=False))  # {'bytes', 'path'}, decoded by us
+            self.data = data.cast_column(image_key, hf.Image(decode=False))  # {'bytes', 'path'}, decoded by us
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, index):
         item = self.data[index]
-        return item['image']['bytes'] or item['image']['path'], item['label']
+        image_key, label_key = self.columns
+        return item[image_key]['bytes'] or item[image_key]['path'], item[label_key]
 
     def filename(self, index):
-        image = self.data[index]['image']
+        image = self.data[index][self.columns[0]]
         if not image['bytes']:
             return image['path']
         return f'hfds/{self.name} {self.split} item {index}' + (f' ({image["path"]})' if image['path'] else '')
 
     def __reduce__(self):
         # Spawned loader workers import `datasets` as this module; the HF data set is reopened from the cache.
-        return HuggingFaceImages, (self.name, self.split, self.cache_dir)
+        return HuggingFaceImages, (self.name, self.split, self.cache_dir, self.columns)
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -246,14 +249,14 @@ def build_dataset(is_train, args):
             raise UserError(f'{name} at {root}: {err} (add --download to fetch it)') from None
         return dataset, len(dataset.classes)
     base, num_classes = raw_image_dataset(name, root, is_train, args.train_split if is_train else args.val_split,
-                                          getattr(args, 'download', False))
+                                          getattr(args, 'download', False), (args.input_key, args.target_key))
     draft = draft_for_random_crop(transform) if is_train else None  # JPEGs decoded at the scale the crop needs
     return ImageSource(base, transform, prepare=draft), num_classes
 
 
-def raw_image_dataset(name, root, is_train, timm_split, download=False):
+def raw_image_dataset(name, root, is_train, timm_split, download=False, hf_columns=('image', 'label')):
     """(data set of raw (path, bytes or PIL image; class) items, number of classes); `timm_split` names the
-    split of a data set with one of TIMM_PREFIXES.
+    split of a data set with one of TIMM_PREFIXES, `hf_columns` the image and class columns of an hfds/ one.
 
     Class folders (IMNET, folder) stay on torchvision's ImageFolder rather than timm's folder reader,
     which takes images by extension only, names classes by leaf folder (nested folders become extra
@@ -271,7 +274,7 @@ def raw_image_dataset(name, root, is_train, timm_split, download=False):
         dataset = train if is_train else tar_dataset(os.path.join(root, 'val.tar'), train)
         return dataset, len(train.reader.class_name_to_idx)
     if name.lower().startswith('hfds/'):
-        dataset = HuggingFaceImages(name.partition('/')[2], timm_split, root)
+        dataset = HuggingFaceImages(name.partition('/')[2], timm_split, root, hf_columns)
         return dataset, len(dataset.classes)
     # torch/NAME: timm's create_dataset; input_img_mode None leaves any decoding to ImageSource
     try:

@@ -221,7 +221,7 @@ def get_args_parser():
                   'CIFAR100 as in DeiT); INAT (2018), INAT19; DIGITS: scikit-learn\'s 8x8 handwritten digits, '
                   'upsampled (built in, no download); torch/NAME: timm\'s create_dataset (torchvision\'s data '
                   'sets, e.g. torch/mnist, torch/stl10, torch/folder; add --download to fetch them); hfds/NAME: a '
-                  'Hugging Face data set with "image" and "label" columns (pip install datasets), a Hub name (e.g. '
+                  'Hugging Face data set with an image and a class-label column (--input-key, --target-key; pip install datasets), a Hub name (e.g. '
                   'hfds/timm/mini-imagenet) or a local folder (e.g. hfds//data/pets of train/ and val/ class '
                   'folders, or of parquet files)')
     add_flag(g, '--train-split', default='train', metavar='SPLIT',
@@ -229,6 +229,10 @@ def get_args_parser():
     add_flag(g, '--val-split', default='validation', metavar='SPLIT',
              help='split of a torch/ or hfds/ data set to validate on, e.g. test or train[90%%:] (the val/ folder '
                   'of a local hfds/ data set is its validation split)')
+    add_flag(g, '--input-key', default='image', metavar='COLUMN',
+             help='column of an hfds/ data set holding the images (as timm names it)')
+    add_flag(g, '--target-key', default='label', metavar='COLUMN',
+             help='class-label column of an hfds/ data set (e.g. fine_label of cifar100)')
     add_flag(g, '--max-bad-images', default=100, type=int, metavar='N',
              help='unreadable images (corrupt, truncated, empty, not an image) are skipped, each named in the '
                   'log and replaced by another image; the run stops when one epoch (or an evaluation) meets more '

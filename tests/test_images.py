@@ -335,8 +335,9 @@ def test_hugging_face_parquet_files_columns_and_splits(tmp_path):
         for split, colours, labels in (('train', [(1, 2, 3)], [1]), ('test', [(9, 8, 7), (4, 5, 6)], [1, 0])):
             table = hf.Dataset.from_dict({'image': [png(c) for c in colours], 'label': labels}, features=features)
             table.to_parquet(str(tmp_path / 'parquet' / f'{split}.parquet'))
-        unnamed_columns = hf.Dataset.from_dict({'img': [png((0, 0, 0))], 'label': [0]})
-        unnamed_columns.to_parquet(str(tmp_path / 'other' / 'train.parquet'))
+        other = hf.Features({'img': hf.Image(), 'fine_label': hf.ClassLabel(names=['a', 'b', 'c'])})
+        other_columns = hf.Dataset.from_dict({'img': [png((0, 0, 0))], 'fine_label': [2]}, features=other)
+        other_columns.to_parquet(str(tmp_path / 'other' / 'train.parquet'))
     assert sys.modules['datasets'] is datasets
     with pytest.raises(UserError, match=r'Unknown split "validation".*: name the splits with --train-split and '
                                         r'--val-split$'):
@@ -351,9 +352,13 @@ def test_hugging_face_parquet_files_columns_and_splits(tmp_path):
     sliced, _ = datasets.build_dataset(False, hfds_args(tmp_path / 'parquet', tmp_path / 'cache', '--val-split',
                                                         'test[1:]'))
     assert len(sliced) == 1 and sliced.base[0][1] == 0 and decode(sliced.base[0][0]).getpixel((0, 0)) == (4, 5, 6)
-    with pytest.raises(UserError, match='has the columns img, label: the trainer reads an "image" column and a '
-                                        'class-label column "label"'):
+    with pytest.raises(UserError, match=r'has the columns img, fine_label: the trainer reads the images from "image" '
+                                        r'\(--input-key\) and the classes from the class-label column "label" '
+                                        r'\(--target-key\)'):
         datasets.build_dataset(True, hfds_args(tmp_path / 'other', tmp_path / 'cache'))
+    named, classes = datasets.build_dataset(True, hfds_args(tmp_path / 'other', tmp_path / 'cache', '--input-key',
+                                                            'img', '--target-key', 'fine_label'))
+    assert classes == 3 and named.base[0][1] == 2 and decode(named.base[0][0]).getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_hugging_face_package_missing(monkeypatch):
