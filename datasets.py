@@ -71,9 +71,6 @@ class CheckedImageFolder(datasets.ImageFolder):
         self.ignored.append(path)
         return False
 
-    def filename(self, index):
-        return self.samples[index][0]
-
 
 class INatDataset(torch.utils.data.Dataset):
     """iNaturalist 2018/2019 in its release layout: `train{year}.json`, `val{year}.json` (COCO style:
@@ -98,9 +95,6 @@ class INatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.samples[index]
-
-    def filename(self, index):
-        return self.samples[index][0]
 
 
 def read_json(path):

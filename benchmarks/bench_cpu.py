@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -168,7 +169,6 @@ def main():
 
 
 def versus_table(args, model, baseline, torch, results):
-    import statistics
 
     modes = [("eager", model, baseline)]
     if args.compile:

@@ -28,7 +28,6 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpu_input  # noqa: E402
 import main as trainer_main  # noqa: E402
 from bench_models import pyplot  # noqa: E402
 from datasets import build_dataset  # noqa: E402
@@ -37,6 +36,7 @@ from mamba_ssm.ops import policy  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
+from trainer import gpu_input  # noqa: E402
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (640, 480), (400, 300))  # common ImageNet shapes
 

@@ -21,7 +21,7 @@ import datasets
 import main as trainer
 from trainer.image_files import BadImageCount, CountingLoader, ImageSource, collate, decode, is_image_file, to_rgb
 from test_trainer import REPO, make_image_folder, run_trainer, tiny_args
-from trainer import UserError
+from trainer import UserError, gpu_input
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -261,6 +261,8 @@ def test_tar_data_set_through_timm(tmp_path):
     image, target, unreadable = val[0]
     assert target == 1 and unreadable == () and image.shape == (3, 16, 16)
     assert image[2].mean() > image[0].mean()  # blue
+    with pytest.raises(UserError, match="--input-pipeline gpu reads image files"):
+        gpu_input.encoded_dataset(train, 'tar')  # its members are no files: refused in one line
 
 
 def test_timm_torchvision_data_set_and_names(tmp_path):

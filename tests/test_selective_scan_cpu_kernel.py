@@ -220,7 +220,7 @@ def test_bimamba_scan_inference_vs_float64(dtype, rank, groups, dstate, seqlen):
     tf["u"], z = xz[:, :dim], xz[:, dim:]
     tb["z"] = tf["z"] = None
     low_rank = {}
-    for tag, t in (("f", tf), ("b", tb)):
+    for tag in ("f", "b"):
         if rank is not None:
             W = torch.randn(dim, rank, generator=g, dtype=torch.float64) * 0.5
             dt = torch.randn(batch, rank, seqlen, generator=g, dtype=torch.float64) * 0.3

@@ -13,6 +13,7 @@ Evaluation keeps the CPU path. The batched ops work on CPU tensors too, which th
 """
 import io
 import math
+import os
 import queue
 import random
 import threading
@@ -183,7 +184,7 @@ class EncodedBatch:
 
     def __init__(self, encoded):
         jpegs = [e if isinstance(e, bytes) else b'' for e in encoded]
-        self.jpeg_bytes = torch.frombuffer(bytearray(b''.join(jpegs)) or bytearray(1), dtype=torch.uint8)
+        self.jpeg_bytes = torch.frombuffer(bytearray().join(jpegs) or bytearray(1), dtype=torch.uint8)
         self.jpeg_lengths = torch.tensor([len(j) for j in jpegs])
         self.pixels = [e if isinstance(e, torch.Tensor) else None for e in encoded]
         self.unreadable = {i: str(e) for i, e in enumerate(encoded) if isinstance(e, BadImage)}
@@ -492,7 +493,7 @@ def encoded_dataset(dataset, name):
     EncodedImageDataset drawing the choices of its transform."""
     files = getattr(dataset, 'base', dataset)  # build_dataset's ImageSource wraps the file list
     samples = getattr(files, 'samples', None) or getattr(getattr(files, 'reader', None), 'samples', None)
-    if samples is None:
+    if samples is None or not len(samples) or not isinstance(samples[0][0], (str, os.PathLike)):  # e.g. tar members
         raise UserError(f'--input-pipeline gpu reads image files (--data-set IMNET, folder, INAT, INAT19), not '
                         f'--data-set {name}: use --input-pipeline cpu')
     return EncodedImageDataset(samples, TrainAugmentation(dataset.transform))

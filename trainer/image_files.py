@@ -99,7 +99,7 @@ def to_rgb(image):
     if image.mode == 'P' or (image.mode in ('L', 'RGB') and 'transparency' in image.info):
         image = image.convert('RGBA')  # the transparent colour becomes alpha 0
     if image.mode in ('RGBA', 'LA', 'PA', 'RGBa'):
-        rgba = image.convert('RGBA')
+        rgba = image if image.mode == 'RGBA' else image.convert('RGBA')
         background = Image.new('RGB', image.size, BACKGROUND)
         background.paste(rgba, mask=rgba.getchannel('A'))
         return background
@@ -113,8 +113,8 @@ def _grey8(values):
 class ImageSource(torch.utils.data.Dataset):
     """A data set whose items are `(image, target, unreadable)`: the image decoded by `decode` from the
     raw item of `base` (a path, bytes or PIL image), transformed; `unreadable` a tuple of
-    'file: reason' lines for the files that failed (empty when the image was read). `base.filename(i)`,
-    where it exists, names item i's file.
+    'file: reason' lines for the files that failed (empty when the image was read). Item i's file is named
+    by `base.filename(i)` where it exists, else by the path of `base.samples[i]` (class folders, iNaturalist).
 
     An unreadable file is replaced by the next readable item of `base` (in a class folder mostly one of
     the same class, as files are sorted) with that item's class: batches keep their shape, and the
@@ -130,7 +130,10 @@ class ImageSource(torch.utils.data.Dataset):
         return getattr(self.base, 'classes', None)
 
     def name_of(self, index):
-        return self.base.filename(index) if hasattr(self.base, 'filename') else f'item {index}'
+        if hasattr(self.base, 'filename'):
+            return self.base.filename(index)
+        samples = getattr(self.base, 'samples', None)
+        return samples[index][0] if samples is not None else f'item {index}'
 
     def __len__(self):
         return len(self.base)
