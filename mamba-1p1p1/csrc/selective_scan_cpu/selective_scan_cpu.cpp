@@ -336,32 +336,29 @@ SS_INLINE void fwd_states(const FwdBlock& a, int n0, bool first, int c) {
   if (a.last != nullptr) store_states<V, kG>(h, a.nch, c, a.last + n0, N);
 }
 
-// f<V>(c) over the first `width` channels of a block, c the first channel of V's lanes: one 16-float vector
-// (kWide: the AVX-512 variant), vectors of 8, or one channel at a time (compilers without vector extensions).
-template <bool kWide, class F>
-SS_INLINE void for_lanes(int width, F&& f) {
+// kG states per pass keep their states and decay rates in registers; y is summed over the passes.
+template <class V, int kG>
+SS_INLINE void fwd_block_lanes(const FwdBlock& a, int c) {
+  int n0 = 0;
+  for (; n0 + kG <= a.N; n0 += kG) fwd_states<V, kG>(a, n0, n0 == 0, c);
+  for (; n0 < a.N; ++n0) fwd_states<V, 1>(a, n0, n0 == 0, c);
+}
+
+// kWide: the AVX-512 variant, where the block's 16 channels make one vector. The lane dispatch is written
+// out here and in low_rank_rows_impl rather than shared through a generic lambda: a lambda's body that is not
+// inlined is compiled for the baseline ISA, not the caller's (the scan ran 5x slower that way).
+template <bool kWide>
+SS_INLINE void fwd_block_impl(const FwdBlock& a) {
   static_assert(kRowBlock == 16, "a block's channels are the lanes of one v16f or two v8f");
 #if SS_VEC
   if constexpr (kWide) {
-    f.template operator()<v16f>(0);
+    fwd_block_lanes<v16f, 16>(a, 0);
   } else {
-    for (int c = 0; c < width; c += 8) f.template operator()<v8f>(c);
+    for (int c = 0; c < a.nch; c += 8) fwd_block_lanes<v8f, 8>(a, c);
   }
 #else
-  for (int c = 0; c < width; ++c) f.template operator()<float>(c);
+  for (int c = 0; c < a.nch; ++c) fwd_block_lanes<float, 8>(a, c);
 #endif
-}
-
-// As many states per pass as a vector has lanes (at least 8) keep their states and decay rates in
-// registers; y is summed over the passes.
-template <bool kWide>
-SS_INLINE void fwd_block_impl(const FwdBlock& a) {
-  for_lanes<kWide>(a.nch, [&]<class V>(int c) {
-    constexpr int kG = sizeof(V) / sizeof(float) > 8 ? sizeof(V) / sizeof(float) : 8;
-    int n0 = 0;
-    for (; n0 + kG <= a.N; n0 += kG) fwd_states<V, kG>(a, n0, n0 == 0, c);
-    for (; n0 < a.N; ++n0) fwd_states<V, 1>(a, n0, n0 == 0, c);
-  });
 }
 SS_DISPATCHED_AS(fwd_block, (const FwdBlock& a), (a), fwd_block_impl<true>, fwd_block_impl<false>)
 
@@ -418,16 +415,27 @@ SS_DISPATCHED(gate_rows, (int n, float* y, const float* y2, const float* z, floa
 
 // A block's delta from the low-rank dt: delta[t * kRowBlock + c] = sum_r dtl[t * rank + r] * Wb[r * kRowBlock + c]
 // (dtl: the batch element's dt, position-major; Wb: the block's rows of the projection weight, transposed).
+// V: the lanes of channels c0 .. c0+lanes-1.
+template <class V>
+SS_INLINE void low_rank_lanes(int L, int rank, const float* dtl, const float* Wb, float* delta, int c0) {
+  for (int t = 0; t < L; ++t) {
+    const float* d = dtl + static_cast<int64_t>(t) * rank;
+    V acc = splat<V>(0.0f);
+    for (int r = 0; r < rank; ++r) acc += d[r] * load<V>(Wb + r * kRowBlock + c0);
+    store<V>(delta + static_cast<int64_t>(t) * kRowBlock + c0, acc);
+  }
+}
 template <bool kWide>
 SS_INLINE void low_rank_rows_impl(int L, int rank, const float* dtl, const float* Wb, float* delta) {
-  for_lanes<kWide>(kRowBlock, [&]<class V>(int c) {
-    for (int t = 0; t < L; ++t) {
-      const float* d = dtl + static_cast<int64_t>(t) * rank;
-      V acc = splat<V>(0.0f);
-      for (int r = 0; r < rank; ++r) acc += d[r] * load<V>(Wb + r * kRowBlock + c);
-      store<V>(delta + static_cast<int64_t>(t) * kRowBlock + c, acc);
-    }
-  });
+#if SS_VEC
+  if constexpr (kWide) {
+    low_rank_lanes<v16f>(L, rank, dtl, Wb, delta, 0);
+  } else {
+    for (int c = 0; c < kRowBlock; c += 8) low_rank_lanes<v8f>(L, rank, dtl, Wb, delta, c);
+  }
+#else
+  for (int c = 0; c < kRowBlock; ++c) low_rank_lanes<float>(L, rank, dtl, Wb, delta, c);
+#endif
 }
 SS_DISPATCHED_AS(low_rank_rows, (int L, int rank, const float* dtl, const float* Wb, float* delta),
                  (L, rank, dtl, Wb, delta), low_rank_rows_impl<true>, low_rank_rows_impl<false>)
